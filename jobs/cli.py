@@ -1,0 +1,63 @@
+"""`hovle <subcommand> [args...]`: one command over the job modules.
+
+Each subcommand is a module `jobs.<name>` with `main(argv: list[str] | None) -> int`, so
+`hovle inspect X` and `python -m jobs.inspect X` run the same code. Modules are imported
+only when their subcommand runs: `hovle --help` stays instant and one job's heavy imports
+(torch, Ray, DeepSpeed) never slow another.
+"""
+
+import importlib
+import sys
+
+# name -> (module, one-line help). A new job module registers itself here.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("jobs.inspect", "parameter counts per part and stage, ZeRO memory per GPU for a config"),
+    "demo": ("jobs.demo", "the demo on this machine (what `make demo` runs)"),
+}
+
+USAGE_ERROR = 2  # the exit status argparse uses for bad arguments
+
+
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = [
+        "usage: hovle <subcommand> [args...]",
+        "",
+        "Train HoVLE vision-language models on Ray. Each subcommand is also `python -m jobs.<subcommand>`;",
+        "`hovle <subcommand> --help` shows its arguments.",
+        "",
+        "subcommands:",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `argv` (default: the process arguments) to a job's `main`; return its exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return USAGE_ERROR
+    if argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+
+    name, job_args = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"hovle: unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        print("run `hovle --help` for what each does", file=sys.stderr)
+        return USAGE_ERROR
+
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise  # a dependency of the job is missing: that traceback is the useful message
+        print(f"hovle: {name!r} is registered but its module {module_name} was not found", file=sys.stderr)
+        return USAGE_ERROR
+    return module.main(job_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

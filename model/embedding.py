@@ -1,0 +1,314 @@
+"""The holistic embedding module: image patches and text tokens in one causal sequence -> LLM input space.
+
+Forward (HOVLE.md's diagram):
+    tiles -> patch embed + position embed -> pixel shuffle + MLP -> scatter into the <IMG_CONTEXT> slots
+          -> N causal decoder layers (transformers' Llama layers) -> one vector per position for the LLM
+With `shuffle_location="post"` (HoVLE-HD) the shuffle + MLP run after the layers instead: every image slot
+is expanded to the patches it merges, the layers see all patches, and the result is shuffled back to one
+token per slot. The module keeps its KV cache in the model's cache, in the slots after the LLM's layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from model.config import HoVLEConfig
+from model.defocus import (
+    ImageDecayBias,
+    LearnableRotaryEmbedding,
+    drop_path,
+    layer_drop_rates,
+    scheduled_rate,
+)
+
+
+class ImageTokenMismatch(ValueError):
+    """The number of <IMG_CONTEXT> slots does not match the image tokens the pixel values produce."""
+
+
+def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Space-to-depth: [n, h, w, c] -> [n, h*ratio, w*ratio, c/ratio^2].
+
+    Each k x k block (k = 1/ratio) becomes one position whose channels are ordered (dy, dx, c).
+    """
+    n, h, w, c = x.shape
+    k = round(1 / ratio)
+    if h % k or w % k:
+        raise ValueError(f"pixel_shuffle: grid {h}x{w} is not divisible by {k}")
+    x = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // k, w // k, k * k * c)
+
+
+def group_patches(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[n, h, w, c] -> [n, (h*ratio)*(w*ratio), k*k, c]: the patches each shuffled token merges, in order."""
+    n, h, w, c = x.shape
+    k = round(1 / ratio)
+    return pixel_shuffle(x, ratio).reshape(n, (h // k) * (w // k), k * k, c)
+
+
+class HolisticEmbedding(nn.Module):
+    """Maps a mixed sequence of text tokens and image tiles to the LLM's input-embedding space."""
+
+    def __init__(self, config: HoVLEConfig):
+        super().__init__()
+        self.config = config
+        self.layer_config = config.embedding_layer_config()
+        hidden = self.layer_config.hidden_size
+        grid = config.patch_grid
+        # cache slots after the LLM's own layers, so one cache object serves both
+        self.layer_offset = config.text_config.num_hidden_layers
+
+        self.embed_tokens = nn.Embedding(config.text_config.vocab_size, hidden)
+        self.patch_embed = nn.Conv2d(3, hidden, kernel_size=config.patch_size, stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, grid * grid, hidden))
+        self.shuffle_mlp = nn.Sequential(
+            nn.Linear(hidden * config.shuffle_factor, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(self.layer_config, layer_idx=self.layer_offset + i)
+            for i in range(config.embedding_num_layers)
+        )
+        self.defocus = config.attention == "defocus"
+        if self.defocus:
+            head_dim = self.layer_config.head_dim
+            theta = self.layer_config.rope_parameters["rope_theta"]
+            self.rotary = nn.ModuleList(LearnableRotaryEmbedding(head_dim, theta) for _ in self.layers)
+            self.decay = nn.ModuleList(
+                ImageDecayBias(self.layer_config.num_attention_heads) for _ in self.layers
+            )
+            self.set_drop_path_progress(0.0)
+        else:
+            self.rotary_emb = LlamaRotaryEmbedding(self.layer_config)
+            self.drop_path_rates = layer_drop_rates(config.drop_path_rate, len(self.layers))
+
+    def set_drop_path_progress(self, progress: float) -> None:
+        """De-focus schedule: the drop-path rate rises with training progress in [0, 1], spread over depth."""
+        if not self.defocus:
+            return
+        rate = scheduled_rate(
+            self.config.defocus_drop_path_start, self.config.defocus_drop_path_end, progress
+        )
+        self.drop_path_rates = layer_drop_rates(rate, len(self.layers))
+
+    # ---- images --------------------------------------------------------------------------------------
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, T, T] -> patches with position embedding [n, g, g, hidden]."""
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        n, hidden, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2) + self._position_embedding(gh, gw)
+        return x.reshape(n, gh, gw, hidden)
+
+    def _position_embedding(self, gh: int, gw: int) -> torch.Tensor:
+        grid = self.config.patch_grid
+        if (gh, gw) == (grid, grid):
+            return self.position_embedding
+        pos = self.position_embedding.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        return pos.to(self.position_embedding.dtype).flatten(2).transpose(1, 2)
+
+    def merge_patches(self, groups: torch.Tensor) -> torch.Tensor:
+        """Patch groups [n, t, k*k, hidden] -> image tokens [n, t, hidden] through the shuffle MLP."""
+        n, t, f, hidden = groups.shape
+        return self.shuffle_mlp(groups.reshape(n, t, f * hidden))
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [b, L], pixel_values [tiles, 3, T, T] -> LLM input embeddings [b, L, hidden].
+
+        attention_mask is the 2D padding mask over past + current tokens; position_ids [b, L] (restarting
+        per sample when sequences are packed).
+        """
+        image_mask = input_ids == self.config.img_context_token_id
+        text = self.embed_tokens(input_ids)
+        groups = self._image_groups(pixel_values, image_mask)
+        if position_ids is None:
+            past = past_key_values.get_seq_length(self.layer_offset) if past_key_values is not None else 0
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+
+        if self.config.shuffle_location == "pre":
+            hidden = text
+            if groups is not None:
+                tokens = self.merge_patches(groups).to(text.dtype)
+                hidden = text.masked_scatter(image_mask.unsqueeze(-1), tokens)
+            return self._run_layers(
+                hidden,
+                image_mask,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                use_cache,
+                packed_positions=position_ids,
+            )
+        return self._forward_post_shuffle(
+            text, groups, image_mask, attention_mask, position_ids, past_key_values, use_cache
+        )
+
+    def _image_groups(
+        self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Check the slot count and return the patch groups [tiles, tokens_per_tile, k*k, hidden]."""
+        slots = int(image_mask.sum())
+        per_tile = self.config.image_tokens_per_tile
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if slots:
+                raise ImageTokenMismatch(f"{slots} <IMG_CONTEXT> tokens but no pixel_values were given")
+            return None
+        if slots != pixel_values.shape[0] * per_tile:
+            raise ImageTokenMismatch(
+                f"{slots} <IMG_CONTEXT> tokens but {pixel_values.shape[0]} tiles x {per_tile} tokens/tile "
+                f"= {pixel_values.shape[0] * per_tile}: build inputs with the HoVLE processor"
+            )
+        return group_patches(self.embed_patches(pixel_values), self.config.pixel_shuffle_ratio)
+
+    def _forward_post_shuffle(self, text, groups, image_mask, attention_mask, position_ids, cache, use_cache):
+        """HoVLE-HD: every image slot is expanded to its k*k patches for the layers, then merged back."""
+        b, length, hidden = text.shape
+        f = self.config.shuffle_factor
+        widths = torch.where(image_mask, f, 1)
+        valid = torch.arange(f, device=text.device).view(1, 1, f) < widths.unsqueeze(-1)  # [b, L, f]
+        source = text.unsqueeze(2).expand(b, length, f, hidden)
+        if groups is not None:
+            slots = torch.zeros_like(source).masked_scatter(
+                image_mask[:, :, None, None].expand_as(source), groups.to(text.dtype)
+            )
+            source = torch.where(image_mask[:, :, None, None], slots, source)
+        # rows with fewer image slots are left-padded to the longest expanded row
+        expanded_len = widths.sum(1)
+        longest = int(expanded_len.max())
+        placed = torch.arange(longest, device=text.device).unsqueeze(0) >= (longest - expanded_len).unsqueeze(
+            1
+        )
+
+        def expand(values: torch.Tensor, fill) -> torch.Tensor:
+            out = torch.full((b, longest, *values.shape[3:]), fill, dtype=values.dtype, device=values.device)
+            out[placed] = values[valid]
+            return out
+
+        hidden_states = expand(source, 0.0)
+        # the k*k patches of one slot share that slot's position
+        positions = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
+        current = torch.ones(b, length, dtype=torch.bool, device=text.device)
+        if attention_mask is not None:
+            current = attention_mask[:, -length:].bool()
+        mask = expand(current.unsqueeze(-1).expand(b, length, f), False)
+        past_mask = getattr(cache, "embedding_attention_mask", None) if cache is not None else None
+        if past_mask is not None and cache.get_seq_length(self.layer_offset) > 0:
+            mask = torch.cat([past_mask, mask], dim=1)
+        if use_cache and cache is not None:
+            cache.embedding_attention_mask = mask
+        packed = None
+        if attention_mask is None and (cache is None or cache.get_seq_length(self.layer_offset) == 0):
+            packed = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
+            packed = packed if _has_restarts(position_ids) else None
+        out = self._run_layers(
+            hidden_states,
+            expand(image_mask.unsqueeze(-1).expand(b, length, f), False),
+            mask,
+            positions,
+            cache,
+            use_cache,
+            packed_positions=None,
+            segment_positions=packed,
+            segment_mask=placed,
+        )
+        gathered = torch.zeros_like(source)
+        gathered[valid] = out[placed]
+        result = gathered[:, :, 0]
+        if groups is not None:
+            tokens = self.merge_patches(gathered[image_mask].reshape(groups.shape)).to(result.dtype)
+            result = result.masked_scatter(image_mask.unsqueeze(-1), tokens)
+        return result
+
+    def _run_layers(
+        self,
+        hidden,
+        image_mask,
+        attention_mask,
+        position_ids,
+        cache,
+        use_cache,
+        packed_positions=None,
+        segment_positions=None,
+        segment_mask=None,
+    ):
+        past = cache.get_seq_length(self.layer_offset) if cache is not None else 0
+        and_mask = _same_segment(segment_positions, segment_mask) if segment_positions is not None else None
+        needs_bias = self.defocus and bool(image_mask.any())
+        if needs_bias and past > 0:
+            raise ValueError(
+                "de-focus attention: image tokens after cached tokens are not supported; "
+                "put images in the first (prefill) chunk"
+            )
+        mask = create_causal_mask(
+            config=self.layer_config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=packed_positions,
+            and_mask_function=and_mask,
+            layer_idx=self.layer_offset,
+            allow_is_causal_skip=not needs_bias,
+        )
+        if needs_bias:
+            mask = _as_additive(mask, hidden.dtype)
+        shared = None if self.defocus else self.rotary_emb(hidden, position_ids)
+        for i, layer in enumerate(self.layers):
+            rotary = self.rotary[i](hidden, position_ids) if self.defocus else shared
+            layer_mask = mask
+            if needs_bias:
+                bias = self.decay[i](image_mask).to(mask.dtype)
+                layer_mask = (mask + bias).clamp(min=torch.finfo(mask.dtype).min)
+            out = layer(
+                hidden,
+                attention_mask=layer_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+                position_embeddings=rotary,
+            )
+            hidden = hidden + drop_path(out - hidden, self.drop_path_rates[i], self.training)
+        return hidden
+
+
+def _has_restarts(position_ids: torch.Tensor) -> bool:
+    """True when positions restart inside a row: several samples are packed into one sequence."""
+    return bool((position_ids[:, 1:] <= position_ids[:, :-1]).any())
+
+
+def _same_segment(positions: torch.Tensor, placed: torch.Tensor):
+    """A mask function allowing attention only within one packed sample.
+
+    `positions` [b, L] are per-token positions where several tokens may share one position (the patches of a
+    shuffled slot); a new sample starts where the position drops.
+    """
+    step = torch.zeros_like(positions)
+    step[:, 1:] = (positions[:, 1:] < positions[:, :-1]).long()
+    segment = step.cumsum(1) + (~placed).long() * -1  # padding gets segment -1
+
+    def same(batch_idx, head_idx, q_idx, kv_idx):
+        return segment[batch_idx, q_idx] == segment[batch_idx, kv_idx]
+
+    return same
+
+
+def _as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (True = attend) or additive 4D mask -> an additive float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask.to(dtype)

@@ -1,0 +1,197 @@
+"""`HoVLEForConditionalGeneration`: holistic embedding module -> LLM (through `inputs_embeds`).
+
+The LLM is any Hugging Face causal LM built from `config.text_config`. Generation uses transformers'
+`GenerationMixin` with one KV cache shared by the LLM (slots 0..M-1) and the embedding module (slots
+M..M+N-1), so a new token costs one step through both, never a re-encode of the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import ModelOutput
+
+from model.config import HoVLEConfig
+from model.defocus import ImageDecayBias, LearnableRotaryEmbedding
+from model.embedding import HolisticEmbedding
+
+
+class HoVLECache(DynamicCache):
+    """A lazily grown `DynamicCache` for both halves of the model.
+
+    With the shuffle after the embedding layers (HoVLE-HD) the embedding module's sequence is longer than
+    the LLM's, so its 2D padding mask cannot be rebuilt from the LLM's; it is kept here and follows every
+    batch reordering generation applies to the cache.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.embedding_attention_mask: torch.Tensor | None = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.embedding_attention_mask is not None:
+            self.embedding_attention_mask = self.embedding_attention_mask[
+                beam_idx.to(self.embedding_attention_mask.device)
+            ]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.embedding_attention_mask is not None and tokens_to_remove:
+            self.embedding_attention_mask = self.embedding_attention_mask[:, :-tokens_to_remove]
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.embedding_attention_mask is not None:
+            self.embedding_attention_mask = self.embedding_attention_mask.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.embedding_attention_mask is not None:
+            self.embedding_attention_mask = self.embedding_attention_mask[indices]
+
+    def reset(self):
+        super().reset()
+        self.embedding_attention_mask = None
+
+
+@dataclass
+class HoVLEOutput(ModelOutput):
+    """loss: next-token loss when labels are given; logits [b, L, vocab]; embedding_states [b, L, hidden]
+    (the module's outputs, i.e. the LLM's inputs) when requested."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: DynamicCache | None = None
+    embedding_states: torch.Tensor | None = None
+
+
+class HoVLEPreTrainedModel(PreTrainedModel):
+    config: HoVLEConfig
+    config_class = HoVLEConfig
+    base_model_prefix = "hovle"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, HolisticEmbedding):
+            nn.init.normal_(module.position_embedding, std=self.config.text_config.initializer_range)
+        elif isinstance(module, (ImageDecayBias, LearnableRotaryEmbedding)):
+            module.reset_parameters()
+
+
+class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
+    """The monolithic VLM. Inputs come from `HoVLEProcessor`: input_ids with <IMG_CONTEXT> slots and the
+    tiles' pixel_values [tiles, 3, T, T] in slot order."""
+
+    def __init__(self, config: HoVLEConfig):
+        super().__init__(config)
+        self.embedding = HolisticEmbedding(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_embedding_states: bool = False,
+        **kwargs,
+    ) -> HoVLEOutput:
+        """input_ids [b, L] -> logits [b, L, vocab]; `labels` [b, L] (-100 = ignored) -> next-token loss."""
+        if use_cache and past_key_values is None:
+            past_key_values = HoVLECache()
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+
+        embeds = self.embedding(
+            input_ids, pixel_values, attention_mask, position_ids, past_key_values, bool(use_cache)
+        )
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return HoVLEOutput(
+            loss=out.loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values if use_cache else None,
+            embedding_states=embeds if output_embedding_states else None,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # The cache must hold the embedding module's layers too, which a cache sized from the LLM's config
+        # cannot: start generation with a lazily grown HoVLECache.
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
+            model_kwargs["past_key_values"] = HoVLECache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # ---- initialisation of the embedding module from the LLM ---------------------------------------
+    @torch.no_grad()
+    def initialize_embedding_from_llm(self, mode: str | None = None) -> None:
+        """Copy the LLM's input embeddings into the module's text table and set up its layers.
+
+        mode (default `config.embedding_init`): "random" keeps the random layers; "identity" zeroes each
+        layer's attention output and MLP down projections, so the module starts by passing text embeddings
+        through unchanged; "copy" loads the LLM's first N decoder layers (Llama-shaped LLMs).
+        """
+        mode = mode or self.config.embedding_init
+        llm_embeddings = self.language_model.get_input_embeddings().weight
+        self.embedding.embed_tokens.weight.copy_(llm_embeddings)
+        if mode == "identity":
+            for layer in self.embedding.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+        elif mode == "copy":
+            llm_layers = self.language_model.get_decoder().layers
+            for layer, source in zip(self.embedding.layers, llm_layers, strict=False):
+                layer.load_state_dict(source.state_dict())
+        elif mode != "random":
+            raise ValueError(f"embedding_init={mode!r}: expected 'random', 'identity' or 'copy'")
+
+
+def register_auto_classes() -> None:
+    """Make `AutoConfig`/`AutoModel*` resolve model_type "hovle" without `trust_remote_code`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    try:
+        AutoConfig.register("hovle", HoVLEConfig)
+    except ValueError:  # already registered in this process
+        return
+    AutoModel.register(HoVLEConfig, HoVLEForConditionalGeneration)
+    AutoModelForImageTextToText.register(HoVLEConfig, HoVLEForConditionalGeneration)

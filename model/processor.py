@@ -1,0 +1,454 @@
+"""Turn one conversation with images into HoVLE model inputs: tiles, image tokens, chat tokens and labels.
+
+Images follow InternVL's dynamic tiling: pick a grid of ``cols x rows`` tiles whose aspect ratio is
+closest to the image's, resize (bicubic) to that grid, cut ``tile_size`` square tiles row-major and add a
+thumbnail of the whole image when there is more than one tile. Each ``<image>`` placeholder in the text
+becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x tiles) + ``</img>``; the model later
+scatters the image features into the ``<IMG_CONTEXT>`` slots in order.
+
+Text is rendered with the tokenizer's ChatML template and tokenized by transformers'
+``apply_chat_template``; its assistant-token mask gives the labels (assistant content and its closing
+``<|im_end|>`` are supervised, everything else is -100).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from model.tokenizer import CHATML_TEMPLATE, IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IGNORE_INDEX = -100
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+class ImagePlaceholderMismatch(ValueError):
+    """The number of ``<image>`` placeholders in a conversation differs from the number of images."""
+
+    def __init__(self, num_placeholders: int, num_images: int) -> None:
+        self.num_placeholders = num_placeholders
+        self.num_images = num_images
+        super().__init__(
+            f"the conversation has {num_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {num_images} "
+            f"image(s) were given; put exactly one '{IMAGE_PLACEHOLDER}' in the message text where each "
+            "image belongs, in the same order as the images list"
+        )
+
+
+class SequenceTooLong(ValueError):
+    """A tokenized sample is longer than the allowed ``max_length``; the data pipeline decides what to do."""
+
+    def __init__(self, length: int, max_length: int) -> None:
+        self.length = length
+        self.max_length = max_length
+        super().__init__(
+            f"sample has {length} tokens but max_length is {max_length}; raise max_length, lower max_tiles, "
+            "or truncate/drop the sample in the data pipeline"
+        )
+
+
+def find_closest_grid(
+    width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448
+) -> tuple[int, int]:
+    """Choose the tile grid (cols, rows) for an image, following InternVL's dynamic tiling.
+
+    Candidates are all grids with ``min_tiles <= cols * rows <= max_tiles``, visited in order of
+    increasing area. The grid whose ratio ``cols / rows`` is closest to ``width / height`` wins. On an exact
+    tie (same ratio, e.g. 1x1 and 2x2) the larger grid replaces the current choice only when the image
+    has more than half the pixels of that grid, i.e. ``width * height > 0.5 * tile_size**2 * cols * rows``,
+    so small images are not blown up to many tiles.
+
+    Returns:
+        ``(cols, rows)``.
+
+    Raises:
+        ValueError: for a non-positive image size or an empty tile range.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got width={width}, height={height}")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(
+            f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+        )
+    candidates = sorted(
+        (
+            (cols, rows)
+            for cols in range(1, max_tiles + 1)
+            for rows in range(1, max_tiles // cols + 1)
+            if cols * rows >= min_tiles
+        ),
+        key=lambda grid: (grid[0] * grid[1], grid[0]),
+    )
+    aspect_ratio = width / height
+    area = width * height
+    best_grid = candidates[0]
+    best_diff = float("inf")
+    for cols, rows in candidates:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_grid, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best_grid = (cols, rows)
+    return best_grid
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit RGB.
+
+    Transparent images are composited over white (a plain ``convert`` would show whatever colour hides
+    under transparent pixels, often black). 16-bit greyscale is scaled down to 8 bits rather than
+    clipped; 32-bit ``I`` images are treated as 16-bit when any value exceeds 255, ``F`` images as
+    0..1 when no value exceeds 1.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in {"I", "F"}:
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        elif image.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 [H, W] → mode L
+    return image.convert("RGB")
+
+
+def dynamic_tiles(
+    image: Image.Image, tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool
+) -> list[Image.Image]:
+    """Cut an image into ``tile_size`` square RGB tiles on the grid chosen by :func:`find_closest_grid`.
+
+    The image is resized (bicubic) to ``(tile_size * cols, tile_size * rows)`` and cut row-major; when
+    there is more than one tile and ``use_thumbnail`` is set, a ``tile_size`` square thumbnail of the
+    whole image is appended last.
+
+    Returns:
+        ``cols * rows`` tiles, plus one thumbnail where it applies.
+    """
+    image = to_rgb(image)
+    cols, rows = find_closest_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
+    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((col * tile_size, row * tile_size, (col + 1) * tile_size, (row + 1) * tile_size))
+        for row in range(rows)
+        for col in range(cols)
+    ]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def tiles_to_tensor(
+    tiles: Sequence[Image.Image],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Stack equally sized tiles into a normalised float tensor.
+
+    Args:
+        tiles: n images of the same size T x T, any mode (converted with :func:`to_rgb`).
+        mean, std: per-channel statistics on the 0..1 scale.
+
+    Returns:
+        float32 tensor ``[n, 3, T, T]`` holding ``(pixel / 255 - mean) / std``.
+
+    Raises:
+        ValueError: if there are no tiles or their sizes differ.
+    """
+    if not tiles:
+        raise ValueError("tiles_to_tensor needs at least one tile")
+    sizes = {tile.size for tile in tiles}
+    if len(sizes) != 1:
+        raise ValueError(f"all tiles must have the same size, got sizes {sorted(sizes)}")
+    pixels = np.stack([np.asarray(to_rgb(tile), dtype=np.uint8) for tile in tiles])  # [n, T, T, 3]
+    tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (tensor - mean_t) / std_t
+
+
+class HoVLEProcessor:
+    """Builds model inputs for one conversation at a time and pads them into batches.
+
+    The tokenizer must already hold the HoVLE tokens (see :func:`model.tokenizer.prepare_tokenizer`).
+    The chat template must contain ``{% generation %}`` blocks: they are how labels are found.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        tile_size: int = 448,
+        min_tiles: int = 1,
+        max_tiles: int = 6,
+        use_thumbnail: bool = True,
+        image_tokens_per_tile: int = 256,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        chat_template: str | None = None,
+    ) -> None:
+        if tile_size <= 0:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        if not 1 <= min_tiles <= max_tiles:
+            raise ValueError(
+                f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+            )
+        if image_tokens_per_tile <= 0:
+            raise ValueError(f"image_tokens_per_tile must be positive, got {image_tokens_per_tile}")
+        if len(image_mean) != 3 or len(image_std) != 3 or any(s <= 0 for s in image_std):
+            raise ValueError(
+                f"image_mean and image_std need 3 values each (std > 0), got {image_mean} and {image_std}"
+            )
+        self.tokenizer = tokenizer
+        self.tile_size = tile_size
+        self.min_tiles = min_tiles
+        self.max_tiles = max_tiles
+        self.use_thumbnail = use_thumbnail
+        self.image_tokens_per_tile = image_tokens_per_tile
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.chat_template = chat_template or tokenizer.chat_template or CHATML_TEMPLATE
+        if "generation" not in self.chat_template:
+            raise ValueError(
+                "the chat template has no {% generation %} block, so assistant tokens cannot be labelled; "
+                "pass chat_template=model.tokenizer.CHATML_TEMPLATE or prepare the tokenizer with "
+                "model.tokenizer.prepare_tokenizer"
+            )
+        self.image_token_ids = self._image_token_ids()
+        self.image_context_token_id = self.image_token_ids[IMG_CONTEXT]
+
+    def _image_token_ids(self) -> dict[str, int]:
+        """Ids of ``<img>``, ``</img>`` and ``<IMG_CONTEXT>``; each must be a single, known token."""
+        ids: dict[str, int] = {}
+        for token in (IMG_START, IMG_END, IMG_CONTEXT):
+            encoded = self.tokenizer.encode(token, add_special_tokens=False)
+            if len(encoded) != 1 or encoded[0] == self.tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the tokenizer does not know {token!r} as one token; call "
+                    "model.tokenizer.prepare_tokenizer(tokenizer) (or load it with load_tokenizer) first"
+                )
+            ids[token] = encoded[0]
+        return ids
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments except the tokenizer, as JSON-ready values."""
+        return {
+            "tile_size": self.tile_size,
+            "min_tiles": self.min_tiles,
+            "max_tiles": self.max_tiles,
+            "use_thumbnail": self.use_thumbnail,
+            "image_tokens_per_tile": self.image_tokens_per_tile,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "chat_template": self.chat_template,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HoVLEProcessor):
+            return NotImplemented
+        return (
+            self.config == other.config
+            and self.tokenizer.get_vocab() == other.tokenizer.get_vocab()
+            and self.tokenizer.pad_token_id == other.tokenizer.pad_token_id
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable and compared by value
+
+    def process_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[int]]:
+        """Tile and normalise images.
+
+        Returns:
+            ``pixel_values`` float32 ``[total_tiles, 3, T, T]`` (images in order, each image's tiles
+            row-major then its thumbnail) and the number of tiles of each image.
+        """
+        tiles: list[Image.Image] = []
+        tiles_per_image: list[int] = []
+        for image in images:
+            image_tiles = dynamic_tiles(
+                image, self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail
+            )
+            tiles.extend(image_tiles)
+            tiles_per_image.append(len(image_tiles))
+        if not tiles:
+            return torch.empty(0, 3, self.tile_size, self.tile_size), []
+        return tiles_to_tensor(tiles, self.image_mean, self.image_std), tiles_per_image
+
+    def expand_image_placeholders(self, text: str, tiles_per_image: Sequence[int]) -> str:
+        """Replace each ``<image>`` of ``text`` with the image's token run, in order.
+
+        The i-th placeholder becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x
+        ``tiles_per_image[i]``) + ``</img>``.
+
+        Raises:
+            ImagePlaceholderMismatch: if the text's placeholder count differs from ``len(tiles_per_image)``.
+        """
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(tiles_per_image):
+            raise ImagePlaceholderMismatch(len(pieces) - 1, len(tiles_per_image))
+        expanded = [pieces[0]]
+        for num_tiles, piece in zip(tiles_per_image, pieces[1:]):
+            expanded.append(IMG_START + IMG_CONTEXT * (self.image_tokens_per_tile * num_tiles) + IMG_END)
+            expanded.append(piece)
+        return "".join(expanded)
+
+    def __call__(
+        self,
+        messages: list[dict[str, str]],
+        images: list[Image.Image] | None = None,
+        add_generation_prompt: bool = False,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """Build the inputs of one conversation.
+
+        Args:
+            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``; each image is
+                marked by one ``<image>`` in the text, in the order of ``images``.
+            images: the conversation's images, or None.
+            add_generation_prompt: append ``<|im_start|>assistant\\n`` (for generation).
+            max_length: if set, longer samples raise :class:`SequenceTooLong`.
+
+        Returns:
+            ``input_ids`` long ``[1, L]``, ``attention_mask`` long ``[1, L]``, ``labels`` long ``[1, L]``
+            (token ids on assistant content and its closing ``<|im_end|>``, -100 elsewhere and on image
+            tokens), ``pixel_values`` float32 ``[n_tiles, 3, T, T]`` or None, ``num_tiles`` (list[int], one
+            per image).
+
+        Raises:
+            ImagePlaceholderMismatch: if placeholders and images do not match in number.
+            SequenceTooLong: if the sample has more than ``max_length`` tokens.
+        """
+        images = images or []
+        for message in messages:
+            if not isinstance(message.get("content"), str) or "role" not in message:
+                raise ValueError(f"each message needs a 'role' and a string 'content', got {message!r}")
+        placeholders_per_message = [message["content"].count(IMAGE_PLACEHOLDER) for message in messages]
+        if sum(placeholders_per_message) != len(images):
+            raise ImagePlaceholderMismatch(sum(placeholders_per_message), len(images))
+
+        pixel_values, num_tiles = self.process_images(images)
+        expanded_messages = []
+        first_image = 0
+        for message, count in zip(messages, placeholders_per_message):
+            content = self.expand_image_placeholders(
+                message["content"], num_tiles[first_image : first_image + count]
+            )
+            expanded_messages.append({**message, "content": content})
+            first_image += count
+
+        encoded = self.tokenizer.apply_chat_template(
+            expanded_messages,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+        if max_length is not None and input_ids.numel() > max_length:
+            raise SequenceTooLong(input_ids.numel(), max_length)
+        assistant_mask = torch.tensor(encoded["assistant_masks"], dtype=torch.bool)
+        image_positions = torch.isin(input_ids, torch.tensor(list(self.image_token_ids.values())))
+        labels = torch.where(assistant_mask & ~image_positions, input_ids, IGNORE_INDEX)
+        return {
+            "input_ids": input_ids.unsqueeze(0),
+            "attention_mask": torch.ones_like(input_ids).unsqueeze(0),
+            "labels": labels.unsqueeze(0),
+            "pixel_values": pixel_values if images else None,
+            "num_tiles": num_tiles,
+        }
+
+    def collate(self, samples: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
+        """Pad samples from :meth:`__call__` into one batch.
+
+        Returns:
+            ``input_ids`` ``[B, L_max]`` (pad token), ``attention_mask`` ``[B, L_max]`` (0 on padding),
+            ``labels`` ``[B, L_max]`` (-100 on padding), ``pixel_values`` ``[sum of tiles, 3, T, T]`` in
+            sample order or None when no sample has images, ``num_tiles`` (list[int], every image of the
+            batch in sample order, matching the ``<IMG_CONTEXT>`` runs of ``input_ids`` read row-major).
+
+        Raises:
+            ValueError: for an empty batch, an unknown padding side or a tokenizer without pad token.
+        """
+        if not samples:
+            raise ValueError("collate needs at least one sample")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError(
+                "the tokenizer has no pad token; prepare it with model.tokenizer.prepare_tokenizer"
+            )
+
+        rows = [
+            {key: sample[key].reshape(-1) for key in ("input_ids", "attention_mask", "labels")}
+            for sample in samples
+        ]
+        longest = max(row["input_ids"].numel() for row in rows)
+        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch: dict[str, Any] = {}
+        for key, value in fill.items():
+            padded = torch.full((len(rows), longest), value, dtype=torch.long)
+            for index, row in enumerate(rows):
+                length = row[key].numel()
+                if padding_side == "right":
+                    padded[index, :length] = row[key]
+                else:
+                    padded[index, longest - length :] = row[key]
+            batch[key] = padded
+
+        pixel_values = [
+            sample["pixel_values"] for sample in samples if sample.get("pixel_values") is not None
+        ]
+        batch["pixel_values"] = torch.cat(pixel_values) if pixel_values else None
+        batch["num_tiles"] = [count for sample in samples for count in sample.get("num_tiles", [])]
+        return batch
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Decode one sequence of token ids (list or 1-D tensor), dropping special tokens."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer files and ``processor_config.json`` (all settings, chat template included)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory))
+        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+        logger.info("saved HoVLE processor to %s", directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HoVLEProcessor:
+        """Restore a processor written by :meth:`save_pretrained` (local files only).
+
+        Raises:
+            FileNotFoundError: if ``directory`` has no ``processor_config.json``.
+        """
+        directory = Path(directory)
+        config_path = directory / PROCESSOR_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found; pass a directory written by HoVLEProcessor.save_pretrained"
+            )
+        config = json.loads(config_path.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return cls(tokenizer, **config)

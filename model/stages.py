@@ -1,0 +1,166 @@
+"""HoVLE's three training stages as data (HOVLE.md, "The three training stages").
+
+| stage    | trains                   | loss                                                            |
+|----------|--------------------------|-----------------------------------------------------------------|
+| distill  | embedding module         | negative cosine: image tokens vs a vision teacher's features,   |
+|          |                          | text tokens vs the LLM's input embeddings (+ norm matching)     |
+| align    | embedding module         | next-token cross-entropy (+ optional text preservation)         |
+| instruct | embedding module + LLM   | next-token cross-entropy on assistant tokens (+ preservation)   |
+
+The text-preservation term is the stage-1 text distillation loss on the text positions: trained on
+answers alone the embedding module wrecks the text path to the LLM (HOVLE.md, "Measured").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.modeling import HoVLEForConditionalGeneration
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage trains and which losses apply.
+
+    trainable: prefixes of the model's parameter names that train; everything else is frozen.
+    text_preservation_weight: weight of the text distillation term added to next-token stages.
+    norm_weight: weight of the norm-matching term (log|h| - log|e|)^2 inside every text distillation.
+    """
+
+    name: str
+    trainable: tuple[str, ...]
+    loss: Literal["distill", "next_token"]
+    text_preservation_weight: float = 0.0
+    norm_weight: float = 1.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss == "distill"
+
+    def is_trainable(self, parameter_name: str) -> bool:
+        return parameter_name.startswith(self.trainable)
+
+    def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs this stage trains (a teacher's head is not part of the model)."""
+        return ((n, p) for n, p in model.named_parameters() if self.is_trainable(n))
+
+    def with_options(self, **changes) -> StageSpec:
+        """A copy with some fields changed (e.g. `text_preservation_weight` from the run config)."""
+        return dataclasses.replace(self, **changes)
+
+
+STAGES: dict[str, StageSpec] = {
+    "distill": StageSpec("distill", trainable=("embedding.",), loss="distill"),
+    "align": StageSpec("align", trainable=("embedding.",), loss="next_token", text_preservation_weight=0.1),
+    "instruct": StageSpec(
+        "instruct",
+        trainable=("embedding.", "language_model."),
+        loss="next_token",
+        text_preservation_weight=0.1,
+    ),
+}
+
+
+def apply_stage(model: nn.Module, spec: StageSpec) -> list[nn.Parameter]:
+    """Freeze everything the stage does not train; return the parameters it trains."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(spec.is_trainable(name))
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+@dataclass
+class StageLoss:
+    """The loss to back-propagate and its parts as floats for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+
+
+def negative_cosine(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cos(student, target) per row [..., d] -> [...] (0 when aligned)."""
+    return 1.0 - F.cosine_similarity(student.float(), target.float(), dim=-1)
+
+
+def text_distillation(states: torch.Tensor, targets: torch.Tensor, norm_weight: float) -> torch.Tensor:
+    """states, targets [n, d] (text positions) -> negative cosine + norm matching, a scalar.
+
+    The norm term keeps the outputs at the size of the LLM's embeddings: with cosine alone the norm
+    drifted to 6.4x in 17 steps (HOVLE.md, "Measured").
+    """
+    if states.numel() == 0:
+        return states.sum() * 0.0
+    log_ratio = (
+        states.float().norm(dim=-1).clamp_min(1e-6).log() - targets.float().norm(dim=-1).clamp_min(1e-6).log()
+    )
+    return negative_cosine(states, targets).mean() + norm_weight * log_ratio.pow(2).mean()
+
+
+def stage_loss(
+    model: HoVLEForConditionalGeneration,
+    batch: dict[str, torch.Tensor],
+    spec: StageSpec,
+    teacher: nn.Module | None = None,
+) -> StageLoss:
+    """The stage's loss on one batch (input_ids, attention_mask, labels, pixel_values, position_ids)."""
+    input_ids = batch["input_ids"]
+    pixel_values = batch.get("pixel_values")
+    attention_mask = batch.get("attention_mask")
+    valid = (
+        attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    )
+    image_mask = input_ids == model.config.img_context_token_id
+    text_mask = valid & ~image_mask
+    text_targets = model.language_model.get_input_embeddings()(input_ids).detach()
+
+    if spec.loss == "distill":
+        states = model.embedding(input_ids, pixel_values, attention_mask, batch.get("position_ids"))
+        text = text_distillation(states[text_mask], text_targets[text_mask], spec.norm_weight)
+        image = _image_distillation(model, states, image_mask, pixel_values, teacher)
+        loss = text + image
+        return StageLoss(
+            loss, {"loss": loss.item(), "text_distill": text.item(), "image_distill": image.item()}
+        )
+
+    preserve = spec.text_preservation_weight > 0
+    out = model(
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        position_ids=batch.get("position_ids"),
+        labels=batch["labels"],
+        output_embedding_states=preserve,
+    )
+    loss, parts = out.loss, {"ce": out.loss.item()}
+    if preserve:
+        text = text_distillation(out.embedding_states[text_mask], text_targets[text_mask], spec.norm_weight)
+        loss = loss + spec.text_preservation_weight * text
+        parts["text_preservation"] = text.item()
+    parts["loss"] = loss.item()
+    return StageLoss(loss, parts)
+
+
+def _image_distillation(model, states, image_mask, pixel_values, teacher) -> torch.Tensor:
+    """Image tokens against the teacher's features on the student's token grid (+ de-focus pooled term)."""
+    if pixel_values is None or not image_mask.any():
+        return states.sum() * 0.0
+    if teacher is None:
+        raise ValueError("the distill stage needs a vision teacher for batches with images")
+    config = model.config
+    grid = (config.image_grid, config.image_grid)
+    targets = teacher.targets(pixel_values, grid)  # [tiles, tokens, C]
+    student = teacher.project(states[image_mask].reshape(targets.shape[0], targets.shape[1], -1))
+    loss = negative_cosine(student, targets).mean()
+    if config.attention == "defocus" and config.defocus_aux_loss:
+        pooled = negative_cosine(student.mean(dim=1), targets.mean(dim=1)).mean()
+        loss = (loss + pooled) / 2
+    return loss

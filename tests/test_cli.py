@@ -1,0 +1,104 @@
+"""The `hovle` command and `jobs.inspect`: dispatch, usage errors, and the paper-scale size report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPER_CONFIG = REPO_ROOT / "configs" / "hovle-2.6b.yaml"
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_every_registered_subcommand():
+    result = run_module("jobs.cli", "--help")
+
+    assert result.returncode == 0, result.stderr
+    for name, (_, summary) in cli.SUBCOMMANDS.items():
+        assert name in result.stdout
+        assert summary in result.stdout
+
+
+def test_unknown_subcommand_exits_2_and_names_the_choices():
+    result = run_module("jobs.cli", "no-such-job")
+
+    assert result.returncode == 2
+    assert "unknown subcommand 'no-such-job'" in result.stderr
+    assert "inspect" in result.stderr
+
+
+def test_no_subcommand_prints_usage_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "usage: hovle" in capsys.readouterr().err
+
+
+def test_subcommand_runs_its_module_main_with_the_remaining_arguments(tmp_path, monkeypatch):
+    (tmp_path / "echo_job.py").write_text(
+        "def main(argv):\n    return 7 if argv == ['--flag', 'value'] else 1\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "echo", ("echo_job", "test job"))
+
+    assert cli.main(["echo", "--flag", "value"]) == 7
+
+
+def test_registered_subcommand_without_its_module_exits_2(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ghost", ("jobs.no_such_module", "missing"))
+
+    assert cli.main(["ghost"]) == 2
+    assert "jobs.no_such_module was not found" in capsys.readouterr().err
+
+
+def test_zero1_matches_zero2_on_one_gpu_and_costs_more_on_many():
+    from jobs.inspect import zero_model_states_bytes
+
+    params, largest = 1_000_000_000, 100_000_000
+    one_gpu = zero_model_states_bytes(params, largest, gpus_per_node=1, nodes=1)
+    eight_gpus = zero_model_states_bytes(params, largest, gpus_per_node=8, nodes=1)
+
+    assert one_gpu["1"] == one_gpu["2"] == 20 * params  # 2 + 18 bytes per parameter, nothing to split
+    assert eight_gpus["1"] == 4 * params + 16 * params // 8
+    assert eight_gpus["3"] < eight_gpus["2"] < eight_gpus["1"]
+
+
+def test_inspect_missing_config_is_a_usage_error():
+    result = run_module("jobs.inspect", "configs/does-not-exist.yaml")
+
+    assert result.returncode == 2
+    assert "config file not found" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def paper_report() -> dict:
+    result = run_module("jobs.inspect", str(PAPER_CONFIG.relative_to(REPO_ROOT)), "--json", "--gpus", "8")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_inspect_counts_the_paper_scale_model_at_2_6_billion(paper_report):
+    assert paper_report["params_total"] == pytest.approx(2.6e9, rel=0.03)
+    assert paper_report["params_embedding"] + paper_report["params_llm"] == paper_report["params_total"]
+    assert set(paper_report["trainable"]) >= {"distill", "align", "instruct"}
+    assert paper_report["gpus"] == 8
+
+
+def test_inspect_zero3_needs_less_memory_per_gpu_than_zero1_at_8_gpus(paper_report):
+    assert paper_report["zero"]["3"] < paper_report["zero"]["1"]
+
+
+def test_inspect_table_shows_parts_stages_and_zero_memory(capsys):
+    from jobs.inspect import main
+
+    assert main([str(PAPER_CONFIG), "--gpus", "8"]) == 0
+    table = capsys.readouterr().out
+    for label in ("embedding module", "language model", "distill", "align", "instruct", "ZeRO-1", "ZeRO-3"):
+        assert label in table
