@@ -186,8 +186,10 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
 
 
 def register_auto_classes() -> None:
-    """Make `AutoConfig`/`AutoModel*` resolve model_type "hovle" without `trust_remote_code`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+    """Make the Auto classes (config, model, processor) resolve "hovle" without `trust_remote_code`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    from model.processor import HoVLEProcessor
 
     try:
         AutoConfig.register("hovle", HoVLEConfig)
@@ -195,3 +197,4 @@ def register_auto_classes() -> None:
         return
     AutoModel.register(HoVLEConfig, HoVLEForConditionalGeneration)
     AutoModelForImageTextToText.register(HoVLEConfig, HoVLEForConditionalGeneration)
+    AutoProcessor.register(HoVLEConfig, HoVLEProcessor)

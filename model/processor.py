@@ -437,8 +437,11 @@ class HoVLEProcessor:
         logger.info("saved HoVLE processor to %s", directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> HoVLEProcessor:
+    def from_pretrained(cls, directory: str | Path, **auto_kwargs) -> HoVLEProcessor:
         """Restore a processor written by :meth:`save_pretrained` (local files only).
+
+        ``auto_kwargs`` are what ``AutoProcessor.from_pretrained`` passes along (``trust_remote_code`` and
+        the like); a saved processor needs none of them, so they are not used.
 
         Raises:
             FileNotFoundError: if ``directory`` has no ``processor_config.json``.

@@ -102,3 +102,13 @@ def test_inspect_table_shows_parts_stages_and_zero_memory(capsys):
     table = capsys.readouterr().out
     for label in ("embedding module", "language model", "distill", "align", "instruct", "ZeRO-1", "ZeRO-3"):
         assert label in table
+
+
+def test_demo_runs_on_the_tiny_preset_and_says_what_is_not_built():
+    done = run_module("jobs.demo", "--preset", "tiny", "--steps", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "not yet" in out and "UNTRAINED" in out
+    assert "hovle-2.6b" in out and "2606.3M" in out
+    for stage in ("distill", "align", "instruct"):
+        assert f"   {stage}" in out

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from model import (
     ConfigError,
@@ -148,7 +148,8 @@ def test_save_load_gives_identical_logits(tmp_path):
 
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(loaded, HoVLEForConditionalGeneration)
-    reloaded_processor = HoVLEProcessor.from_pretrained(tmp_path)
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded_processor, HoVLEProcessor)
     batch = chat_batch(reloaded_processor)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
