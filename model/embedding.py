@@ -135,9 +135,7 @@ class HolisticEmbedding(nn.Module):
         text = self.embed_tokens(input_ids)
         groups = self._image_groups(pixel_values, image_mask)
         if position_ids is None:
-            past = past_key_values.get_seq_length(self.layer_offset) if past_key_values is not None else 0
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+            position_ids = default_position_ids(input_ids, past_key_values)
 
         if self.config.shuffle_location == "pre":
             hidden = text
@@ -282,6 +280,14 @@ class HolisticEmbedding(nn.Module):
             )
             hidden = hidden + drop_path(out - hidden, self.drop_path_rates[i], self.training)
         return hidden
+
+
+def default_position_ids(input_ids: torch.LongTensor, cache: Cache | None) -> torch.LongTensor:
+    """Positions [b, L] continuing after the tokens already cached (counted in the LLM's slots, which hold
+    one entry per token whatever the shuffle location)."""
+    past = cache.get_seq_length() if cache is not None else 0
+    positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+    return positions.unsqueeze(0).expand(input_ids.shape[0], -1)
 
 
 def _has_restarts(position_ids: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from model.config import HoVLEConfig
 from model.defocus import ImageDecayBias, LearnableRotaryEmbedding
-from model.embedding import HolisticEmbedding
+from model.embedding import HolisticEmbedding, default_position_ids
 
 
 class HoVLECache(DynamicCache):
@@ -123,9 +123,7 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = HoVLECache()
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+            position_ids = default_position_ids(input_ids, past_key_values)
 
         embeds = self.embedding(
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, bool(use_cache)
