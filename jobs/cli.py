@@ -13,6 +13,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("jobs.inspect", "parameter counts per part and stage, ZeRO memory per GPU for a config"),
     "demo": ("jobs.demo", "the demo on this machine (what `make demo` runs)"),
+    "synth": (
+        "jobs.synth",
+        "write a deterministic synthetic (or Fashion-MNIST / emoji) corpus as images + JSONL",
+    ),
+    "prepare": ("jobs.prepare", "raw corpora -> validated Parquet shards + manifest (Ray Data)"),
 }
 
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments

@@ -1,15 +1,19 @@
 """`make demo` / `python -m jobs.demo`: what the platform can do today, on this machine, offline.
 
-Today that is the model layer only: the HoVLE network and its presets, the processor, generation with a
-KV cache, and the three training stages as data. The data pipelines, Ray Train + DeepSpeed training and
-the MLflow registry are later issues; the demo says so rather than pretending.
+Today that is the model layer (the HoVLE network and its presets, the processor, generation with a KV
+cache, the three training stages as data) and the data pipeline (a synthetic corpus with ground truth,
+prepared into Parquet shards by Ray Data, incrementally). Ray Train + DeepSpeed training and the MLflow
+registry are later issues; the demo says so rather than pretending.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -20,11 +24,12 @@ from model import STAGES, apply_stage, build_model, build_processor, load_preset
 logger = logging.getLogger("jobs.demo")
 
 BANNER = """\
-HoVLE platform demo: the model layer (the foundation issue)
+HoVLE platform demo: the model layer and the data pipeline
   built:     HoVLE model (holistic embedding module + LLM), presets, processor (dynamic tiling, chat
-             template), cached generation, the three stages (distill / align / instruct) as data
-  not yet:   Ray Data pipelines, Ray Train + DeepSpeed training, MLflow tracking and registry
-             (later issues); nothing below is trained, so image answers are NOT expected to be right
+             template), cached generation, the three stages (distill / align / instruct) as data;
+             synthetic corpora and `hovle prepare` (Ray Data: raw corpora -> Parquet shards + manifest)
+  not yet:   Ray Train + DeepSpeed training, MLflow tracking and registry (later issues); nothing
+             below is trained, so image answers are NOT expected to be right
 """
 
 
@@ -148,12 +153,42 @@ def show_stages(steps: int) -> None:
         )
 
 
+def show_data(preset: str, samples: int, workdir: Path) -> None:
+    """A synthetic instruct corpus with two corrupt records -> `prepare` twice (the second finds no work)."""
+    from pipelines.prepare import prepare
+    from pipelines.settings import PrepareSettings
+    from pipelines.synthetic import generate
+
+    print(
+        f"\n4. Data: {samples} synthetic instruct samples -> Ray Data prepare -> Parquet shards ({preset}):"
+    )
+    jsonl = generate("instruct", samples, seed=0, output_dir=workdir / "corpus", image_size=224)
+    (jsonl.parent / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with jsonl.open("a", encoding="utf-8") as out:  # one corrupt image and one escaping the dataset root
+        for n, ref in enumerate(("images/broken.png", "../../etc/passwd")):
+            turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "?"}]
+            out.write(json.dumps({"id": f"bad-{n}", "image": ref, "conversations": turns}) + "\n")
+    output = str(workdir / "prepared")
+    for attempt in ("first run", "rerun"):
+        start = time.perf_counter()
+        report = prepare(preset, "instruct", [str(jsonl)], output, PrepareSettings())
+        print(
+            f"   {attempt:<9} read {report['read']:>3}  written {report['written']:>3}  rejected "
+            f"{report['rejected']} {report['rejected_by_reason']}  ({time.perf_counter() - start:.0f} s)"
+        )
+    print(f"   shards, rejects table and manifest.json under {output} (--workdir keeps them)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hovle demo", description=__doc__)
     parser.add_argument(
         "--preset", default="smollm2-135m", help="model preset for part 2 (default: smollm2-135m)"
     )
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per stage in part 3")
+    parser.add_argument("--samples", type=int, default=64, help="synthetic samples prepared in part 4")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where part 4 writes its corpus (default: a temp folder)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -162,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     show_presets()
     show_model(args.preset)
     show_stages(args.steps)
+    with tempfile.TemporaryDirectory(prefix="hovle-demo-") as scratch:
+        show_data(args.preset, args.samples, args.workdir or Path(scratch))
     print("\nNext: `make test` runs the suite; `hovle inspect configs/hovle-2.6b.yaml --gpus 8` sizes a run.")
     return 0
 

@@ -208,10 +208,10 @@ class HolisticEmbedding(nn.Module):
             mask = torch.cat([past_mask, mask], dim=1)
         if use_cache and cache is not None:
             cache.embedding_attention_mask = mask
-        packed = None
+        segments = None
         if attention_mask is None and (cache is None or cache.get_seq_length(self.layer_offset) == 0):
-            packed = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
-            packed = packed if _has_restarts(position_ids) else None
+            if _has_restarts(position_ids):  # packed samples: found on the compact positions, then expanded
+                segments = expand(packed_segments(position_ids).unsqueeze(-1).expand(b, length, f), -1)
         out = self._run_layers(
             hidden_states,
             expand(image_mask.unsqueeze(-1).expand(b, length, f), False),
@@ -220,8 +220,7 @@ class HolisticEmbedding(nn.Module):
             cache,
             use_cache,
             packed_positions=None,
-            segment_positions=packed,
-            segment_mask=placed,
+            segments=segments,
         )
         gathered = torch.zeros_like(source)
         gathered[valid] = out[placed]
@@ -240,11 +239,10 @@ class HolisticEmbedding(nn.Module):
         cache,
         use_cache,
         packed_positions=None,
-        segment_positions=None,
-        segment_mask=None,
+        segments=None,
     ):
         past = cache.get_seq_length(self.layer_offset) if cache is not None else 0
-        and_mask = _same_segment(segment_positions, segment_mask) if segment_positions is not None else None
+        and_mask = _same_segment(segments) if segments is not None else None
         needs_bias = self.defocus and bool(image_mask.any())
         if needs_bias and past > 0:
             raise ValueError(
@@ -295,15 +293,15 @@ def _has_restarts(position_ids: torch.Tensor) -> bool:
     return bool((position_ids[:, 1:] <= position_ids[:, :-1]).any())
 
 
-def _same_segment(positions: torch.Tensor, placed: torch.Tensor):
-    """A mask function allowing attention only within one packed sample.
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, L] positions -> [b, L] sample index within the row: a new sample starts where positions restart."""
+    step = torch.zeros_like(position_ids)
+    step[:, 1:] = (position_ids[:, 1:] <= position_ids[:, :-1]).long()
+    return step.cumsum(1)
 
-    `positions` [b, L] are per-token positions where several tokens may share one position (the patches of a
-    shuffled slot); a new sample starts where the position drops.
-    """
-    step = torch.zeros_like(positions)
-    step[:, 1:] = (positions[:, 1:] < positions[:, :-1]).long()
-    segment = step.cumsum(1) + (~placed).long() * -1  # padding gets segment -1
+
+def _same_segment(segment: torch.Tensor):
+    """A mask function allowing attention only within one packed sample (`segment` [b, L], -1 = padding)."""
 
     def same(batch_idx, head_idx, q_idx, kv_idx):
         return segment[batch_idx, q_idx] == segment[batch_idx, kv_idx]

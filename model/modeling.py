@@ -120,6 +120,8 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> HoVLEOutput:
         """input_ids [b, L] -> logits [b, L, vocab]; `labels` [b, L] (-100 = ignored) -> next-token loss."""
+        # training calls leave use_cache unset: no cache, so packed samples stay apart (generate sets it)
+        use_cache = bool(use_cache)
         if use_cache and past_key_values is None:
             past_key_values = HoVLECache()
         if position_ids is None:

@@ -24,3 +24,21 @@ def tmp_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh empty directory made the current working directory for the test."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# S3 on loopback (moto's server) for every module; see tests/s3_fixtures.py.
+from tests.s3_fixtures import s3_bucket, s3_server  # noqa: E402, F401  (pytest fixtures)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):  # noqa: F811
+    """One local Ray runtime (2 CPUs) for the test session, stopped at its end; only what it started.
+
+    It starts after the S3 server, so its worker processes inherit the endpoint and test credentials
+    (s3_server puts them in the environment), as a cluster's nodes would have them.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -105,10 +105,13 @@ def test_inspect_table_shows_parts_stages_and_zero_memory(capsys):
 
 
 def test_demo_runs_on_the_tiny_preset_and_says_what_is_not_built():
-    done = run_module("jobs.demo", "--preset", "tiny", "--steps", "4")
+    done = run_module("jobs.demo", "--preset", "tiny", "--steps", "4", "--samples", "8")
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "not yet" in out and "UNTRAINED" in out
     assert "hovle-2.6b" in out and "2606.3M" in out
     for stage in ("distill", "align", "instruct"):
         assert f"   {stage}" in out
+    # part 4: 8 samples + 2 corrupt records; the rerun over unchanged inputs finds no work
+    assert "first run read  10  written   8  rejected 2" in out
+    assert "rerun     read   0  written   0  rejected 0" in out

@@ -1,0 +1,1 @@
+"""Ray Data pipelines: raw image/text corpora -> validated Parquet shards + manifest -> training batches."""

@@ -1,0 +1,507 @@
+"""`prepare`: raw corpora -> validated, tokenized Parquet shards + rejects + manifest, with Ray Data.
+
+    work units (input files) --from_items--> read (tasks) --repartition (64 rows)--> preprocess (actors:
+        validate, decode, tile, tokenize) --> this process: exact-duplicate removal, shards per unit,
+        rejects, per-unit completion records --> manifest.json last (the commit)
+
+The driver builds the processor once (its hash keys the dataset) and ships it to the actors pickled.
+
+Incremental and atomic: a unit whose key (URI + fingerprint + processing settings) is already in the
+manifest is skipped; a unit finished by a run that was killed is taken from its completion record; only
+the rest is processed. Nothing a reader sees changes until manifest.json is replaced in one write.
+Ray Data keeps the units' order (preserve_order), so a unit is complete when the next one's rows arrive,
+and duplicates are resolved first-come in input order: the same inputs give the same dataset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.manifest import (
+    REJECTS_DIR,
+    SHARDS_DIR,
+    WORK_DIR,
+    ManifestMismatch,
+    ShardInfo,
+    ShardManifest,
+    UnitRecord,
+    read_manifest,
+    stable_hash,
+    write_manifest,
+)
+from pipelines.preprocess import PrepareContext, preprocess_row
+from pipelines.readers import read_unit_batches
+from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA
+from pipelines.settings import PrepareSettings
+from pipelines.sources import WorkUnit, discover_units
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("distill", "align", "instruct")
+_SHARD_FIELDS = SHARD_SCHEMA.names
+_REJECT_FIELDS = REJECT_SCHEMA.names
+_BATCH_ROWS = 64  # records per preprocessing call
+
+
+# ---- the Ray Data side ----------------------------------------------------------------------------
+# What the preprocessing actors return: one row per raw record, a shard row or a reject row.
+_RESULT_SCHEMA = pa.schema(
+    [
+        ("unit_key", pa.string()),
+        ("ok", pa.bool_()),
+        ("unit", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+    + [SHARD_SCHEMA.field(name) for name in SHARD_SCHEMA.names]
+)
+_EMPTY_SHARD = {
+    "split": "",
+    "input_ids": [],
+    "labels": [],
+    "num_tokens": 0,
+    "tiles": [],
+    "tiles_per_image": [],
+    "truncated": False,
+    "dedup_key": "",
+}
+
+
+class _Preprocessor:
+    """Actor: builds the processor once, then turns raw records into shard or reject rows."""
+
+    def __init__(self, ctx: PrepareContext):
+        # The driver's context, pickled: its fast tokenizer loads in ~0.1 s, where building the processor
+        # again from the model config (a GGUF vocabulary) takes seconds per actor.
+        self.ctx = ctx
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for raw in batch.to_pylist():
+            shard, reject = preprocess_row(raw, self.ctx)
+            if shard is not None:
+                rows.append(
+                    {
+                        "unit_key": raw["unit_key"],
+                        "ok": True,
+                        "unit": raw["unit"],
+                        "reason": "",
+                        "detail": "",
+                        **shard,
+                    }
+                )
+            else:
+                rows.append({"unit_key": raw["unit_key"], "ok": False, **_EMPTY_SHARD, **reject})
+        return pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)
+
+
+# ---- this process: shards, rejects, completion records ----------------------------------------------
+@dataclass
+class _UnitWriter:
+    """Collects one unit's result rows and writes its shards (bounded) and rejects table."""
+
+    output: str
+    unit: WorkUnit
+    key: str
+    settings: PrepareSettings
+    read: int = 0
+    rejects: list[pa.Table] = field(default_factory=list)
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
+    pending_bytes: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def add(self, results: pa.Table, seen: set[str]) -> None:
+        """Take a batch of this unit's results; drop exact duplicates of anything `seen` (and add to it)."""
+        self.read += results.num_rows
+        ok = results.column("ok").to_pylist()
+        keep = []
+        duplicate = []
+        for index, (is_ok, dedup_key) in enumerate(zip(ok, results.column("dedup_key").to_pylist())):
+            if not is_ok:
+                continue
+            if dedup_key in seen:
+                duplicate.append(index)
+            else:
+                seen.add(dedup_key)
+                keep.append(index)
+        rejected = results.filter(pc.invert(results.column("ok")))
+        if rejected.num_rows:
+            self.rejects.append(rejected.select(_REJECT_FIELDS))
+        if duplicate:
+            dups = results.take(duplicate)
+            detail = [
+                f"same image bytes and text (dedup_key {k[:16]}) as an earlier sample"
+                for k in dups.column("dedup_key").to_pylist()
+            ]
+            self.rejects.append(
+                pa.table(
+                    {
+                        "id": dups.column("id"),
+                        "source": dups.column("source"),
+                        "unit": dups.column("unit"),
+                        "reason": pa.array(["duplicate"] * len(duplicate), pa.string()),
+                        "detail": pa.array(detail, pa.string()),
+                    },
+                    schema=REJECT_SCHEMA,
+                )
+            )
+        if keep:
+            kept = results.take(keep).select(_SHARD_FIELDS).cast(SHARD_SCHEMA)
+            self.pending.append(kept)
+            self.pending_rows += kept.num_rows
+            self.pending_bytes += kept.nbytes
+            while (
+                self.pending_rows >= self.settings.shard_max_rows
+                or self.pending_bytes >= self.settings.shard_max_bytes
+            ):
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write one shard from the pending rows: at most shard_max_rows rows and about shard_max_bytes."""
+        if not self.pending_rows:
+            return
+        table = pa.concat_tables(self.pending)
+        row_bytes = max(1, table.nbytes // table.num_rows)
+        take = min(
+            table.num_rows, self.settings.shard_max_rows, max(1, self.settings.shard_max_bytes // row_bytes)
+        )
+        shard, rest = table.slice(0, take), table.slice(take)
+        relative = f"{SHARDS_DIR}/{self.key}-{len(self.shards):05d}.parquet"
+        data = parquet_bytes(shard)
+        storage.write_bytes_atomic(storage.join(self.output, relative), data)
+        splits = Counter(shard.column("split").to_pylist())
+        self.shards.append(
+            ShardInfo(
+                relative,
+                shard.num_rows,
+                len(data),
+                hashlib.sha256(data).hexdigest(),
+                dict(sorted(splits.items())),
+            )
+        )
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        self.pending_bytes = rest.nbytes if rest.num_rows else 0
+
+    def finish(self) -> UnitRecord:
+        while self.pending_rows:
+            self._flush()
+        rejects_path = None
+        reasons: Counter[str] = Counter()
+        if self.rejects:
+            table = pa.concat_tables(self.rejects)
+            reasons.update(table.column("reason").to_pylist())
+            rejects_path = f"{REJECTS_DIR}/{self.key}.parquet"
+            storage.write_bytes_atomic(storage.join(self.output, rejects_path), parquet_bytes(table))
+        written = sum(s.rows for s in self.shards)
+        record = UnitRecord(
+            key=self.key,
+            uri=self.unit.uri,
+            source=self.unit.source,
+            fingerprint=self.unit.fingerprint,
+            read=self.read,
+            written=written,
+            rejected=sum(reasons.values()),
+            rejected_by_reason=dict(sorted(reasons.items())),
+            shards=self.shards,
+            rejects=rejects_path,
+        )
+        if record.read != record.written + record.rejected:
+            raise RuntimeError(f"accounting broken for {self.unit.key}: {record}")
+        # the unit's completion record: a killed run's rerun takes finished units from here
+        storage.write_text_atomic(
+            storage.join(self.output, WORK_DIR, f"{self.key}.json"), json.dumps(asdict(record))
+        )
+        return record
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of a zstd-compressed Parquet file (how shards and rejects are written)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+# ---- orchestration -----------------------------------------------------------------------------------
+def unit_key(unit: WorkUnit, processing_hash: str, processor_hash: str) -> str:
+    return stable_hash([unit.key, unit.uri, unit.fingerprint, processing_hash, processor_hash])[:24]
+
+
+def prepare(
+    config: str,
+    stage: str,
+    inputs: list[str],
+    output: str,
+    settings: PrepareSettings | None = None,
+    num_actors: int | None = None,
+    actor_cpus: float = 0.5,
+) -> dict[str, Any]:
+    """Prepare `inputs` for `stage` into the dataset at `output`; return this run's report.
+
+    The report has read / written / rejected / rejected_by_reason for this run (zeros when there was
+    nothing to do), the dataset's totals after it, and `output`.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    settings = settings or PrepareSettings()
+    started = time.perf_counter()
+    ctx = PrepareContext.build(config, stage, settings)
+    processing = {"stage": stage, "settings": settings.model_dump()}
+    processing_hash = stable_hash(processing)
+    processor_hash = ctx.processor_hash
+
+    existing = _existing_manifest(output, stage, processing_hash, processor_hash)
+    units = _discover(inputs)
+    keys = {unit_key(u, processing_hash, processor_hash): u for u in units}
+    done = {u.key: u for u in existing.units} if existing else {}
+    resumed = _completed_units(output, set(keys) - set(done))
+    todo = [(k, u) for k, u in keys.items() if k not in done and k not in resumed]
+    logger.info(
+        "%d units: %d already in the manifest, %d finished by an earlier run, %d to process",
+        len(keys),
+        len(set(keys) & set(done)),
+        len(resumed),
+        len(todo),
+    )
+
+    if existing is not None and not todo and not resumed and set(keys) == set(done):
+        logger.info("nothing to do: %s is up to date", output)
+        return _report(existing, {}, output, started, changed=False)
+
+    seen = _dedup_keys(output, [done[k] for k in keys if k in done] + list(resumed.values()))
+    fresh = _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) if todo else {}
+
+    records = {**{k: done[k] for k in keys if k in done}, **resumed, **fresh}
+    manifest = ShardManifest(
+        stage=stage,
+        config_hash=ctx.config_hash,
+        processing=processing,
+        processing_hash=processing_hash,
+        processor_hash=processor_hash,
+        sources=sorted({u.source for u in units}),
+        units=[records[k] for k in keys],
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    write_manifest(output, manifest)  # the commit
+    _clean_up(output, manifest)
+    return _report(manifest, {**resumed, **fresh}, output, started, changed=True, resumed=len(resumed))
+
+
+def _discover(inputs: list[str]) -> list[WorkUnit]:
+    units: list[WorkUnit] = []
+    for uri in inputs:
+        found = discover_units(uri)
+        if not found:
+            logger.warning("no readable input found at %s", uri)
+        units.extend(found)
+    return units
+
+
+def _existing_manifest(output: str, stage: str, processing_hash: str, processor_hash: str):
+    if not storage.exists(storage.join(output, "manifest.json")):
+        return None
+    manifest = read_manifest(output)
+    mismatch = [
+        name
+        for name, ours, theirs in (
+            ("stage", stage, manifest.stage),
+            ("data settings", processing_hash, manifest.processing_hash),
+            ("model processor/tokenizer", processor_hash, manifest.processor_hash),
+        )
+        if ours != theirs
+    ]
+    if mismatch:
+        raise ManifestMismatch(
+            f"{output} holds a dataset prepared with a different {', '.join(mismatch)}: "
+            "give another --output (or remove that dataset) to prepare with these settings"
+        )
+    return manifest
+
+
+def _completed_units(output: str, candidates: set[str]) -> dict[str, UnitRecord]:
+    """Units a killed run finished: completion record present and every shard intact."""
+    found: dict[str, UnitRecord] = {}
+    for key in candidates:
+        uri = storage.join(output, WORK_DIR, f"{key}.json")
+        if not storage.exists(uri):
+            continue
+        record = UnitRecord.from_dict(json.loads(storage.read_text(uri)))
+        intact = all(
+            storage.exists(storage.join(output, s.path))
+            and hashlib.sha256(storage.read_bytes(storage.join(output, s.path))).hexdigest() == s.sha256
+            for s in record.shards
+        )
+        if intact:
+            found[key] = record
+    return found
+
+
+def _dedup_keys(output: str, records: list[UnitRecord]) -> set[str]:
+    seen: set[str] = set()
+    for record in records:
+        for shard in record.shards:
+            fs, path = storage.filesystem(storage.join(output, shard.path))
+            with fs.open(path, "rb") as f:
+                seen.update(pq.read_table(f, columns=["dedup_key"]).column("dedup_key").to_pylist())
+    return seen
+
+
+def _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) -> dict[str, UnitRecord]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # One actor per core; each reserves a fraction of a CPU so that readers (and Ray Data's own tasks)
+    # always find room: with whole-CPU actors a 2-core machine deadlocks.
+    num_actors = num_actors or max(1, int(cpus))
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    items = [{"unit_key": k, "unit": json.dumps(u.to_dict())} for k, u in todo]
+    units = dict(todo)
+    records: dict[str, UnitRecord] = {}
+    writer: _UnitWriter | None = None
+    progress = _Progress(len(todo))
+    try:
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(
+                read_unit_batches,
+                fn_kwargs={"rows_per_batch": _BATCH_ROWS},
+                batch_size=1,
+                num_cpus=actor_cpus / 2,
+            )
+            .repartition(target_num_rows_per_block=_BATCH_ROWS)
+            .map_batches(
+                _Preprocessor,
+                fn_constructor_kwargs={"ctx": ctx},
+                batch_size=_BATCH_ROWS,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=num_actors),
+                num_cpus=actor_cpus,
+            )
+        )
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            keys = batch.column("unit_key").to_pylist()
+            start = 0
+            for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
+                if end < len(keys) and keys[end] == keys[start]:
+                    continue
+                key = keys[start]
+                if writer is None or writer.key != key:
+                    if writer is not None:
+                        records[writer.key] = progress.unit_done(writer.finish())
+                    writer = _UnitWriter(output, units[key], key, settings)
+                writer.add(batch.slice(start, end - start), seen)
+                progress.rows(end - start)
+                start = end
+        if writer is not None:
+            records[writer.key] = progress.unit_done(writer.finish())
+    finally:
+        context.execution_options.preserve_order = saved
+    for key, unit in todo:  # units without a single record (an empty file)
+        if key not in records:
+            records[key] = progress.unit_done(_UnitWriter(output, unit, key, settings).finish())
+    return records
+
+
+def _crash_point(units_done: int) -> None:
+    """Fault injection for the crash tests: with HOVLE_PREPARE_CRASH_AFTER_UNITS=N in the environment,
+    this process SIGKILLs itself once N units are complete - a real kill, at a point a test can rely on."""
+    crash_after = os.environ.get("HOVLE_PREPARE_CRASH_AFTER_UNITS")
+    if crash_after and units_done >= int(crash_after):
+        logger.warning("HOVLE_PREPARE_CRASH_AFTER_UNITS=%s: killing this process", crash_after)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Progress:
+    """Progress lines a person can follow: records/s and units done, at most one line every few seconds."""
+
+    def __init__(self, total_units: int, every: float = 5.0) -> None:
+        self.total_units = total_units
+        self.every = every
+        self.started = self.last = time.perf_counter()
+        self.records = 0
+        self.units = 0
+
+    def rows(self, count: int) -> None:
+        self.records += count
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            logger.info(
+                "prepare: %d records (%.1f/s), %d/%d units done",
+                self.records,
+                self.records / (now - self.started),
+                self.units,
+                self.total_units,
+            )
+
+    def unit_done(self, record: UnitRecord) -> UnitRecord:
+        self.units += 1
+        _crash_point(self.units)
+        logger.info(
+            "unit %d/%d %s: read %d, written %d, rejected %d",
+            self.units,
+            self.total_units,
+            record.uri,
+            record.read,
+            record.written,
+            record.rejected,
+        )
+        return record
+
+
+def _clean_up(output: str, manifest: ShardManifest) -> None:
+    """After the commit: drop completion records and files no manifest entry refers to."""
+    storage.remove(storage.join(output, WORK_DIR), recursive=True)
+    referenced = {s.path for s in manifest.shards} | {u.rejects for u in manifest.units if u.rejects}
+    for folder in (SHARDS_DIR, REJECTS_DIR):
+        fs, path = storage.filesystem(storage.join(output, folder))
+        if not fs.exists(path):
+            continue
+        for file in fs.ls(path, detail=False):
+            if f"{folder}/{file.rstrip('/').rsplit('/', 1)[-1]}" not in referenced:
+                fs.rm(file)
+
+
+def _report(
+    manifest: ShardManifest,
+    records: dict[str, UnitRecord],
+    output: str,
+    started: float,
+    changed: bool,
+    resumed: int = 0,
+) -> dict[str, Any]:
+    reasons: Counter[str] = Counter()
+    for record in records.values():
+        reasons.update(record.rejected_by_reason)
+    return {
+        "read": sum(r.read for r in records.values()),
+        "written": sum(r.written for r in records.values()),
+        "rejected": sum(r.rejected for r in records.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "units_processed": len(records),
+        "units_resumed": resumed,
+        "changed": changed,
+        "dataset": manifest.totals(),
+        "output": output,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,558 @@
+"""Raw record rows -> shard rows (schema.SHARD_SCHEMA) or reject rows (schema.REJECT_SCHEMA), per stage.
+
+    preprocess_row(raw, ctx)  ->  (shard_row, None)  |  (None, reject_row)
+
+Per row: reader error -> reject; image refs resolved inside the dataset root (`sources.safe_resolve`) and
+read; images validated and decoded (`decode_image`: bomb check from the header before any pixel is
+decoded, EXIF orientation, RGB); tiled with the processor's dynamic tiling (tiles stored as PNG); the
+stage's token sequence built (`distill`: image block and/or text tokens, labels all -100; `align`: a chat
+sample whose answer is the caption; `instruct`: the conversation, labels on assistant turns); the token
+budget applied (`settings.overflow`).
+
+Pure Python + PIL + the HoVLE processor: no Ray here, so the same code runs in a Ray actor or a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model import build_processor, load_preset
+from model.processor import IGNORE_INDEX, HoVLEProcessor, dynamic_tiles, to_rgb
+from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
+from pipelines import storage
+from pipelines.schema import REJECT_REASONS
+from pipelines.settings import PrepareSettings
+from pipelines.sources import UnsafePath, safe_resolve, split_repeat, stable_fraction
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("distill", "align", "instruct")
+
+# The user turn of an `align` sample: `<image>` + one of these, picked by a stable hash of the sample id.
+ALIGN_PROMPTS = (
+    "Describe the image briefly.",
+    "Write a short caption for this image.",
+    "What does this image show? Answer in a few words.",
+    "Give a brief description of the picture.",
+    "Summarize the image in one sentence.",
+)
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# PNG is lossless at every level; level 1 encodes several times faster than the default 6 and the shard
+# grows by a few percent only.
+PNG_COMPRESS_LEVEL = 1
+
+# Signatures of the formats Pillow reads: bytes that start like an image but fail to open are corrupt
+# images, anything else is not an image at all.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class RejectedSample(Exception):
+    """A record that cannot become a training sample; `reason` is a key of schema.REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; add it to schema.REJECT_REASONS")
+        self.reason = reason
+        self.detail = detail or REJECT_REASONS[reason]
+        super().__init__(f"{reason}: {self.detail}")
+
+
+@dataclass
+class PrepareContext:
+    """What every row of one prepare run needs: the stage, the settings and the processor.
+
+    Build it once per worker (`build`); it holds a tokenizer, so ship the arguments, not the object.
+    `config_hash` identifies the model config it was built from ("" when built from a processor).
+    """
+
+    stage: str
+    settings: PrepareSettings
+    processor: HoVLEProcessor
+    config_hash: str = ""
+    ordinary_token_ids: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGE_NAMES}")
+        tokenizer = self.processor.tokenizer
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        ordinary = sorted(set(tokenizer.get_vocab().values()) - special)
+        self.ordinary_token_ids = np.asarray(ordinary, dtype=np.int64)
+
+    @classmethod
+    def build(
+        cls,
+        config: str | Path,
+        stage: str,
+        settings: PrepareSettings | Mapping[str, Any] | None = None,
+    ) -> PrepareContext:
+        """Build from a run config (a YAML path or a preset name; its `model:` section gives the processor).
+
+        Raises:
+            ValueError: for an unknown stage; pydantic's ValidationError for bad settings.
+        """
+        if not isinstance(settings, PrepareSettings):
+            settings = PrepareSettings.model_validate(dict(settings or {}))
+        model_config = load_preset(config)
+        config_hash = _sha256_json(model_config.to_dict())
+        return cls(
+            stage=stage, settings=settings, processor=build_processor(model_config), config_hash=config_hash
+        )
+
+    @cached_property
+    def processor_hash(self) -> str:
+        """sha256 of what the processor does to a sample: its settings, vocabulary and special tokens."""
+        tokenizer = self.processor.tokenizer
+        return _sha256_json(
+            {
+                "processor": self.processor.config,
+                "vocab": sorted(tokenizer.get_vocab().items()),
+                "special": sorted(tokenizer.all_special_tokens),
+            }
+        )
+
+    @property
+    def image_token_ids(self) -> tuple[int, int, int]:
+        """Ids of (<img>, <IMG_CONTEXT>, </img>)."""
+        ids = self.processor.image_token_ids
+        return ids[IMG_START], ids[IMG_CONTEXT], ids[IMG_END]
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class _Sample:
+    """A sample before the token budget: its tokens, its images' tiles and what identifies its content."""
+
+    input_ids: list[int]
+    labels: list[int]
+    tiles: list[list[Image.Image]]  # per image
+    image_digests: list[bytes]  # sha256 of each image's original bytes
+    text_key: str  # the sample's text, for dedup_key
+    supervised: bool  # False for distill
+
+
+# ---- public API ----------------------------------------------------------------------------------------
+
+
+def preprocess_row(raw: Mapping[str, Any], ctx: PrepareContext) -> tuple[dict | None, dict | None]:
+    """Turn one raw row (schema.RAW_SCHEMA) into (shard row, None) or (None, reject row).
+
+    Never raises for bad data; storage errors other than a missing or unreadable file propagate (so a
+    Ray task retries them instead of quarantining good records).
+    """
+    raw = _normalise(raw)
+    try:
+        if raw["error"]:
+            raise RejectedSample(raw["error"], raw["detail"])
+        payload = _payload(raw)
+        if ctx.stage == "distill":
+            sample = _distill_sample(raw, payload, ctx)
+        else:
+            sample = _chat_sample(raw, payload, ctx)
+        return _shard_row(raw, sample, ctx), None
+    except RejectedSample as rejected:
+        reject = {
+            "id": raw["id"],
+            "source": raw["source"],
+            "unit": raw["unit"],
+            "reason": rejected.reason,
+            "detail": rejected.detail,
+        }
+        return None, reject
+
+
+def preprocess_batch(
+    batch: Mapping[str, Sequence[Any]], ctx: PrepareContext
+) -> tuple[list[dict], list[dict]]:
+    """`preprocess_row` over a column batch (lists or numpy arrays): (shard rows, reject rows)."""
+    columns = {name: _as_list(values) for name, values in batch.items()}
+    size = len(columns["id"]) if "id" in columns else 0
+    shards: list[dict] = []
+    rejects: list[dict] = []
+    for index in range(size):
+        shard, reject = preprocess_row({name: values[index] for name, values in columns.items()}, ctx)
+        if shard is not None:
+            shards.append(shard)
+        if reject is not None:
+            rejects.append(reject)
+    return shards, rejects
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Validate and decode image bytes into an upright 8-bit RGB image.
+
+    The declared size is checked against `max_pixels` from the header, before any pixel is decoded.
+    EXIF orientation is applied; CMYK, 16-bit, palette, alpha and greyscale images become RGB
+    (`model.processor.to_rgb`: transparency over white).
+
+    Raises:
+        RejectedSample: empty_file, not_an_image, corrupt_image, truncated_image or decompression_bomb.
+    """
+    if not data:
+        raise RejectedSample("empty_file")
+    try:
+        with warnings.catch_warnings():
+            # our own limit decides; Pillow's warning threshold is a global we must not rely on
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise RejectedSample("decompression_bomb", str(err)) from err
+    except UnidentifiedImageError as err:
+        reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or _is_webp(data) else "not_an_image"
+        raise RejectedSample(reason, "Pillow cannot identify the image data") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise RejectedSample("corrupt_image", f"{type(err).__name__}: {err}") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise RejectedSample(
+            "decompression_bomb",
+            f"{width}x{height} = {width * height} pixels > max_image_pixels {max_pixels}",
+        )
+    if width <= 0 or height <= 0:
+        raise RejectedSample("corrupt_image", f"declared size {width}x{height}")
+    image_format = image.format
+    try:
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise RejectedSample("decompression_bomb", str(err)) from err
+    except OSError as err:
+        reason = (
+            "truncated_image" if "truncated" in str(err) and "image file" in str(err) else "corrupt_image"
+        )
+        raise RejectedSample(reason, f"{type(err).__name__}: {err}") from err
+    except (SyntaxError, ValueError, EOFError, IndexError) as err:
+        raise RejectedSample("corrupt_image", f"{type(err).__name__}: {err}") from err
+    if _missing_end_marker(image_format, data):
+        raise RejectedSample("truncated_image", f"the {image_format} data stops before its end marker")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError) as err:
+        logger.warning("ignoring unreadable EXIF orientation (%s); keeping the image as stored", err)
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as err:
+        raise RejectedSample("corrupt_image", f"cannot convert mode {image.mode} to RGB: {err}") from err
+
+
+def align_prompt(sample_id: str) -> str:
+    """The `align` instruction for a sample: one of ALIGN_PROMPTS by a stable hash of its base id."""
+    base_id, _ = split_repeat(sample_id)
+    return ALIGN_PROMPTS[int(stable_fraction(f"prompt:{base_id}") * len(ALIGN_PROMPTS))]
+
+
+def assign_split(sample_id: str, val_fraction: float) -> str:
+    """'val' for a stable `val_fraction` share of base ids (repeat copies follow their record)."""
+    base_id, _ = split_repeat(sample_id)
+    return "val" if stable_fraction(f"split:{base_id}") < val_fraction else "train"
+
+
+def _is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _missing_end_marker(image_format: str | None, data: bytes) -> bool:
+    """A JPEG without its EOI marker or a PNG without IEND was cut off, even where Pillow decodes it."""
+    if image_format == "JPEG":
+        return data.rfind(b"\xff\xd9") < 0
+    if image_format == "PNG":
+        return data.rfind(b"IEND") < 0
+    return False
+
+
+# ---- raw rows ------------------------------------------------------------------------------------------
+
+
+def _as_list(values: Any) -> list[Any]:
+    if values is None:
+        return []
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def _normalise(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain Python values for every RAW_SCHEMA field (Ray batches may hand numpy arrays and None)."""
+    row = {name: str(raw.get(name) or "") for name in ("id", "source", "unit", "root", "kind", "payload")}
+    row["error"] = str(raw.get("error") or "")
+    row["detail"] = str(raw.get("detail") or "")
+    row["image_refs"] = [str(ref or "") for ref in _as_list(raw.get("image_refs"))]
+    blobs = [bytes(blob) if blob is not None else b"" for blob in _as_list(raw.get("image_bytes"))]
+    row["image_bytes"] = blobs + [b""] * (len(row["image_refs"]) - len(blobs))
+    row["image_refs"] += [""] * (len(row["image_bytes"]) - len(row["image_refs"]))
+    return row
+
+
+def _payload(raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw["payload"]) if raw["payload"] else {}
+    except json.JSONDecodeError as err:
+        raise RejectedSample("invalid_json", f"payload: {err}") from err
+    if not isinstance(payload, dict):
+        raise RejectedSample("invalid_record", "the payload is not a JSON object")
+    return payload
+
+
+def _load_image(raw: dict[str, Any], index: int, ctx: PrepareContext) -> tuple[Image.Image, bytes]:
+    """(decoded RGB image, original bytes) of the row's `index`-th image."""
+    ref, data = raw["image_refs"][index], raw["image_bytes"][index]
+    if ref and not data:
+        try:
+            uri = safe_resolve(raw["root"], ref)
+        except UnsafePath as err:
+            raise RejectedSample("unsafe_path", str(err)) from err
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError as err:
+            raise RejectedSample("missing_image", f"{ref} not found under {raw['root']}") from err
+        except IsADirectoryError as err:
+            raise RejectedSample("not_an_image", f"{ref} is a directory") from err
+        except PermissionError as err:
+            raise RejectedSample("unreadable_file", f"{ref}: {err}") from err
+    try:
+        return decode_image(data, ctx.settings.max_image_pixels), data
+    except RejectedSample as rejected:
+        name = ref or f"image {index}"
+        raise RejectedSample(rejected.reason, f"{name}: {rejected.detail}") from None
+
+
+def _image_tiles(image: Image.Image, processor: HoVLEProcessor) -> list[Image.Image]:
+    return dynamic_tiles(
+        image, processor.tile_size, processor.min_tiles, processor.max_tiles, processor.use_thumbnail
+    )
+
+
+# ---- distill: image block and/or text tokens, nothing supervised ---------------------------------------
+
+
+def _distill_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareContext) -> _Sample:
+    """Stage 1: the record's first image as one image block, then text tokens (the record's text ignored).
+
+    Text tokens: `distill_text == "random"`: `distill_text_tokens` ids drawn uniformly from the ordinary
+    (non-special) vocabulary, seeded by (seed, sample id); `"corpus"`: a window of that many tokens from
+    a text record, its start seeded the same way (image records then carry no text).
+    """
+    settings = ctx.settings
+    rng = np.random.default_rng([settings.seed, int(stable_fraction(f"distill:{raw['id']}") * 2**62)])
+    text_ids: list[int] = []
+    if settings.distill_text == "random":
+        draws = rng.integers(0, len(ctx.ordinary_token_ids), settings.distill_text_tokens)
+        text_ids = ctx.ordinary_token_ids[draws].tolist()
+    elif raw["kind"] == "text":
+        text = payload.get("text")
+        if not isinstance(text, str):
+            raise RejectedSample("invalid_record", "a text record needs a string 'text'")
+        if not text.strip():
+            raise RejectedSample("no_content", "the document is empty")
+        tokens = ctx.processor.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        ids, window = tokens["input_ids"], settings.distill_text_tokens
+        start = int(rng.integers(0, len(ids) - window + 1)) if len(ids) > window else 0
+        text_ids = ids[start : start + window]
+
+    tiles: list[list[Image.Image]] = []
+    digests: list[bytes] = []
+    block: list[int] = []
+    if raw["kind"] != "text" and raw["image_refs"]:
+        image, data = _load_image(raw, 0, ctx)
+        tiles = [_image_tiles(image, ctx.processor)]
+        digests = [hashlib.sha256(data).digest()]
+        start_id, context_id, end_id = ctx.image_token_ids
+        block = [start_id] + [context_id] * (ctx.processor.image_tokens_per_tile * len(tiles[0])) + [end_id]
+    if not block and not text_ids:
+        raise RejectedSample("no_content", f"a {raw['kind'] or 'record'} without image or corpus text")
+    input_ids = block + text_ids
+    return _Sample(
+        input_ids=input_ids,
+        labels=[IGNORE_INDEX] * len(input_ids),
+        tiles=tiles,
+        image_digests=digests,
+        text_key=json.dumps(text_ids),
+        supervised=False,
+    )
+
+
+# ---- align / instruct: chat samples --------------------------------------------------------------------
+
+
+def _check_text(text: str, where: str) -> None:
+    for token in (IMG_START, IMG_END, IMG_CONTEXT):
+        if token in text:
+            # the model scatters image features into <IMG_CONTEXT> slots: a stray one breaks the count
+            raise RejectedSample("invalid_record", f"{where} contains the reserved image token {token}")
+
+
+def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dict[str, str]]:
+    """Validated chat messages (role user/assistant/system) with exactly one `<image>` per image."""
+    turns = payload.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RejectedSample("invalid_record", "'conversations' must be a non-empty list of turns")
+    messages = []
+    for index, turn in enumerate(turns):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        content = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RejectedSample("invalid_record", f"turn {index} needs string 'from' and 'value'")
+        if role.strip().lower() not in ROLES:
+            raise RejectedSample("unknown_role", f"turn {index} has role {role!r}")
+        if not content.strip():
+            raise RejectedSample("empty_turn", f"turn {index} ({role}) has no text")
+        _check_text(content, f"turn {index}")
+        messages.append({"role": ROLES[role.strip().lower()], "content": content})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise RejectedSample("bad_turn_order", "no gpt/assistant turn to learn from")
+
+    placeholders = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
+    if num_images == 1 and placeholders == 0:
+        # LLaVA data often leaves the single image implicit; InternVL puts it before the first question
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise RejectedSample("image_count_mismatch", "one image but no human turn to place it in")
+        first_user["content"] = f"{IMAGE_PLACEHOLDER}\n{first_user['content']}"
+    elif placeholders != num_images:
+        raise RejectedSample(
+            "image_count_mismatch",
+            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)",
+        )
+    return messages
+
+
+def _caption_messages(payload: dict[str, Any], sample_id: str) -> list[dict[str, str]]:
+    caption = payload.get("caption")
+    if not isinstance(caption, str):
+        raise RejectedSample("invalid_record", "a caption record needs a string 'caption'")
+    caption = caption.strip()
+    if not caption:
+        raise RejectedSample("empty_turn", "the caption is empty")
+    _check_text(caption, "the caption")
+    return [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{align_prompt(sample_id)}"},
+        {"role": "assistant", "content": caption},
+    ]
+
+
+def _chat_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareContext) -> _Sample:
+    """Stages 2-3: a caption record becomes `<image>` + instruction -> caption; a conversation stays one."""
+    kind, num_images = raw["kind"], len(raw["image_refs"])
+    if kind == "caption":
+        if num_images != 1:
+            raise RejectedSample("image_count_mismatch", f"a caption record with {num_images} images")
+        messages = _caption_messages(payload, raw["id"])
+    elif kind == "conversation":
+        messages = _conversation_messages(payload, num_images)
+    else:
+        raise RejectedSample(
+            "no_content", f"a {kind or 'record'} record has no text to supervise in {ctx.stage}"
+        )
+
+    # text problems are found above, before any image is read
+    loaded = [_load_image(raw, index, ctx) for index in range(num_images)]
+    tiles = [_image_tiles(image, ctx.processor) for image, _ in loaded]
+    expanded, first = [], 0
+    for message in messages:
+        count = message["content"].count(IMAGE_PLACEHOLDER)
+        tiles_per_image = [len(image_tiles) for image_tiles in tiles[first : first + count]]
+        content = ctx.processor.expand_image_placeholders(message["content"], tiles_per_image)
+        expanded.append({**message, "content": content})
+        first += count
+    encoded = ctx.processor(expanded)  # placeholders already expanded: the processor tokenizes and labels
+    return _Sample(
+        input_ids=encoded["input_ids"][0].tolist(),
+        labels=encoded["labels"][0].tolist(),
+        tiles=tiles,
+        image_digests=[hashlib.sha256(data).digest() for _, data in loaded],
+        text_key=json.dumps(messages, ensure_ascii=False, sort_keys=True),
+        supervised=True,
+    )
+
+
+# ---- budget, split, dedup ------------------------------------------------------------------------------
+
+
+def _image_spans(input_ids: list[int], start_id: int, end_id: int) -> list[tuple[int, int]]:
+    """(position of <img>, position of </img>) of every image block, in order."""
+    spans, start = [], None
+    for position, token in enumerate(input_ids):
+        if token == start_id:
+            start = position
+        elif token == end_id and start is not None:
+            spans.append((start, position))
+            start = None
+    return spans
+
+
+def _fit_budget(sample: _Sample, ctx: PrepareContext) -> tuple[list[int], list[int], int, bool]:
+    """(input_ids, labels, images kept, truncated) within settings.max_tokens, or RejectedSample(too_long).
+
+    Truncation cuts the tail, moving the cut before an image block it would split (the image is then
+    dropped with its tiles); a sample left without tokens, or (align/instruct) without a supervised
+    token, is rejected instead.
+    """
+    length, budget = len(sample.input_ids), ctx.settings.max_tokens
+    spans = _image_spans(sample.input_ids, ctx.image_token_ids[0], ctx.image_token_ids[2])
+    if length <= budget:
+        return sample.input_ids, sample.labels, len(spans), False
+    if ctx.settings.overflow == "reject":
+        raise RejectedSample("too_long", f"{length} tokens > max_tokens {budget}")
+    cut = budget
+    for start, end in spans:
+        if start < cut <= end:
+            cut = start
+    kept_images = sum(1 for _, end in spans if end < cut)
+    input_ids, labels = sample.input_ids[:cut], sample.labels[:cut]
+    if not input_ids or (sample.supervised and all(label == IGNORE_INDEX for label in labels)):
+        raise RejectedSample(
+            "too_long",
+            f"{length} tokens > max_tokens {budget}, and cutting to fit leaves nothing to train on",
+        )
+    return input_ids, labels, kept_images, True
+
+
+def _encode_png(tile: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    tile.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def _dedup_key(sample: _Sample, copy: int) -> str:
+    """sha256 over each image's original file bytes (as sha256 digests, in order) and the sample's text
+    (chat: the messages with `<image>` placeholders; distill: the text token ids). Extra repeat copies
+    (meta JSON repeat_time) mix in their copy index so that de-duplication keeps them."""
+    digest = hashlib.sha256()
+    for image_digest in sample.image_digests:
+        digest.update(b"image:" + image_digest)
+    digest.update(b"text:" + sample.text_key.encode("utf-8"))
+    if copy:
+        digest.update(f"copy:{copy}".encode())
+    return digest.hexdigest()
+
+
+def _shard_row(raw: dict[str, Any], sample: _Sample, ctx: PrepareContext) -> dict[str, Any]:
+    input_ids, labels, kept_images, truncated = _fit_budget(sample, ctx)
+    kept_tiles = sample.tiles[:kept_images]
+    _, copy = split_repeat(raw["id"])
+    return {
+        "id": raw["id"],
+        "source": raw["source"],
+        "split": assign_split(raw["id"], ctx.settings.val_fraction),
+        "input_ids": input_ids,
+        "labels": labels,
+        "num_tokens": len(input_ids),
+        "tiles": [_encode_png(tile) for image_tiles in kept_tiles for tile in image_tiles],
+        "tiles_per_image": [len(image_tiles) for image_tiles in kept_tiles],
+        "truncated": truncated,
+        "dedup_key": _dedup_key(sample, copy),
+    }

@@ -1,0 +1,331 @@
+"""Corpus readers: one work unit (`pipelines.sources.WorkUnit`) -> raw record rows (schema.RAW_SCHEMA).
+
+    read_unit(unit)           ->  raw rows, one per sample, in file order, never raising for bad data
+    read_unit_batches(items)  ->  the same rows as Arrow tables, for Ray Data `map_batches` (prepare)
+
+One reader per `WorkUnit.format` (`_READERS`): conversation JSONL and JSON arrays, text JSONL, WebDataset
+tars, Parquet, image-caption folders and text files. `pipelines.sources` finds the units; this module only
+reads them.
+
+The raw-row contract (`schema.raw_row`): every sample gives one row with its stable id
+(``<id_prefix>/<key>``, see `pipelines.sources`), its source, unit key, root and kind (conversation,
+caption, image, text), a JSON payload, and its images as refs (paths relative to the root, not opened
+here: preprocess resolves them with `sources.safe_resolve`) or as inline bytes. Bad data never raises: a
+bad record becomes a row with `error` and `detail` set (invalid_json, invalid_utf8, invalid_record,
+missing_image, empty_file, unsafe_path), and a file that cannot be read on ends with one `unreadable_file`
+row. Meta JSON `repeat_time` is applied here (`sources.repeat_copies`).
+
+Nothing here imports torch or transformers: `read_unit_batches` runs in Ray Data's lightweight read tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import tarfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.schema import RAW_SCHEMA, encode_payload, raw_row
+from pipelines.sources import (
+    IMAGE_EXTENSIONS,
+    UnsafePath,
+    WorkUnit,
+    join_id,
+    parquet_columns,
+    repeat_copies,
+    safe_resolve,
+)
+
+logger = logging.getLogger(__name__)
+
+PARQUET_BATCH_ROWS = 256
+
+
+def read_unit(unit: WorkUnit | Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield the raw rows (schema.RAW_SCHEMA) of one work unit, one per sample, in file order.
+
+    Bad records become rows with `error` set (invalid_json, invalid_utf8, invalid_record,
+    missing_image); a file that cannot be read at all (or breaks off, e.g. a truncated tar) ends with
+    one `unreadable_file` row. Meta JSON `repeat_time` is applied here (`repeat_copies`); error rows are
+    emitted once, whatever the repeat.
+    """
+    if not isinstance(unit, WorkUnit):
+        unit = WorkUnit.from_dict(unit)
+    reader = _READERS[unit.format]
+    try:
+        yield from reader(unit)
+    except (OSError, EOFError, tarfile.TarError, pa.ArrowException) as err:
+        logger.warning("%s: cannot read on: %s", unit.key, err)
+        detail = f"{unit.key}: {type(err).__name__}: {err}"
+        yield _row(unit, join_id(unit.id_prefix, "#unreadable"), "", error="unreadable_file", detail=detail)
+
+
+def read_unit_batches(items: Mapping[str, Any], rows_per_batch: int = 64) -> Iterator[pa.Table]:
+    """Ray Data `map_batches` over work units (columns `unit`: WorkUnit JSON, `unit_key`): each unit's raw
+    rows as RAW_SCHEMA tables of at most `rows_per_batch` rows, with a `unit_key` column.
+
+    It lives here, away from the preprocessing code, so the reading tasks import neither torch nor
+    transformers: on a small machine their start-up would compete with the preprocessing actors'.
+    """
+    for unit_json, key in zip(items["unit"], items["unit_key"]):
+        unit = WorkUnit.from_dict(json.loads(unit_json))
+        rows: list[dict[str, Any]] = []
+        for raw in read_unit(unit):
+            rows.append(raw)
+            if len(rows) == rows_per_batch:
+                yield _raw_table(str(key), rows)
+                rows = []
+        if rows:
+            yield _raw_table(str(key), rows)
+
+
+def _raw_table(key: str, rows: list[dict[str, Any]]) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    return table.append_column("unit_key", pa.array([key] * len(rows), pa.string()))
+
+
+def _row(unit: WorkUnit, sample_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+    return raw_row(id=sample_id, source=unit.source, unit=unit.key, root=unit.root, kind=kind, **fields)
+
+
+class _Ids:
+    """Sample ids of one unit: the record's own key when it has one, made unique within the unit."""
+
+    def __init__(self, unit: WorkUnit) -> None:
+        self.prefix = unit.id_prefix
+        self.seen: set[str] = set()
+
+    def __call__(self, own: Any, position: str) -> str:
+        key = str(own) if isinstance(own, (str, int)) and not isinstance(own, bool) and str(own) else position
+        if key in self.seen:
+            key = f"{key}@{position}"
+        self.seen.add(key)
+        return join_id(self.prefix, key)
+
+
+def _json_lines(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
+    """(position, record, error, detail) per non-blank line; position is "L<line number>"."""
+    fs, path = storage.filesystem(unit.uri)
+    with fs.open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield f"L{number}", None, "invalid_utf8", f"line {number}: {err}"
+                continue
+            try:
+                yield f"L{number}", json.loads(text), "", ""
+            except json.JSONDecodeError as err:
+                yield f"L{number}", None, "invalid_json", f"line {number}: {err.msg} (column {err.colno})"
+
+
+def _json_array(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
+    try:
+        document = json.loads(storage.read_bytes(unit.uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        yield "file", None, "invalid_json", f"{unit.uri}: {err}"
+        return
+    if not isinstance(document, list):
+        yield "file", None, "invalid_record", f"{unit.uri}: expected a JSON array of records"
+        return
+    for index, record in enumerate(document):
+        yield f"i{index}", record, "", ""
+
+
+def _read_conversations(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    ids = _Ids(unit)
+    records = _json_array(unit) if unit.format == "conversation_json" else _json_lines(unit)
+    for position, record, error, detail in records:
+        own = record.get("id") if isinstance(record, dict) else None
+        sample_id = ids(own, position)
+        if error:
+            yield _row(unit, sample_id, "conversation", error=error, detail=detail)
+            continue
+        images = record.get("image", record.get("images")) if isinstance(record, dict) else None
+        images = [] if images is None or images == "" else [images] if isinstance(images, str) else images
+        # image-only records ({"id", "image"}) are stage 1's unpaired images; stages 2-3 reject them later
+        unpaired = isinstance(record, dict) and "conversations" not in record and bool(images)
+        if not isinstance(record, dict) or not (unpaired or isinstance(record.get("conversations"), list)):
+            problem = "a 'conversations' list (or, for unpaired images, an 'image')"
+        elif not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            problem = "'image' as a path or a list of paths"
+        else:
+            payload = encode_payload(conversations=record.get("conversations"))
+            for copy_id in repeat_copies(sample_id, unit.repeat_time):
+                yield _row(unit, copy_id, "conversation", payload=payload, image_refs=images)
+            continue
+        yield _row(
+            unit, sample_id, "conversation", error="invalid_record", detail=f"{position}: needs {problem}"
+        )
+
+
+def _read_text_jsonl(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    ids = _Ids(unit)
+    for position, record, error, detail in _json_lines(unit):
+        sample_id = ids(record.get("id") if isinstance(record, dict) else None, position)
+        if not error and not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+            error, detail = "invalid_record", f"{position}: needs a string 'text' field"
+        if error:
+            yield _row(unit, sample_id, "text", error=error, detail=detail)
+        else:
+            yield _row(unit, sample_id, "text", payload=encode_payload(text=record["text"]))
+
+
+def _read_member_text(unit: WorkUnit, rel: str) -> tuple[str | None, str, str]:
+    """(text, error, detail) of a .txt file inside the unit's root."""
+    try:
+        data = storage.read_bytes(safe_resolve(unit.root, rel))
+    except UnsafePath as err:
+        return None, "unsafe_path", str(err)
+    except FileNotFoundError as err:
+        return None, "unreadable_file", f"{rel} disappeared after it was listed: {err}"
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff"), "", ""
+    except UnicodeDecodeError as err:
+        return None, "invalid_utf8", f"{rel}: {err}"
+
+
+def _read_image_folder(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    for image, caption_file in zip(unit.members, unit.companions):
+        sample_id = join_id(unit.id_prefix, image or caption_file)
+        if not image:
+            detail = f"caption {caption_file} has no image of the same name beside it"
+            yield _row(unit, sample_id, "caption", error="missing_image", detail=detail)
+            continue
+        if not caption_file:
+            yield _row(unit, sample_id, "image", payload=encode_payload(), image_refs=[image])
+            continue
+        caption, error, detail = _read_member_text(unit, caption_file)
+        if error:
+            yield _row(unit, sample_id, "caption", image_refs=[image], error=error, detail=detail)
+        else:
+            yield _row(
+                unit,
+                sample_id,
+                "caption",
+                payload=encode_payload(caption=caption.strip()),
+                image_refs=[image],
+            )
+
+
+def _read_text_files(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    for rel in unit.members:
+        text, error, detail = _read_member_text(unit, rel)
+        sample_id = join_id(unit.id_prefix, rel)
+        if error:
+            yield _row(unit, sample_id, "text", error=error, detail=detail)
+        else:
+            yield _row(unit, sample_id, "text", payload=encode_payload(text=text))
+
+
+def _tar_samples(unit: WorkUnit) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per WebDataset sample: consecutive files whose names agree up to a dot."""
+    fs, path = storage.filesystem(unit.uri)
+    key, files = None, {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, base = posixpath.split(member.name)
+            if base.startswith("."):
+                continue
+            stem, _, extension = base.partition(".")
+            member_key = join_id(directory, stem)
+            if member_key != key and key is not None:
+                yield key, files
+                files = {}
+            key = member_key
+            handle = tar.extractfile(member)
+            files[extension.lower()] = handle.read() if handle else b""
+    if key is not None:
+        yield key, files
+
+
+def _read_webdataset(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    ids = _Ids(unit)
+    for key, files in _tar_samples(unit):
+        sample_id = ids(key, key)
+        image_ext = next((ext for ext in sorted(files) if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+        if image_ext is None:
+            detail = f"sample {key} has no image file (.jpg, .png, ...)"
+            yield _row(unit, sample_id, "caption", error="missing_image", detail=detail)
+            continue
+        caption, error, detail = None, "", ""
+        if "txt" in files:
+            try:
+                caption = files["txt"].decode("utf-8")
+            except UnicodeDecodeError as err:
+                error, detail = "invalid_utf8", f"{key}.txt: {err}"
+        elif "json" in files:
+            try:
+                meta = json.loads(files["json"])
+                if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+                    caption = meta["caption"]
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                error, detail = "invalid_json", f"{key}.json: {err}"
+        kind = "image" if caption is None else "caption"
+        payload = encode_payload() if caption is None else encode_payload(caption=caption.strip())
+        yield _row(
+            unit,
+            sample_id,
+            kind,
+            payload="" if error else payload,
+            image_bytes=[files[image_ext]],
+            error=error,
+            detail=detail,
+        )
+
+
+def _read_parquet(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+    fs, path = storage.filesystem(unit.uri)
+    ident, image_column, text_column = parquet_columns(fs, path)
+    columns = [name for name in (ident, image_column, text_column) if name]
+    ids = _Ids(unit)
+    position = 0
+    with fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                sample_id = ids(record.get(ident) if ident else None, str(position))
+                position += 1
+                yield _parquet_row(unit, sample_id, record, image_column, text_column)
+
+
+def _parquet_row(
+    unit: WorkUnit, sample_id: str, record: dict[str, Any], image_column: str | None, text_column: str | None
+) -> dict[str, Any]:
+    text = record.get(text_column) if text_column else None
+    if image_column is None:
+        if text is None:
+            return _row(unit, sample_id, "text", error="invalid_record", detail=f"{text_column} is null")
+        return _row(unit, sample_id, "text", payload=encode_payload(text=text))
+    value = record.get(image_column)
+    blob, ref = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    kind = "image" if text is None else "caption"
+    payload = encode_payload() if text is None else encode_payload(caption=text.strip())
+    if blob:
+        return _row(unit, sample_id, kind, payload=payload, image_bytes=[blob])
+    if ref:
+        return _row(unit, sample_id, kind, payload=payload, image_refs=[ref])
+    error = "missing_image" if blob is None else "empty_file"
+    return _row(unit, sample_id, kind, error=error, detail=f"column {image_column!r} holds no image bytes")
+
+
+_READERS = {
+    "conversation_jsonl": _read_conversations,
+    "conversation_json": _read_conversations,
+    "text_jsonl": _read_text_jsonl,
+    "webdataset": _read_webdataset,
+    "parquet": _read_parquet,
+    "image_folder": _read_image_folder,
+    "text_files": _read_text_files,
+}

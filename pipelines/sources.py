@@ -1,0 +1,520 @@
+"""Corpus discovery: find the work units of an input, the pieces that one task each reads.
+
+    discover_units(input_uri)  ->  [WorkUnit, ...]          (cheap: listings, a peek, a Parquet footer)
+    readers.read_unit(unit)    ->  raw rows (schema.RAW_SCHEMA), one per sample (`pipelines.readers`)
+
+Formats (detected by `discover_units`, see its docstring): LLaVA/InternVL conversation JSONL or JSON
+arrays, InternVL meta JSON, image-caption folders, WebDataset tars (img2dataset layout), Parquet with image
+bytes (Hugging Face `Image` feature), plain image folders, and text corpora (.txt files, JSONL with "text").
+
+Sample ids are stable across runs: ``<id_prefix>/<key>`` where the prefix names the source (and the file
+inside it for multi-file sources) and the key is the record's own id, its WebDataset key, its path inside
+an image folder, or its line/row position when it has no id.
+
+Image refs are not opened here: they are resolved against the unit's root by `safe_resolve`, the one
+place that enforces the dataset-root boundary (preprocess calls it for images, the readers for captions).
+It and the other helpers that discovery, the readers and preprocess share (`join_id`, `parquet_columns`,
+`repeat_copies`, ...) live here, so `pipelines.readers` imports this module and never the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from pipelines import storage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+FILES_PER_UNIT = 256  # average folder files per work unit: units stay coarse (one Ray task reads many)
+REPEAT_SEPARATOR = "#rep"  # id suffix of the extra copies that meta JSON `repeat_time` > 1 makes
+PARQUET_TEXT_COLUMNS = ("text", "caption", "txt", "sentence")
+PARQUET_IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
+PARQUET_ID_COLUMNS = ("id", "key")
+
+FORMATS = (
+    "conversation_jsonl",  # one LLaVA/InternVL record per line
+    "conversation_json",  # a JSON array of such records (LLaVA's original release)
+    "text_jsonl",  # one {"text": ...} per line
+    "webdataset",  # a tar of key.jpg + key.txt / key.json samples
+    "parquet",  # an image column (struct{bytes, path} or binary) and/or a text column
+    "image_folder",  # images (members) with optional caption .txt beside them (companions)
+    "text_files",  # one document per .txt file (members)
+)
+
+
+class SourceError(ValueError):
+    """An input cannot be read as any supported corpus format."""
+
+
+class SourceNotFound(FileNotFoundError):
+    """An input URI (or a file a meta JSON names) does not exist."""
+
+
+class UnsafePath(ValueError):
+    """A record's file path points outside its dataset root."""
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One piece of an input that one task reads: a file, one meta JSON entry, or a chunk of a folder.
+
+    Attributes:
+        key: unique name of the unit inside a run; raw rows carry it as `unit`.
+        uri: the file read (for folder chunks: the folder).
+        source: the input URI the user gave.
+        format: one of `FORMATS`.
+        root: folder (URI) that the records' relative file paths resolve against.
+        fingerprint: changes whenever the content or the way it is read changes (file size + ETag or
+            mtime of every file, root, repeat_time, members).
+        id_prefix: first part of every sample id from this unit.
+        members: folder chunks: paths relative to `root` (images, or .txt documents; "" = no image).
+        companions: image folder chunks: caption .txt path beside each member ("" = none).
+        repeat_time: InternVL meta JSON sampling factor (see `repeat_copies`).
+    """
+
+    key: str
+    uri: str
+    source: str
+    format: str
+    root: str
+    fingerprint: str
+    id_prefix: str
+    members: tuple[str, ...] = ()
+    companions: tuple[str, ...] = ()
+    repeat_time: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown work unit format {self.format!r}; expected one of {FORMATS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (lists for tuples), fit for a Ray Data row or JSON."""
+        row = dataclasses.asdict(self)
+        row["members"] = list(self.members)
+        row["companions"] = list(self.companions)
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> WorkUnit:
+        """Inverse of `to_dict`; accepts list-likes (numpy arrays from Ray batches) and ignores extra keys."""
+        values = {field.name: row[field.name] for field in dataclasses.fields(cls) if field.name in row}
+        for name in ("members", "companions"):
+            items = values.get(name)
+            values[name] = () if items is None else tuple(str(item) for item in items)
+        values["repeat_time"] = float(values.get("repeat_time", 1.0))
+        return cls(**values)
+
+
+# ---- small helpers shared with readers and preprocess --------------------------------------------------
+
+
+def stable_fraction(text: str) -> float:
+    """A number in [0, 1) from a stable hash of `text` (blake2b; the same on every machine and run)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def repeat_copies(base_id: str, repeat_time: float) -> list[str]:
+    """The sample ids one record becomes under InternVL's `repeat_time`.
+
+    The integer part gives that many copies (the first keeps `base_id`, copy k >= 1 is
+    ``base_id#rep<k>``); the fractional part adds one more copy to that share of records, chosen by a
+    stable hash of `base_id`. So 0.3 keeps ~30% of the records, 2.5 doubles them and adds a third copy
+    to ~half: the same records on every run.
+    """
+    whole = int(repeat_time)
+    extra = 1 if stable_fraction(f"repeat:{base_id}") < repeat_time - whole else 0
+    return [base_id if k == 0 else f"{base_id}{REPEAT_SEPARATOR}{k}" for k in range(whole + extra)]
+
+
+def split_repeat(sample_id: str) -> tuple[str, int]:
+    """(base id, copy index) of a sample id made by `repeat_copies`; copy 0 for ordinary ids."""
+    base, separator, copy = sample_id.rpartition(REPEAT_SEPARATOR)
+    if separator and copy.isdigit():
+        return base, int(copy)
+    return sample_id, 0
+
+
+def safe_resolve(root: str, ref: str) -> str:
+    """The URI of `ref` (a path relative to `root`), refusing anything that leaves `root`.
+
+    Local roots: absolute refs are refused, and the real path (symlinks followed) must lie inside the
+    root's real path, so ``../x`` and links pointing out are caught. Remote roots (s3://) have no symlinks:
+    absolute refs, URIs and any ``..`` component are refused.
+
+    Raises:
+        UnsafePath: with what was wrong.
+    """
+    if not root:
+        raise UnsafePath(f"image path {ref!r} has no dataset root to resolve against")
+    if not ref or "\x00" in ref:
+        raise UnsafePath(f"invalid file path {ref!r}")
+    if "://" in ref:
+        raise UnsafePath(f"{ref!r} is a URI; records may only name files relative to the dataset root")
+    if storage.is_remote(root):
+        parts = ref.replace("\\", "/").split("/")
+        if ref.startswith(("/", "\\")) or ".." in parts:
+            raise UnsafePath(f"{ref!r} escapes the dataset root {root}")
+        return storage.join(root, "/".join(part for part in parts if part not in ("", ".")))
+    local_root = root.removeprefix("file://")
+    if os.path.isabs(ref):
+        raise UnsafePath(f"{ref!r} is an absolute path; records may only name files inside {root}")
+    real_root = os.path.realpath(local_root)
+    candidate = os.path.realpath(os.path.join(local_root, ref))
+    if os.path.commonpath([real_root, candidate]) != real_root:
+        raise UnsafePath(f"{ref!r} resolves to {candidate}, outside the dataset root {real_root}")
+    return candidate
+
+
+# ---- discovery -----------------------------------------------------------------------------------------
+
+
+def discover_units(
+    input_uri: str, *, image_root: str | None = None, files_per_unit: int = FILES_PER_UNIT
+) -> list[WorkUnit]:
+    """Find the work units of one input (a local path or URI), in a deterministic order (by key).
+
+    A file input is read by its extension: ``.jsonl`` (conversations, or a text corpus when its first
+    record has "text" and no "conversations"), ``.json`` (an InternVL meta JSON object -> one unit per
+    dataset, or a JSON array of conversations), ``.parquet``, ``.tar`` (WebDataset), ``.txt`` (one
+    document), an image (one image, with ``x.txt`` beside it as caption).
+
+    A folder input is listed recursively (names starting with "." or "_" skipped) and each file is read
+    by the same rules, except: images are paired with the ``.txt`` of the same stem in the same folder
+    (caption) or stand alone (image); a ``.txt`` without an image beside it is a text document, unless
+    its folder holds images (then it is a caption whose image is missing); loose ``.json`` files are
+    ignored (sidecars), as are ``.parquet`` files beside ``.tar`` shards (img2dataset's metadata).
+    Images and text documents are grouped into units of about `files_per_unit` files, with boundaries
+    chosen by a hash of the file name so that adding a file changes only the unit it lands in.
+
+    Args:
+        input_uri: the input as the user gave it.
+        image_root: the folder that conversation records' image paths are relative to (default: the
+            folder holding the JSONL/JSON file; meta JSON entries give their own `root`).
+        files_per_unit: average number of folder files per unit.
+
+    Raises:
+        SourceNotFound: the input (or a file a meta JSON names) does not exist.
+        SourceError: no supported format was recognised, or a meta JSON is malformed.
+    """
+    if files_per_unit < 1:
+        raise ValueError(f"files_per_unit must be >= 1, got {files_per_unit}")
+    fs, path = storage.filesystem(input_uri)
+    path = path.rstrip("/") or path
+    if not fs.exists(path):
+        raise SourceNotFound(f"input {input_uri} does not exist")
+    source_name = posixpath.basename(path) or path
+    if fs.isdir(path):
+        units = _discover_folder(fs, path, input_uri, source_name, image_root, files_per_unit)
+    else:
+        units = _discover_file(fs, path, fs.info(path), input_uri, source_name, image_root, single=True)
+    if not units:
+        raise SourceError(
+            f"{input_uri}: found nothing to read; expected .jsonl/.json/.parquet/.tar/.txt files or images"
+        )
+    units.sort(key=lambda unit: unit.key)
+    logger.info(
+        "%s: %d work unit(s) (%s)", input_uri, len(units), ", ".join(sorted({u.format for u in units}))
+    )
+    return units
+
+
+def _extension(path: str) -> str:
+    return posixpath.splitext(path)[1].lower().lstrip(".")
+
+
+_QUOTE = '"'  # S3 ETags come quoted
+
+
+def _file_fingerprint(info: Mapping[str, Any]) -> str:
+    tag = info.get("ETag") or info.get("etag") or info.get("md5")
+    if tag is None:
+        tag = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return f"{info.get('size')}:{str(tag).strip(_QUOTE)}"
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def join_id(*parts: str) -> str:
+    return "/".join(part for part in parts if part)
+
+
+def _peek_jsonl_format(fs: AbstractFileSystem, path: str) -> str:
+    """'text_jsonl' when the first parseable record has "text" and no "conversations", else conversations."""
+    with fs.open(path, "rb") as f:
+        for _, line in zip(range(100), f):
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict):
+                is_text = "text" in record and "conversations" not in record
+                return "text_jsonl" if is_text else "conversation_jsonl"
+    return "conversation_jsonl"
+
+
+def parquet_columns(fs: AbstractFileSystem, path: str) -> tuple[str | None, str | None, str | None]:
+    """(id column, image column, text column) of a Parquet file, by name and type.
+
+    Raises:
+        SourceError: when the file has neither an image nor a text column.
+    """
+    with fs.open(path, "rb") as f:
+        schema = pq.read_schema(f)
+    names = {name.lower(): name for name in schema.names}
+
+    def is_image(name: str) -> bool:
+        kind = schema.field(name).type
+        if pa.types.is_struct(kind):
+            return kind.get_field_index("bytes") >= 0
+        return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+    def is_text(name: str) -> bool:
+        return pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(
+            schema.field(name).type
+        )
+
+    image_candidates = [names[c] for c in PARQUET_IMAGE_COLUMNS if c in names] + list(schema.names)
+    image = next((name for name in image_candidates if is_image(name)), None)
+    text = next((names[c] for c in PARQUET_TEXT_COLUMNS if c in names and is_text(names[c])), None)
+    ident = next((names[c] for c in PARQUET_ID_COLUMNS if c in names), None)
+    if image is None and text is None:
+        raise SourceError(
+            f"{path}: no image column (struct{{bytes, path}} or binary) and no text column "
+            f"({', '.join(PARQUET_TEXT_COLUMNS)}); columns are {schema.names}"
+        )
+    return ident, image, text
+
+
+def _file_unit(
+    fs: AbstractFileSystem,
+    path: str,
+    info: Mapping[str, Any],
+    source: str,
+    id_prefix: str,
+    fmt: str,
+    root: str,
+    also_read: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> WorkUnit:
+    """A unit reading one file (`info`: its fsspec info; `also_read`: the info of a caption beside it)."""
+    uri = storage.to_uri(fs, path)
+    file_fingerprints = [_file_fingerprint(info), _file_fingerprint(also_read) if also_read else ""]
+    return WorkUnit(
+        key=uri,
+        uri=uri,
+        source=source,
+        format=fmt,
+        root=root,
+        fingerprint=_fingerprint(fmt, root, id_prefix, file_fingerprints, extra),
+        id_prefix=id_prefix,
+        **extra,
+    )
+
+
+def _discover_file(
+    fs: AbstractFileSystem,
+    path: str,
+    info: Mapping[str, Any],
+    source: str,
+    id_prefix: str,
+    image_root: str | None,
+    single: bool = False,
+) -> list[WorkUnit]:
+    """The unit(s) of one file; a file that is not a corpus file gives [] (or SourceError when `single`)."""
+    parent = storage.to_uri(fs, posixpath.dirname(path))
+    ext = _extension(path)
+    if ext == "jsonl":
+        fmt = _peek_jsonl_format(fs, path)
+        return [_file_unit(fs, path, info, source, id_prefix, fmt, image_root or parent)]
+    if ext == "parquet":
+        parquet_columns(fs, path)  # fail fast on a Parquet file with nothing to read
+        return [_file_unit(fs, path, info, source, id_prefix, "parquet", parent)]
+    if ext == "tar":
+        return [_file_unit(fs, path, info, source, id_prefix, "webdataset", parent)]
+    if ext == "json":
+        return _discover_json(fs, path, info, source, id_prefix, image_root)
+    if single and ext == "txt":
+        members = (posixpath.basename(path),)
+        return [_file_unit(fs, path, info, source, "", "text_files", parent, members=members)]
+    if single and ext in IMAGE_EXTENSIONS:
+        caption = posixpath.splitext(path)[0] + ".txt"
+        caption_info = fs.info(caption) if fs.exists(caption) else None
+        extra = {
+            "members": (posixpath.basename(path),),
+            "companions": (posixpath.basename(caption) if caption_info else "",),
+        }
+        return [_file_unit(fs, path, info, source, "", "image_folder", parent, caption_info, **extra)]
+    if single:
+        raise SourceError(f"{source}: unsupported file type {ext!r}")
+    return []
+
+
+def _discover_json(
+    fs: AbstractFileSystem,
+    path: str,
+    info: Mapping[str, Any],
+    source: str,
+    id_prefix: str,
+    image_root: str | None,
+) -> list[WorkUnit]:
+    """A JSON array of conversations, or an InternVL meta JSON (one unit per dataset entry)."""
+    try:
+        document = json.loads(fs.cat_file(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SourceError(f"{source}: not valid JSON ({err})") from err
+    base = storage.to_uri(fs, posixpath.dirname(path))
+    if isinstance(document, list):
+        return [_file_unit(fs, path, info, source, id_prefix, "conversation_json", image_root or base)]
+    if not isinstance(document, dict) or not document:
+        raise SourceError(
+            f"{source}: expected an InternVL meta JSON object {{name: {{root, annotation, repeat_time}}}} "
+            "or a JSON array of conversation records"
+        )
+    units = []
+    for name in sorted(document):
+        entry = document[name]
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
+            raise SourceError(f"{source}: meta entry {name!r} needs an 'annotation' path (a JSONL file)")
+        repeat_time = entry.get("repeat_time", 1.0)
+        if not isinstance(repeat_time, (int, float)) or isinstance(repeat_time, bool) or repeat_time < 0:
+            raise SourceError(f"{source}: meta entry {name!r}: repeat_time must be a number >= 0")
+        annotation = _relative_to(base, entry["annotation"])
+        afs, apath = storage.filesystem(annotation)
+        if not afs.exists(apath):
+            raise SourceNotFound(f"{source}: meta entry {name!r} names {annotation}, which does not exist")
+        fmt = "conversation_json" if _extension(apath) == "json" else _peek_jsonl_format(afs, apath)
+        root = _relative_to(base, entry["root"]) if entry.get("root") else ""
+        root = root or storage.to_uri(afs, posixpath.dirname(apath))
+        afingerprint = _file_fingerprint(afs.info(apath))
+        fingerprint = _fingerprint(fmt, root, join_id(id_prefix, name), afingerprint, float(repeat_time))
+        units.append(
+            WorkUnit(
+                key=f"{annotation}#{name}",
+                uri=annotation,
+                source=source,
+                format=fmt,
+                root=root,
+                fingerprint=fingerprint,
+                id_prefix=join_id(id_prefix, name),
+                repeat_time=float(repeat_time),
+            )
+        )
+    return units
+
+
+def _relative_to(base: str, path: str) -> str:
+    """`path` as given when absolute or a URI, else joined onto `base` (the meta JSON's folder)."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    joined = storage.join(base, path)
+    if "://" in joined:
+        scheme, _, rest = joined.partition("://")
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(joined)
+
+
+def _chunks(entries: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+    """Content-defined chunking: a chunk ends after an entry whose name hashes under 1/size."""
+    chunks: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    for entry in entries:
+        current.append(entry)
+        if len(current) >= 4 * size or stable_fraction(f"chunk:{entry[0] or entry[1]}") < 1 / size:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _discover_folder(
+    fs: AbstractFileSystem,
+    path: str,
+    source: str,
+    source_name: str,
+    image_root: str | None,
+    files_per_unit: int,
+) -> list[WorkUnit]:
+    files: dict[str, Mapping[str, Any]] = {}
+    for full, info in fs.find(path, detail=True).items():
+        rel = posixpath.relpath(full, path)
+        hidden = any(part.startswith((".", "_")) for part in rel.split("/"))
+        # symlinks are listed too: where they lead is checked (safe_resolve) and counted, not skipped
+        if (info.get("type") == "file" or info.get("islink")) and not hidden:
+            files[rel] = info
+    by_ext: dict[str, list[str]] = {}
+    for rel in sorted(files):
+        by_ext.setdefault(_extension(rel), []).append(rel)
+
+    units: list[WorkUnit] = []
+    ignored = [rel for ext, rels in by_ext.items() if ext not in _FOLDER_EXTENSIONS for rel in rels]
+    for ext in ("jsonl", "tar", "parquet"):
+        for rel in by_ext.get(ext, []):
+            if ext == "parquet" and by_ext.get("tar"):
+                ignored.append(rel)  # img2dataset writes a metadata .parquet beside each .tar shard
+                continue
+            id_prefix = join_id(source_name, rel)
+            units += _discover_file(fs, f"{path}/{rel}", files[rel], source, id_prefix, image_root)
+    if ignored:
+        logger.info("%s: ignoring %d file(s), e.g. %s", source, len(ignored), sorted(ignored)[:3])
+
+    images = [rel for ext in sorted(IMAGE_EXTENSIONS) for rel in by_ext.get(ext, [])]
+    stems = {posixpath.splitext(rel)[0] for rel in images}
+    image_dirs = {posixpath.dirname(rel) for rel in images}
+    pairs = []  # (image, caption): caption "" = none, image "" = a caption whose image is missing
+    for rel in images:
+        caption = posixpath.splitext(rel)[0] + ".txt"
+        pairs.append((rel, caption if caption in files else ""))
+    documents = []
+    for rel in by_ext.get("txt", []):
+        if posixpath.splitext(rel)[0] in stems:
+            continue
+        if posixpath.dirname(rel) in image_dirs:
+            pairs.append(("", rel))
+        else:
+            documents.append((rel, ""))
+
+    folder_uri = storage.to_uri(fs, path)
+    for fmt, entries in (("image_folder", pairs), ("text_files", documents)):
+        entries.sort(key=lambda entry: (posixpath.splitext(entry[0] or entry[1])[0], entry))
+        for chunk in _chunks(entries, files_per_unit):
+            members = tuple(member for member, _ in chunk)
+            companions = tuple(companion for _, companion in chunk) if fmt == "image_folder" else ()
+            file_fingerprints = [
+                _file_fingerprint(files[rel]) if rel else "" for pair in chunk for rel in pair
+            ]
+            units.append(
+                WorkUnit(
+                    key=f"{folder_uri}#{chunk[0][0] or chunk[0][1]}",
+                    uri=folder_uri,
+                    source=source,
+                    format=fmt,
+                    root=folder_uri,
+                    fingerprint=_fingerprint(
+                        fmt, folder_uri, source_name, members, companions, file_fingerprints
+                    ),
+                    id_prefix=source_name,
+                    members=members,
+                    companions=companions,
+                )
+            )
+    return units
+
+
+_FOLDER_EXTENSIONS = frozenset({"jsonl", "tar", "parquet", "txt", *IMAGE_EXTENSIONS})

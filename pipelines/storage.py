@@ -1,0 +1,116 @@
+"""URIs (local paths, file://, s3://) through fsspec: listing, reading, atomic writes.
+
+S3 endpoint, region and credentials come from the environment (`AWS_ENDPOINT_URL`, `AWS_*`), never from
+code or configs. A local write lands under a temporary name and is renamed into place; an S3 object is
+written by one PUT, which S3 makes visible all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for `uri`: the S3 endpoint from AWS_ENDPOINT_URL(_S3) when one is set."""
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    return {}
+
+
+def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URI or a local path."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    return fs, path
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path."""
+    if "://" in uri:
+        scheme, _, rest = uri.partition("://")
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: AbstractFileSystem, path: str) -> str:
+    """The URI of `path` inside `fs` (inverse of `filesystem`)."""
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write `data` so that readers see either the old object or the whole new one, never a part."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def put_directory(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to `uri` (a folder; created as needed), keeping relative paths."""
+    fs, path = filesystem(uri)
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
+            target = posixpath.join(path, relative) if is_remote(uri) else os.path.join(path, relative)
+            parent = posixpath.dirname(target) if is_remote(uri) else os.path.dirname(target)
+            fs.makedirs(parent, exist_ok=True)
+            fs.put_file(source, target)
+
+
+def get_directory(uri: str, local_dir: str) -> None:
+    """Copy the files under `uri` (a folder) into `local_dir`, keeping relative paths."""
+    fs, path = filesystem(uri)
+    root = path.rstrip("/")
+    for remote in fs.find(root):
+        relative = remote[len(root) :].lstrip("/")
+        target = os.path.join(local_dir, *relative.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(remote, target)

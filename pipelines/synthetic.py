@@ -1,0 +1,429 @@
+"""Deterministic synthetic corpora with ground truth: coloured-shape scenes and rendered words.
+
+Every image is drawn from a scene description the generator chose first, and every question, answer and
+caption is read off that description, never re-derived from pixels: the corpus is its own answer key.
+
+    generate("instruct", n=100, seed=0, output_dir=Path("corpus"))  ->  corpus/data.jsonl + corpus/images/
+
+Records are LLaVA/InternVL conversation JSONL lines, image paths relative to the JSONL's folder:
+- distill:  {"id", "image"} per image, plus `text.jsonl` of {"id", "text"} (unpaired text);
+- align:    {"id", "image", "conversations": [<image> Describe the image. -> caption], "caption",
+             "answer" (= caption), "skill": "caption", "meta"};
+- instruct: {"id", "image" (a path, or a list of two), "conversations" (one or more Q&A turns),
+             "answer" and "skill" (of the last turn), "meta"}.
+`meta` holds the generator's ground truth (scene geometry, the drawn word) for evaluation and tests.
+
+Record `i` of a corpus draws from its own RNG seeded by (source, stage, seed, i): the same arguments give
+byte-identical files, a corpus of n records is a prefix of one of n+k, and another seed gives a held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger(__name__)
+
+STAGES = ("distill", "align", "instruct")
+MIN_IMAGE_SIZE = 48  # below this the longest word no longer fits at a legible font size
+DESCRIBE_PROMPT = "Describe the image."
+
+# Named colours, far apart in RGB so that a pixel's colour names itself (the tests rely on it).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (235, 210, 30),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "purple": (130, 50, 170),
+    "pink": (240, 110, 180),
+}
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((245, 245, 245), (235, 235, 225), (225, 230, 240))
+TEXT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "black": (20, 20, 20),
+    "red": PALETTE["red"],
+    "blue": PALETTE["blue"],
+    "green": PALETTE["green"],
+    "purple": PALETTE["purple"],
+}
+SHAPES = ("circle", "square", "triangle", "star")
+GRID = 3
+# Row-major names of the 3x3 grid cells; also the answers to position questions.
+POSITIONS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "centre",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+MAX_SHAPES = 5
+STAR_INNER_RATIO = 0.45
+
+DEJAVU_DIR = Path("/usr/share/fonts/truetype/dejavu")
+OCR_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
+WORDS = (
+    "apple", "river", "garden", "window", "orange", "planet", "silver", "forest", "candle", "bridge",
+    "pencil", "rocket", "winter", "summer", "castle", "yellow", "guitar", "marble", "button", "jungle",
+    "cactus", "dragon", "mirror", "anchor", "basket", "cookie", "desert", "engine", "falcon", "ginger",
+    "harbor", "island", "jacket", "kettle", "ladder", "magnet", "needle", "oyster", "parrot", "quartz",
+    "rabbit", "saddle", "tomato", "umbrella", "velvet", "walnut", "zebra", "cloud", "stone", "light",
+    "music", "train", "table", "chair", "water", "bread", "honey", "lemon", "tiger", "whale",
+    "piano", "paper", "house", "smile", "ocean", "storm", "green", "blue", "red", "sun",
+    "moon", "star", "tree", "book", "lamp", "fish", "bird", "door", "road", "milk",
+)  # fmt: skip
+
+
+class MissingPackageError(FileNotFoundError):
+    """A Debian package that provides an asset (fonts, datasets) is not installed."""
+
+    def __init__(self, what: str, path: Path, package: str) -> None:
+        super().__init__(
+            f"{what} not found at {path}: install the Debian package with "
+            f"`sudo apt-get install -y {package}` (the Makefile's CI set-up does this)"
+        )
+        self.package = package
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question about a sample's images and its ground-truth answer (normalised: lowercase)."""
+
+    question: str
+    answer: str
+    skill: str
+
+
+@dataclass
+class Sample:
+    """What a corpus source draws for one record: images, a caption of the first, questions, ground truth."""
+
+    images: list[Image.Image]
+    caption: str
+    turns: list[Turn]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class CorpusSource(Protocol):
+    """A generator of samples and unpaired text; `write_corpus` turns it into a corpus for any stage."""
+
+    name: str
+
+    def sample(self, rng: random.Random, stage: str) -> Sample:
+        """One sample; for `distill` and `align` a single image, for `instruct` one or two."""
+        ...
+
+    def text(self, rng: random.Random) -> str:
+        """A short unpaired text document (the `distill` stage's text corpus)."""
+        ...
+
+
+# ---- scenes -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    shape: str
+    colour: str
+    position: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive) of the shape's square
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: tuple[int, int, int]
+    shapes: tuple[PlacedShape, ...]  # row-major by grid cell
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grid": GRID,
+            "background": list(self.background),
+            "shapes": [
+                {"shape": s.shape, "colour": s.colour, "position": s.position, "box": list(s.box)}
+                for s in self.shapes
+            ],
+        }
+
+
+def sample_scene(rng: random.Random, size: int, count: int | None = None) -> Scene:
+    """A scene of `count` (default 1..MAX_SHAPES) shapes, at most one per cell of a 3x3 grid.
+
+    Each shape spans 60-80% of its cell and sits within 4% of the cell's centre, so the cell's centre pixel
+    is always inside the shape and neighbouring shapes never touch.
+    """
+    count = rng.randint(1, MAX_SHAPES) if count is None else count
+    cell = size / GRID
+    shapes = []
+    for index in sorted(rng.sample(range(GRID * GRID), count)):
+        row, col = divmod(index, GRID)
+        side = rng.uniform(0.6, 0.8) * cell
+        cx = (col + 0.5) * cell + rng.uniform(-0.04, 0.04) * cell
+        cy = (row + 0.5) * cell + rng.uniform(-0.04, 0.04) * cell
+        box = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
+        shapes.append(PlacedShape(rng.choice(SHAPES), rng.choice(list(PALETTE)), POSITIONS[index], box))
+    return Scene(rng.choice(BACKGROUNDS), tuple(shapes))
+
+
+def _star_points(box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    x0, y0, x1, y1 = box
+    cx, cy, outer = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    points = []
+    for k in range(10):
+        radius = outer if k % 2 == 0 else outer * STAR_INNER_RATIO
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def draw_scene(scene: Scene, size: int) -> Image.Image:
+    """The scene as a `size` x `size` RGB image, not anti-aliased: each shape pixel is its palette colour."""
+    image = Image.new("RGB", (size, size), scene.background)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        fill = PALETTE[s.colour]
+        x0, y0, x1, y1 = s.box
+        if s.shape == "circle":
+            draw.ellipse(s.box, fill=fill)
+        elif s.shape == "square":
+            draw.rectangle(s.box, fill=fill)
+        elif s.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            draw.polygon(_star_points(s.box), fill=fill)
+    return image
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def describe_scene(scene: Scene) -> str:
+    """E.g. "a red circle at the top left and a blue square at the bottom right"."""
+    parts = [f"{_article(s.colour)} {s.colour} {s.shape} at the {s.position}" for s in scene.shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def scene_questions(scene: Scene, rng: random.Random) -> dict[str, list[Turn]]:
+    """Every unambiguous question about `scene`, by skill (colour, shape, count, position).
+
+    A shape is asked about by its kind only when it is the only one of that kind, by its colour only when
+    it is the only one of that colour, and by colour + kind only when that pair is unique.
+    """
+    kinds = Counter(s.shape for s in scene.shapes)
+    colours = Counter(s.colour for s in scene.shapes)
+    pairs = Counter((s.colour, s.shape) for s in scene.shapes)
+    absent = [c for c in PALETTE if c not in colours]
+    questions: dict[str, list[Turn]] = {"colour": [], "shape": [], "count": [], "position": []}
+    questions["count"].append(Turn("How many shapes are there?", str(len(scene.shapes)), "count"))
+    for colour in sorted(colours) + ([rng.choice(absent)] if absent else []):
+        questions["count"].append(Turn(f"How many {colour} shapes are there?", str(colours[colour]), "count"))
+    for kind in sorted(kinds):
+        questions["count"].append(Turn(f"How many {kind}s are there?", str(kinds[kind]), "count"))
+    for s in scene.shapes:
+        if kinds[s.shape] == 1:
+            questions["colour"].append(Turn(f"What colour is the {s.shape}?", s.colour, "colour"))
+            questions["position"].append(Turn(f"Where is the {s.shape}?", s.position, "position"))
+        elif pairs[(s.colour, s.shape)] == 1:
+            questions["position"].append(Turn(f"Where is the {s.colour} {s.shape}?", s.position, "position"))
+        if colours[s.colour] == 1:
+            questions["shape"].append(Turn(f"What shape is the {s.colour} object?", s.shape, "shape"))
+    return {skill: turns for skill, turns in questions.items() if turns}
+
+
+# ---- rendered words (OCR) ---------------------------------------------------------------------------
+
+
+@cache
+def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    path = DEJAVU_DIR / name
+    if not path.is_file():
+        raise MissingPackageError("DejaVu font", path, "fonts-dejavu-core")
+    return ImageFont.truetype(str(path), size)
+
+
+def render_word(word: str, size: int, rng: random.Random) -> tuple[Image.Image, dict[str, Any]]:
+    """`word` drawn in a DejaVu font and a named colour at a random place; returns the image and its facts."""
+    font_name, colour = rng.choice(OCR_FONTS), rng.choice(list(TEXT_COLOURS))
+    font_size = max(8, int(size * 0.3))
+    while True:
+        left, top, right, bottom = _font(font_name, font_size).getbbox(word)
+        if right - left <= 0.9 * size or font_size <= 8:
+            break
+        font_size -= 2
+    width, height = right - left, bottom - top
+    x = rng.randint(0, max(0, size - width))
+    y = rng.randint(0, max(0, size - height))
+    image = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
+    ImageDraw.Draw(image).text(
+        (x - left, y - top), word, font=_font(font_name, font_size), fill=TEXT_COLOURS[colour]
+    )
+    return image, {"word": word, "colour": colour, "font": font_name, "box": [x, y, x + width, y + height]}
+
+
+# ---- the shapes source ------------------------------------------------------------------------------
+
+INSTRUCT_SKILLS = ("colour", "shape", "count", "position", "ocr", "compare")
+MULTI_TURN_PROBABILITY = 0.25
+OCR_PROBABILITY = 0.2  # share of OCR images in the distill and align stages
+OCR_QUESTION = "What word is written in the image?"
+COMPARE_QUESTION = "Which image has more shapes?"
+ORDINALS = ("the first", "the second")
+TEXT_TEMPLATES = (
+    "The {colour} {shape} is at the {position}.",
+    "There are {count} {shape}s in the picture.",
+    "Any {shape} can be {colour}.",
+    'The word "{word}" has {letters} letters.',
+    "A {colour} {shape} sits next to the {other_colour} {other_shape}.",
+)
+
+
+class ShapesSource:
+    """Coloured-shape scenes and rendered words, drawn with Pillow at `image_size` pixels."""
+
+    name = "shapes"
+
+    def __init__(self, image_size: int = 224) -> None:
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+        self.image_size = image_size
+
+    def _scene_sample(self, rng: random.Random) -> tuple[Scene, Sample]:
+        scene = sample_scene(rng, self.image_size)
+        image = draw_scene(scene, self.image_size)
+        return scene, Sample([image], describe_scene(scene), [], {"scenes": [scene.as_dict()]})
+
+    def _word_sample(self, rng: random.Random) -> Sample:
+        image, facts = render_word(rng.choice(WORDS), self.image_size, rng)
+        caption = f'the word "{facts["word"]}" written in {facts["colour"]}'
+        turns = [Turn(OCR_QUESTION, facts["word"], "ocr")]
+        return Sample([image], caption, turns, {"ocr": facts})
+
+    def sample(self, rng: random.Random, stage: str) -> Sample:
+        if stage != "instruct":
+            return self._word_sample(rng) if rng.random() < OCR_PROBABILITY else self._scene_sample(rng)[1]
+        skill = rng.choice(INSTRUCT_SKILLS)
+        if skill == "ocr":
+            sample = self._word_sample(rng)
+            if rng.random() < MULTI_TURN_PROBABILITY:
+                sample.turns.append(Turn("What colour is the text?", sample.meta["ocr"]["colour"], "colour"))
+            return sample
+        if skill == "compare":
+            counts = rng.sample(range(1, MAX_SHAPES + 1), 2)
+            scenes = [sample_scene(rng, self.image_size, count) for count in counts]
+            answer = ORDINALS[0] if counts[0] > counts[1] else ORDINALS[1]
+            return Sample(
+                [draw_scene(scene, self.image_size) for scene in scenes],
+                describe_scene(scenes[0]),
+                [Turn(COMPARE_QUESTION, answer, "compare")],
+                {"scenes": [scene.as_dict() for scene in scenes]},
+            )
+        scene, sample = self._scene_sample(rng)
+        questions = scene_questions(scene, rng)
+        pool = questions.get(skill) or questions["count"]  # e.g. no colour is unique: ask a count
+        sample.turns.append(rng.choice(pool))
+        if rng.random() < MULTI_TURN_PROBABILITY:
+            others = [t for turns in questions.values() for t in turns if t not in sample.turns]
+            sample.turns.extend(rng.sample(others, min(len(others), rng.randint(1, 2))))
+        return sample
+
+    def text(self, rng: random.Random) -> str:
+        sentences = []
+        for _ in range(rng.randint(2, 4)):
+            colour, other_colour = rng.sample(list(PALETTE), 2)
+            shape, other_shape, word = rng.choice(SHAPES), rng.choice(SHAPES), rng.choice(WORDS)
+            sentences.append(
+                rng.choice(TEXT_TEMPLATES).format(
+                    colour=colour,
+                    other_colour=other_colour,
+                    shape=shape,
+                    other_shape=other_shape,
+                    position=rng.choice(POSITIONS),
+                    count=rng.randint(2, 9),
+                    word=word,
+                    letters=len(word),
+                )
+            )
+        return " ".join(sentences)
+
+
+# ---- writing a corpus -------------------------------------------------------------------------------
+
+
+def _conversation(turns: list[Turn], n_images: int) -> list[dict[str, str]]:
+    """Human/gpt turns; the image placeholders go at the start of the first question."""
+    if n_images == 1:
+        prefix = "<image>\n"
+    else:
+        prefix = "".join(f"Image {k + 1}: <image>\n" for k in range(n_images))
+    conversation = []
+    for k, turn in enumerate(turns):
+        conversation.append({"from": "human", "value": (prefix if k == 0 else "") + turn.question})
+        conversation.append({"from": "gpt", "value": turn.answer})
+    return conversation
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write atomically: a reader never sees half a file, and an interrupted run leaves none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_corpus(source: CorpusSource, stage: str, n: int, seed: int, output_dir: Path) -> Path:
+    """Draw `n` records from `source` for `stage` and write images + `data.jsonl` under `output_dir`.
+
+    Returns the JSONL path. `distill` also writes `text.jsonl` ({"id", "text"}, n documents).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if n < 1:
+        raise ValueError(f"n must be a positive number of records, got {n}")
+    output_dir = Path(output_dir)
+    image_dir = output_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records, texts = [], []
+    for i in range(n):
+        record_id = f"{source.name}-{stage}-{seed}-{i:06d}"
+        rng = random.Random(f"{source.name}/{stage}/{seed}/{i}")  # str seeds hash with SHA-512: stable
+        sample = source.sample(rng, stage)
+        paths = []
+        for k, image in enumerate(sample.images):
+            name = f"{record_id}.png" if len(sample.images) == 1 else f"{record_id}-{k}.png"
+            image.save(image_dir / name, format="PNG")
+            paths.append(f"images/{name}")
+        record: dict[str, Any] = {"id": record_id, "image": paths[0] if len(paths) == 1 else paths}
+        if stage == "distill":
+            texts.append({"id": f"{source.name}-text-{seed}-{i:06d}", "text": source.text(rng)})
+        elif stage == "align":
+            record["conversations"] = _conversation([Turn(DESCRIBE_PROMPT, sample.caption, "caption")], 1)
+            record.update(caption=sample.caption, answer=sample.caption, skill="caption", meta=sample.meta)
+        else:
+            record["conversations"] = _conversation(sample.turns, len(paths))
+            record.update(answer=sample.turns[-1].answer, skill=sample.turns[-1].skill, meta=sample.meta)
+        records.append(record)
+    if texts:
+        _write_jsonl(output_dir / "text.jsonl", texts)
+    jsonl = output_dir / "data.jsonl"
+    _write_jsonl(jsonl, records)
+    log.info("wrote %d %s records from %s (seed %d) to %s", n, stage, source.name, seed, jsonl)
+    return jsonl
+
+
+def generate(stage: str, n: int, seed: int, output_dir: Path, image_size: int = 224) -> Path:
+    """A shapes + rendered-words corpus of `n` records for `stage`; returns the path of its `data.jsonl`."""
+    return write_corpus(ShapesSource(image_size), stage, n, seed, Path(output_dir))
