@@ -6,6 +6,7 @@ only when their subcommand runs: `hovle --help` stays instant and one job's heav
 (torch, Ray, DeepSpeed) never slow another.
 """
 
+import argparse
 import importlib
 import sys
 
@@ -18,9 +19,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "write a deterministic synthetic (or Fashion-MNIST / emoji) corpus as images + JSONL",
     ),
     "prepare": ("jobs.prepare", "raw corpora -> validated Parquet shards + manifest (Ray Data)"),
+    "train": ("jobs.train", "the HoVLE stages on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
 }
 
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments
+
+
+def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` items as a dict (values stay strings); a malformed item is a usage error."""
+    pairs = [item.split("=", 1) for item in items]
+    bad = [item for item, pair in zip(items, pairs) if len(pair) != 2 or not pair[0]]
+    if bad:
+        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    return dict(pairs)
 
 
 def usage() -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from jobs.cli import parse_overrides
 from jobs.logging_setup import setup_logging
 from model.config import ConfigError
 from model.presets import find_preset
@@ -64,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
 
-    try:
-        overrides = dict(item.split("=", 1) for item in args.set)
-    except ValueError:
-        parser.error("--set takes KEY=VALUE")
+    overrides = parse_overrides(parser, args.set)
     try:
         settings = load_settings(args.config, overrides)
         report = prepare(

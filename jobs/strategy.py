@@ -1,0 +1,163 @@
+"""`DeepSpeedStrategy`: everything about DeepSpeed in one object (config, engine, step, save/load, export).
+
+    strategy = DeepSpeedStrategy(config, stage_settings, world_size)
+    strategy.setup(module, trainable_parameters)      # AdamW + warmup/cosine, deepspeed.initialize
+    loss, parts = strategy.forward(batch); strategy.backward(loss); strategy.step()
+    strategy.save(dir, client_state) / strategy.load(dir) -> client_state
+    strategy.full_state_dict()                        # consolidated weights on rank 0 (ZeRO-3 too)
+
+The training loop (jobs.train_loop) never calls `engine.*` itself. The optimizer is torch's AdamW passed
+as a client optimizer (DeepSpeed's own Adam would compile a C++/CUDA op at start-up); only the stage's
+trainable parameters go into it, so frozen parameters have no optimizer state and are never updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from jobs.train_config import StageSettings, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "state"  # one DeepSpeed tag per checkpoint directory (Ray keeps one directory per step)
+
+
+def deepspeed_config(config: TrainConfig, stage: StageSettings, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one stage, from the validated run config."""
+    ds = config.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.scaling.use_gpu}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": stage.micro_batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "zero_force_ds_cpu_optimizer": False,  # ... also when offloading: no compiled CPU Adam
+        "steps_per_print": 2**31 - 1,  # progress lines are ours
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(stage: StageSettings):
+    """LR multiplier per optimizer step: linear warmup to 1, then cosine down to `min_lr_ratio`."""
+
+    def multiplier(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / (stage.warmup_steps + 1)
+        span = max(1, stage.steps - stage.warmup_steps)
+        progress = min(1.0, (step - stage.warmup_steps) / span)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+class DeepSpeedStrategy:
+    """One DeepSpeed engine for one stage on one worker (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, stage: StageSettings, world_size: int) -> None:
+        self.config, self.stage, self.world_size = config, stage, world_size
+        self.ds_config = deepspeed_config(config, stage, world_size)
+        self.engine = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+
+    def setup(self, module: nn.Module, parameters: Iterable[nn.Parameter]) -> None:
+        """deepspeed.initialize over `module`, optimizing only `parameters` (AdamW, warmup + cosine)."""
+        import deepspeed
+
+        parameters = list(parameters)
+        optimizer = torch.optim.AdamW(
+            parameters,
+            lr=self.stage.lr,
+            betas=self.stage.betas,
+            weight_decay=self.stage.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.stage))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            model_parameters=parameters,
+            config=self.ds_config,
+        )
+        logger.info(
+            "DeepSpeed: ZeRO-%d, %s, %d trainable tensors, micro-batch %d x accumulation %d x %d workers",
+            self.config.deepspeed.zero_stage,
+            self.config.precision,
+            len(parameters),
+            self.stage.micro_batch_size,
+            self.config.deepspeed.gradient_accumulation_steps,
+            self.world_size,
+        )
+
+    # ---- one micro-step ---------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]):
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Apply the micro-step (the optimizer steps on accumulation boundaries); True when it stepped."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        """Engine state (weights, optimizer, scheduler) + `client_state` into `directory`; every rank calls it
+        (each writes its own ZeRO partition; Ray merges the ranks' directories)."""
+        self.engine.save_checkpoint(
+            directory, tag=CHECKPOINT_TAG, client_state=client_state, save_latest=False
+        )
+
+    def load(self, directory: str) -> dict[str, Any]:
+        """Restore what `save` wrote; returns the client state."""
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {directory}")
+        return client_state or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole module's weights on CPU on rank 0 (None elsewhere); every rank must call it.
+
+        Under ZeRO-3 the partitions are gathered (`stage3_gather_16bit_weights_on_model_save`); below it
+        every rank holds the full weights and rank 0's are taken.
+        """
+        import torch.distributed as dist
+
+        if self.config.deepspeed.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if dist.get_rank() == 0 else None
+        if state is None:
+            return None
+        return {name: tensor.detach().to("cpu").clone() for name, tensor in state.items()}

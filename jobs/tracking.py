@@ -1,0 +1,160 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage, found again on resume.
+
+    driver:  runs = RunTracker(uri, experiment)
+             parent = runs.pipeline_run("nightly", params, tags)    # the same id on every rerun
+             child = runs.stage_run(parent, "align", params)        # likewise, per stage
+    rank 0:  with StageLogger(uri, child) as log: log.metrics({...}, step); log.text(...)
+
+Runs are found by tags (`hovle.run_name`, `hovle.stage`, `mlflow.parentRunId`), so a restarted stage (worker
+failure, or the whole job rerun with the same run name) logs into the run it started, and metrics at steps
+it already logged are simply logged again at the same step (MLflow keeps both points; charts show one line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "hovle.run_name"
+KIND_TAG = "hovle.kind"
+STAGE_TAG = "hovle.stage"
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class RunTracker:
+    """Creates or finds the pipeline's parent run and its stage runs (driver side)."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.client = _client(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def _find(self, query: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
+        )
+        return runs[0].info.run_id if runs else None
+
+    def pipeline_run(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """The parent run of pipeline `run_name`: the existing one, else a new one with `params`."""
+        run_id = self._find(f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{KIND_TAG}` = 'pipeline'")
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={RUN_NAME_TAG: run_name, KIND_TAG: "pipeline", **(tags or {})},
+            )
+            run_id = run.info.run_id
+            log_params(self.client, run_id, params)
+            logger.info("MLflow: pipeline run %s (%s) at %s", run_name, run_id, self.uri)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            logger.info("MLflow: resuming pipeline run %s (%s)", run_name, run_id)
+        return run_id
+
+    def stage_run(self, parent_id: str, stage: str, params: dict[str, Any]) -> str:
+        """The child run of `stage` under `parent_id`: the existing one, else a new one with `params`."""
+        run_id = self._find(f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'")
+        if run_id is None:
+            parent = self.client.get_run(parent_id)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{parent.data.tags.get(RUN_NAME_TAG, 'hovle')}-{stage}",
+                tags={PARENT_TAG: parent_id, STAGE_TAG: stage, KIND_TAG: "stage"},
+            )
+            run_id = run.info.run_id
+            log_params(self.client, run_id, params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            logger.info("MLflow: stage %s resumes run %s", stage, run_id)
+        return run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_dict(self, run_id: str, payload: dict[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, payload, name)
+
+    def log_file(self, run_id: str, path: str, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, folder)
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log flat params in batches (MLflow takes at most 100 per call); long values are cut."""
+    from mlflow.entities import Param
+
+    items = [
+        Param(key, (json.dumps(value) if not isinstance(value, str) else value)[:_MAX_PARAM_LENGTH])
+        for key, value in sorted(params.items())
+    ]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+class StageLogger:
+    """Rank 0's handle on a stage's run: metrics, text artifacts and MLflow's system metrics.
+
+    Used as a context manager; leaving it stops the system-metrics thread but keeps the run open (the
+    driver closes it when the stage's fit ends, so a restarted worker group logs into the same run).
+    """
+
+    def __init__(self, uri: str, run_id: str, system_metrics: bool = True, sampling_s: float = 5.0) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.system_metrics, self.sampling_s = system_metrics, sampling_s
+        self.client = _client(uri)
+        self._monitor = None
+
+    def __enter__(self) -> StageLogger:
+        if self.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.sampling_s,
+                samples_before_logging=1,
+                resume_logging=True,  # a restarted stage continues the run's system-metric steps
+                tracking_uri=self.uri,
+            )
+            self._monitor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        batch = [Metric(key, float(value), now, step) for key, value in values.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def directory(self, local_dir: str, folder: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, folder)
+
+
+def log_json_artifact(client_or_tracker, run_id: str, payload: Any, name: str) -> None:
+    """A JSON artifact from any JSON-able payload (what `log_dict` does, without needing a dict)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / name
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+        client = getattr(client_or_tracker, "client", client_or_tracker)
+        client.log_artifact(run_id, str(path))

@@ -1,0 +1,207 @@
+"""`TrainConfig`: the `train:` section of a run config, validated once, before any worker starts.
+
+    train:
+      run_name: hovle                 # checkpoints at <storage_path>/<run_name>-<stage>; reruns resume
+      storage_path: runs              # local folder or s3://bucket/prefix
+      seed: 0
+      data: {distill: URI, align: URI, instruct: URI}     # prepared datasets (hovle prepare)
+      scaling: {num_workers: 2, use_gpu: false, cpus_per_worker: 0.5, placement_strategy: PACK}
+      deepspeed: {zero_stage: 2, precision: auto, gradient_accumulation_steps: 1, gradient_clipping: 1.0}
+      checkpoint: {every_n_steps: 50, keep_last: 2}
+      max_failures: 1
+      tracking: {uri: null, experiment: hovle}       # null: sqlite:///<working folder>/mlflow.db
+      log_every_n_steps: 10
+      stages:
+        distill: {steps: 200, lr: 1.0e-4, micro_batch_size: 4, max_tokens: 2048, teacher: mobilenet_v2}
+        align: {steps: 200, lr: 5.0e-5}
+        instruct: {steps: 200, lr: 2.0e-5}
+
+Every field has a default; a wrong or unknown field fails with its dotted name (`train.stages.align.lr`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import ConfigError
+from model.presets import find_preset
+
+STAGE_ORDER = ("distill", "align", "instruct")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSettings(_Strict):
+    """One stage's optimisation and data settings."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a share of lr")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    micro_batch_size: int = Field(2, ge=1, description="rows per worker per micro-step (packs or samples)")
+    max_tokens: int | None = Field(
+        2048, ge=16, description="pack samples into rows of this many tokens; null pads to the longest"
+    )
+    text_preservation_weight: float | None = Field(
+        None, ge=0, description="next-token stages: weight of the text-preservation term (null: the stage's)"
+    )
+    teacher: str = Field("mobilenet_v2", description="distill: vision teacher (packaged name or HF folder)")
+    teacher_input_size: int | None = Field(224, ge=16, description="distill: tiles resized for the teacher")
+
+
+class ScalingSettings(_Strict):
+    """Ray Train's ScalingConfig."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="fractional on small machines: whole CPUs starve Ray Data's readers"
+    )
+    gpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch CPU threads per worker; null: Ray's (its CPU reservation, at least 1)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class DeepSpeedSettings(_Strict):
+    """The DeepSpeed engine each worker builds (see jobs.strategy.deepspeed_config)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU (bf16 on CPU when asked)"
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="auto: the model config's; flash_attention_2 needs GPUs and flash-attn"
+    )
+
+
+class CheckpointSettings(_Strict):
+    every_n_steps: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class TrackingSettings(_Strict):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; null: a SQLite file in the working folder"
+    )
+    experiment: str = "hovle"
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="CPU/GPU/memory sampling period")
+
+
+class DataSettings(_Strict):
+    distill: str | None = None
+    align: str | None = None
+    instruct: str | None = None
+    reader: Literal["ray", "local"] = Field("ray", description="see pipelines.ingest.ShardSource")
+
+
+class TrainConfig(_Strict):
+    run_name: str = Field("hovle", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    storage_path: str = "runs"
+    seed: int = 0
+    data: DataSettings = DataSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage; -1: unlimited")
+    tracking: TrackingSettings = TrackingSettings()
+    log_every_n_steps: int = Field(10, ge=1)
+    stages: dict[Literal["distill", "align", "instruct"], StageSettings] = Field(
+        default_factory=lambda: {name: StageSettings() for name in STAGE_ORDER}
+    )
+
+    @model_validator(mode="after")
+    def _every_stage(self) -> TrainConfig:
+        for name in STAGE_ORDER:
+            self.stages.setdefault(name, StageSettings())
+        if self.scaling.use_gpu and self.deepspeed.backend == "gloo" and self.deepspeed.zero_stage == 3:
+            raise ValueError("deepspeed.backend gloo with GPUs and ZeRO-3 is unsupported: use nccl (auto)")
+        return self
+
+    # ---- derived choices ----------------------------------------------------------------------------
+    @property
+    def precision(self) -> Literal["fp32", "bf16"]:
+        if self.deepspeed.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.deepspeed.precision
+
+    @property
+    def backend(self) -> Literal["gloo", "nccl"]:
+        if self.deepspeed.backend == "auto":
+            return "nccl" if self.scaling.use_gpu else "gloo"
+        return self.deepspeed.backend
+
+    @property
+    def tracking_uri(self) -> str:
+        """The configured URI, else a SQLite file in the working folder (absolute: workers see it too)."""
+        return self.tracking.uri or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+
+    def stage_run_name(self, stage: str) -> str:
+        return f"{self.run_name}-{stage}"
+
+    def flat(self) -> dict[str, Any]:
+        """The validated config as flat `a.b.c -> value` params (what MLflow logs)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a `train:` mapping; errors name the dotted field (`train.stages.align.lr: ...`)."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"train.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_train_config(config: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The `train:` section of a run config (preset name or YAML path), with dotted overrides applied.
+
+    `overrides` maps dotted keys under `train:` to values (`{"scaling.num_workers": 2}`); YAML scalars in
+    strings are parsed (`"2"` -> 2, `"true"` -> True), as `--set` passes them.
+    """
+    path = find_preset(config)
+    document = yaml.safe_load(Path(path).read_text()) or {}
+    raw = dict(document.get("train") or {})
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, yaml.safe_load(value) if isinstance(value, str) else value)
+    return parse_train_config(raw, str(path))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: train.{key} is not a section")
+        node = child
+    node[leaf] = value

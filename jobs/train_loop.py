@@ -1,0 +1,388 @@
+"""The Ray Train worker loop of one HoVLE stage (`TorchTrainer`'s `train_loop_per_worker`).
+
+    build   the model (the previous stage's export, or the preset), the stage's trainable split, the
+            distill teacher, the DeepSpeed engine (jobs.strategy), this worker's batches (pipelines)
+    resume  from the checkpoint Ray Train hands over (a restarted worker group, or a rerun of the run)
+    loop    micro-batches -> forward, backward, step; metrics and a progress line every N steps;
+            a checkpoint (engine + data position + RNG + step) every N steps, from every rank
+    export  consolidated weights -> a Hugging Face folder (rank 0)
+
+Data: each worker reads its own rows of the prepared dataset in a deterministic order
+(`pipelines.ingest.ShardSource`, Ray Data read tasks) instead of `ray.train.get_dataset_shard`, whose
+streaming split hands blocks to whichever worker asks first: a resumed run could not know which rows were
+consumed, and the final weights could not equal an uninterrupted run's. Every rank takes the same number
+of steps (`TrainingStream`), so no collective waits for a rank that ran out of data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.export import load_export, write_export
+from jobs.flops import flops_per_token, peak_flops
+from jobs.strategy import DeepSpeedStrategy
+from jobs.tracking import StageLogger
+from jobs.train_config import StageSettings, TrainConfig
+from model import STAGES, StageSpec, apply_stage, build_model, build_processor, load_preset, stage_loss
+from pipelines.ingest import ShardSource
+from pipelines.stream import TrainingStream
+
+logger = logging.getLogger("jobs.train")
+
+# What the stream adds to a batch for bookkeeping; the model never sees these.
+_BOOKKEEPING = ("ids", "num_samples", "num_tokens")
+
+
+@dataclass
+class StageJob:
+    """Everything a worker needs for one stage (plain data: Ray ships it to the workers)."""
+
+    config: dict[str, Any]  # TrainConfig.model_dump(mode="json")
+    config_source: str  # the run config (preset name or YAML): the model when there is no `init`
+    stage: str
+    data_uri: str
+    export_uri: str
+    init_uri: str | None = None  # the previous stage's export
+    run_id: str | None = None  # the stage's MLflow run (None: no tracking)
+    tracking_uri: str | None = None
+    crash_at_step: int | None = None  # fault injection for tests: SIGKILL the last rank once, at this step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StageModule(nn.Module):
+    """What the engine trains: the HoVLE model (+ the distill teacher's head); forward = the stage's loss.
+
+    The teacher's frozen backbone is deliberately not a submodule: it stays outside the engine (no ZeRO
+    partitioning, no optimizer state), a plain module on each worker.
+    """
+
+    def __init__(self, model: nn.Module, spec: StageSpec, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+        self.head = teacher.head if teacher is not None else None
+        object.__setattr__(self, "teacher", teacher)  # unregistered: see the docstring
+
+    def forward(self, batch: dict[str, Any]):
+        result = stage_loss(self.model, batch, self.spec, self.teacher)
+        loss = result.loss
+        if batch.get("pixel_values") is None:
+            # Every rank must give every trainable tensor a gradient each micro-step: DeepSpeed all-reduces
+            # gradients in buckets as they arrive, and ranks whose buckets differ deadlock or crash gloo. A
+            # batch without images sends one blank tile through the image path with weight 0 (as InternVL).
+            loss = loss + 0.0 * self._blank_image(batch["input_ids"].device).sum()
+        return loss, result.parts
+
+    def _blank_image(self, device: torch.device) -> torch.Tensor:
+        config = self.model.config
+        ids = torch.full((1, config.image_tokens_per_tile), config.img_context_token_id, device=device)
+        pixels = torch.zeros(1, 3, config.tile_size, config.tile_size, device=device)
+        states = self.model.embedding(ids, pixels)  # through forward, so ZeRO-3 gathers its parameters
+        return self.head(states) if self.head is not None else states
+
+
+def train_stage(job_config: dict[str, Any]) -> None:
+    import ray.train
+
+    job = StageJob(**job_config)
+    config = TrainConfig.model_validate(job.config)
+    settings = config.stages[job.stage]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if config.scaling.threads_per_worker:
+        torch.set_num_threads(config.scaling.threads_per_worker)
+    _seed_everything(config.seed)
+
+    # ---- build ------------------------------------------------------------------------------------------
+    model, processor = _start_model(job, config)
+    spec = _stage_spec(job.stage, settings)
+    teacher = _teacher(model, settings) if spec.needs_teacher else None
+    parameters = apply_stage(model, spec)
+    if teacher is not None:
+        parameters += list(teacher.trainable_parameters())
+    module = StageModule(model, spec, teacher)
+    strategy = DeepSpeedStrategy(config, settings, world)
+    strategy.setup(module, parameters)
+    if teacher is not None:
+        teacher.to(strategy.device)
+    source = ShardSource(
+        job.data_uri,
+        "train",
+        rank,
+        world,
+        config.seed,
+        tile_size=model.config.tile_size,
+        reader=config.data.reader,
+    )
+    stream = TrainingStream(
+        source,
+        batch_size=settings.micro_batch_size,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        max_tokens=settings.max_tokens,
+    )
+
+    # ---- resume -----------------------------------------------------------------------------------------
+    step, started_fresh, resumed_from = 0, True, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step = int(strategy.load(directory)["step"])
+            mine = torch.load(os.path.join(directory, _worker_state_file(rank)), weights_only=False)
+        started_fresh, resumed_from = False, step
+        stream.load_state_dict(mine["stream"])
+        _set_rng_state(mine["rng"])
+        if rank == 0:
+            logger.info("%s: resumed at step %d/%d from %s", job.stage, step, settings.steps, checkpoint.path)
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    tracker = (
+        StageLogger(
+            job.tracking_uri,
+            job.run_id,
+            config.tracking.system_metrics,
+            config.tracking.system_metrics_interval_s,
+        )
+        if rank == 0 and job.run_id
+        else nullcontext()
+    )
+    meter = _Meter(model, job.stage, settings, strategy)
+    batches = _endless(stream)
+    accumulation = config.deepspeed.gradient_accumulation_steps
+    with tracker as log:
+        while step < settings.steps:
+            meter.start_step()
+            for _ in range(accumulation):
+                batch = meter.timed_next(batches)
+                loss, parts = strategy.forward(_to_device(batch, strategy.device, strategy.dtype))
+                strategy.backward(loss)
+                strategy.step()
+                meter.add(batch, parts)
+            step += 1
+            meter.end_step()
+            if job.crash_at_step == step and started_fresh and rank == world - 1:
+                logger.warning("fault injection: SIGKILL rank %d at step %d", rank, step)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step % config.log_every_n_steps == 0 or step == settings.steps:
+                metrics = meter.report(step)  # every rank: it all-reduces
+                if rank == 0:
+                    logger.info(meter.progress_line(job.stage, step, metrics))
+                    if log is not None:
+                        log.metrics(metrics, step)
+            if step % config.checkpoint.every_n_steps == 0 or step == settings.steps:
+                _save_checkpoint(strategy, stream, step, job.stage, rank)
+
+    # ---- export -----------------------------------------------------------------------------------------
+    weights = strategy.full_state_dict()  # every rank takes part in gathering
+    if rank == 0:
+        model_weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+        info = {
+            "stage": job.stage,
+            "steps": step,
+            "resumed_from_step": resumed_from,  # where this attempt resumed (None: it started fresh)
+            "data": job.data_uri,
+            "init": job.init_uri,
+            "run_id": job.run_id,
+        }
+        write_export(model, processor, model_weights, job.export_uri, info)
+    dist.barrier()
+
+
+# ---- build helpers ---------------------------------------------------------------------------------------
+def _start_model(job: StageJob, config: TrainConfig):
+    """(model, processor): the previous stage's export, else the run config's preset, in fp32 on CPU."""
+    if job.init_uri:
+        model, processor = load_export(job.init_uri)
+    else:
+        hovle_config = load_preset(job.config_source)
+        model, processor = build_model(hovle_config), build_processor(hovle_config)
+    attn = config.deepspeed.attn_implementation
+    if attn != "auto":
+        model.config.text_config._attn_implementation = attn
+        model.language_model.config._attn_implementation = attn
+    return model.train(), processor
+
+
+def _stage_spec(stage: str, settings: StageSettings) -> StageSpec:
+    spec = STAGES[stage]
+    if settings.text_preservation_weight is not None and spec.loss == "next_token":
+        spec = spec.with_options(text_preservation_weight=settings.text_preservation_weight)
+    return spec
+
+
+def _teacher(model: nn.Module, settings: StageSettings):
+    from model.teachers import build_teacher
+
+    return build_teacher(settings.teacher, model.config.text_config.hidden_size, settings.teacher_input_size)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _endless(stream: TrainingStream):
+    """Batches across epochs; an epoch that yields nothing would loop forever, so it raises instead."""
+    while True:
+        yielded = False
+        for batch in stream:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training data yields no batches for this worker: prepare more samples")
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if key in _BOOKKEEPING:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
+        out[key] = value
+    return out
+
+
+def _worker_state_file(rank: int) -> str:
+    return f"worker_{rank:04d}.pt"
+
+
+def _save_checkpoint(
+    strategy: DeepSpeedStrategy, stream: TrainingStream, step: int, stage: str, rank: int
+) -> None:
+    """Engine state + step, and per rank its data position and RNG; Ray merges the ranks' folders.
+
+    The rank's own state goes into its own file: DeepSpeed keeps `client_state` in rank 0's model-states
+    file only (below ZeRO-3), and every rank reads the data at a different position.
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="hovle-ckpt-") as directory:
+        strategy.save(directory, {"step": step})
+        torch.save(
+            {"stream": stream.state_dict(), "rng": _rng_state()},
+            os.path.join(directory, _worker_state_file(rank)),
+        )
+        ray.train.report(
+            {"step": step, "stage": stage},
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_{step:07d}",
+        )
+    # Wait until the controller has committed it: a report is registered when the controller next polls
+    # the workers, and a worker dying before that poll would lose the checkpoint it just wrote.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+class _Meter:
+    """Per-step timings and counts; `report` all-reduces them over the ranks since the last report."""
+
+    def __init__(self, model: nn.Module, stage: str, settings: StageSettings, strategy: DeepSpeedStrategy):
+        self.stage, self.settings, self.strategy = stage, settings, strategy
+        self.model = model
+        self.started = time.perf_counter()
+        self.first_step_time: float | None = None
+        self._reset()
+        device = strategy.device
+        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+    def _reset(self) -> None:
+        self.loss_sum = self.micro = self.samples = self.tokens = 0.0
+        self.wait = self.busy = 0.0
+        self.steps = 0
+        self.parts: dict[str, float] = {}
+
+    def start_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def timed_next(self, batches):
+        start = time.perf_counter()
+        batch = next(batches)
+        self.wait += time.perf_counter() - start
+        return batch
+
+    def add(self, batch: dict[str, Any], parts: dict[str, float]) -> None:
+        self.micro += 1
+        self.loss_sum += parts["loss"]
+        for key, value in parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+        self.samples += int(batch["num_samples"])
+        self.tokens += int(batch["num_tokens"])
+
+    def end_step(self) -> None:
+        self.busy += time.perf_counter() - self._step_start
+        self.steps += 1
+
+    def report(self, step: int) -> dict[str, float]:
+        keys = sorted(self.parts)
+        values = [self.micro, self.samples, self.tokens, self.wait, self.busy] + [self.parts[k] for k in keys]
+        totals = torch.tensor(values, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        micro, samples, tokens, wait, busy = totals[:5].tolist()
+        seconds = busy / world  # wall time of the steps, averaged over ranks
+        metrics = {f"{k}": v / micro for k, v in zip(keys, totals[5:].tolist())}
+        metrics.update(
+            {
+                "lr": self.strategy.lr(),
+                "grad_norm": self.strategy.grad_norm(),
+                "samples_per_s": samples / seconds,
+                "tokens_per_s": tokens / seconds,
+                "data_wait_fraction": wait / busy if busy else 0.0,
+                "step_time_s": seconds / self.steps,
+            }
+        )
+        if self.peak:
+            context = tokens / max(samples, 1)
+            per_token = flops_per_token(self.model, self.stage, context)
+            metrics["mfu"] = per_token * metrics["tokens_per_s"] / (self.peak * world)
+        self.seconds_per_step = seconds / self.steps
+        self._reset()
+        return metrics
+
+    def progress_line(self, stage: str, step: int, metrics: dict[str, float]) -> str:
+        eta = (self.settings.steps - step) * self.seconds_per_step
+        return (
+            f"{stage} step {step}/{self.settings.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
+            f"data {100 * metrics['data_wait_fraction']:.0f}% ETA {_duration(eta)}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

@@ -1,0 +1,125 @@
+"""The train: config, the DeepSpeed config built from it, the LR schedule, FLOPs accounting and MLflow runs.
+
+No Ray here: these are the parts a run checks or builds before any worker starts.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from jobs.flops import flops_per_token, peak_flops
+from jobs.strategy import deepspeed_config, warmup_cosine
+from jobs.tracking import RunTracker
+from jobs.train_config import StageSettings, load_train_config, parse_train_config
+from model.config import ConfigError
+from tests.conftest import REPO_ROOT
+from tests.helpers import tiny_model
+
+
+def test_defaults_fill_every_stage_and_pick_cpu_settings():
+    config = parse_train_config({})
+    assert set(config.stages) == {"distill", "align", "instruct"}
+    assert (config.precision, config.backend) == ("fp32", "gloo")
+    gpu = parse_train_config({"scaling": {"use_gpu": True}})
+    assert (gpu.precision, gpu.backend) == ("bf16", "nccl")
+    asked = parse_train_config({"deepspeed": {"precision": "bf16"}})
+    assert (asked.precision, asked.backend) == ("bf16", "gloo")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"stages": {"align": {"lr": -1}}}, "train.stages.align.lr"),
+        ({"stages": {"align": {"learning_rate": 1e-3}}}, "train.stages.align.learning_rate"),
+        ({"stages": {"pretrain": {}}}, "train.stages.pretrain"),
+        ({"deepspeed": {"zero_stage": 4}}, "train.deepspeed.zero_stage"),
+        ({"scaling": {"num_workers": 0}}, "train.scaling.num_workers"),
+        ({"run_name": "../escape"}, "train.run_name"),
+    ],
+)
+def test_a_bad_field_is_named(raw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_train_config(raw, "test.yaml")
+
+
+def test_overrides_are_parsed_as_yaml_and_set_by_dotted_key():
+    config = load_train_config("tiny", {"scaling.num_workers": "1", "stages.align.lr": "0.5", "seed": "7"})
+    assert config.scaling.num_workers == 1 and config.stages["align"].lr == 0.5 and config.seed == 7
+    assert config.stages["align"].steps == 4  # the rest of the file's stage settings stay
+    flat = config.flat()
+    assert flat["stages.align.lr"] == 0.5 and flat["deepspeed.zero_stage"] == 2
+
+
+def test_cli_fails_on_a_bad_field_before_starting_ray(tmp_workdir):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--config",
+            "tiny",
+            "--stage",
+            "align",
+            "--set",
+            "stages.align.lr=-1",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "train.stages.align.lr" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr
+
+
+def test_deepspeed_config_follows_the_run_config():
+    config = parse_train_config(
+        {
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "gradient_accumulation_steps": 4},
+            "stages": {"align": {"micro_batch_size": 3}},
+        }
+    )
+    ds = deepspeed_config(config, config.stages["align"], world_size=2)
+    assert ds["train_batch_size"] == 3 * 4 * 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+
+
+def test_warmup_then_cosine_to_the_floor():
+    stage = StageSettings(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    lr = warmup_cosine(stage)
+    warm = [lr(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[0] > 0 and warm[-1] < 1
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+
+
+def test_flops_per_token_grow_with_what_trains():
+    model, _ = tiny_model()
+    distill, align, instruct = (
+        flops_per_token(model, s, context=128) for s in ("distill", "align", "instruct")
+    )
+    assert distill < align < instruct
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("Some CPU") is None and peak_flops("x", override_tflops=2.0) == 2e12
+
+
+def test_runs_are_found_again_by_name_and_stage(tmp_workdir):
+    uri = f"sqlite:///{tmp_workdir / 'mlflow.db'}"
+    runs = RunTracker(uri, "exp")
+    parent = runs.pipeline_run("nightly", {"a.b": 1, "c": "x"})
+    child = runs.stage_run(parent, "align", {"stage": "align"})
+    again = RunTracker(uri, "exp")
+    assert again.pipeline_run("nightly", {"a.b": 1, "c": "x"}) == parent
+    assert again.stage_run(parent, "align", {"stage": "align"}) == child
+    assert again.stage_run(parent, "instruct", {}) != child
+    assert again.pipeline_run("other", {}) != parent
+    stored = runs.client.get_run(child)
+    assert stored.data.tags["mlflow.parentRunId"] == parent
+    assert runs.client.get_run(parent).data.params == {"a.b": "1", "c": "x"}
