@@ -20,6 +20,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "prepare": ("jobs.prepare", "raw corpora -> validated Parquet shards + manifest (Ray Data)"),
     "train": ("jobs.train", "the HoVLE stages on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
+    "retrain": ("jobs.retrain", "one scheduled cycle: new data -> prepare -> train -> evaluate -> register"),
+    "predict": ("jobs.predict", "ask a registered model (models:/hovle@champion) or an export a question"),
+    "evaluate": (
+        "jobs.evaluate",
+        "VQA accuracy per skill, language preservation and a gallery, logged to MLflow",
+    ),
 }
 
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments

@@ -149,8 +149,13 @@ class TrainConfig(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        """The configured URI, else a SQLite file in the working folder (absolute: workers see it too)."""
-        return self.tracking.uri or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+        """MLFLOW_TRACKING_URI as MLflow's own tools read it, else the configured URI, else a SQLite file in
+        the working folder (absolute, so the workers write to the same file)."""
+        return (
+            os.environ.get("MLFLOW_TRACKING_URI")
+            or self.tracking.uri
+            or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+        )
 
     def stage_run_name(self, stage: str) -> str:
         return f"{self.run_name}-{stage}"

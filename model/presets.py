@@ -225,8 +225,15 @@ def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVL
 
 
 def generation_config_for(tokenizer) -> GenerationConfig:
-    """Greedy by default; stops at the chat template's end-of-turn token or the tokenizer's EOS."""
+    """Greedy by default; stops at the chat template's end-of-turn token or the tokenizer's EOS.
+
+    The image tokens are never generated: a generated <IMG_CONTEXT> would be an image slot without pixels
+    on the next step (an untrained or drifting model can emit one).
+    """
     eos = [tokenizer.convert_tokens_to_ids(IM_END)]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
-    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    image_tokens = [tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)]
+    return GenerationConfig(
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False, suppress_tokens=image_tokens
+    )

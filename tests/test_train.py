@@ -216,3 +216,19 @@ def test_zero3_checkpoints_and_exports_to_s3_with_consolidated_weights(prepared,
     assert len(compared) == len(engine) > 0
     for key in compared:
         assert torch.equal(exported[key], engine[key]), key
+
+
+# ---- bf16 on CPU, ZeRO-1 --------------------------------------------------------------------------------
+def test_bf16_on_cpu_when_asked_trains_and_exports(prepared, tmp_workdir):
+    report = train(
+        "--stage", "instruct", "--data", prepared["instruct"], "--run-name", "bf16",
+        "--set", "deepspeed.precision=bf16", "--set", "deepspeed.zero_stage=1",
+        "--set", "stages.instruct.steps=2",
+    )  # fmt: skip
+    weights = export_weights(report["exports"]["instruct"])
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    client = mlflow_client(tmp_workdir)
+    experiment = client.get_experiment_by_name("hovle").experiment_id
+    [run] = client.search_runs([experiment], "tags.`hovle.stage` = 'instruct'")
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert loss and all(torch.isfinite(torch.tensor(m.value)) for m in loss)

@@ -1,0 +1,77 @@
+"""`hovle predict` / `python -m jobs.predict --model URI --image PATH --prompt "..."`: ask a model.
+
+    python -m jobs.predict --model models:/hovle@champion --image photo.jpg --prompt "What colour is the car?"
+
+`--model` is a registry URI (`models:/name@alias`, `models:/name/version`), a run's model (`runs:/ID/model`),
+or a stage export folder (local or s3://). Registry and run URIs load through `mlflow.pyfunc.load_model`,
+exactly as an application would; the tracking and registry servers come from MLFLOW_TRACKING_URI /
+MLFLOW_REGISTRY_URI (default: ./mlflow.db). The image is a path, a URI or omitted (a text-only question).
+The last line of stdout is one JSON object: {"model", "prompt", "answer"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+from jobs.logging_setup import setup_logging
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the SQLite file a local run writes (./mlflow.db)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens: int = 32) -> str:
+    """One answer from the model at `model_uri` (see the module docstring for the URI kinds)."""
+    row = {"prompt": prompt, "image": image or ""}
+    params = {"max_new_tokens": max_new_tokens}
+    if model_uri.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(default_tracking_uri())
+        model = mlflow.pyfunc.load_model(model_uri)
+        return str(model.predict([row], params=params)["answer"][0])
+
+    from jobs.export import local_copy, read_export_info
+    from jobs.serving import HoVLEPyfunc
+
+    read_export_info(model_uri)  # a clear error when the folder is not a complete export
+    with tempfile.TemporaryDirectory(prefix="hovle-predict-") as scratch:
+        local = HoVLEPyfunc()
+        local.load_context(types.SimpleNamespace(artifacts={"hf_model": local_copy(model_uri, scratch)}))
+        return str(local.predict(None, [row], params)["answer"][0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hovle predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="models:/name@alias, runs:/ID/model or an export")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--image", default=None, help="image path or URI (omit for a text-only question)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.image and "://" not in args.image and not Path(args.image).is_file():
+        print(f"hovle predict: no image file {args.image}", file=sys.stderr)
+        return 2
+    from mlflow.exceptions import MlflowException
+
+    try:
+        text = answer(args.model, args.prompt, args.image, args.max_new_tokens)
+    except (FileNotFoundError, MlflowException) as err:  # no such export, model, version or alias
+        print(f"hovle predict: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"model": args.model, "prompt": args.prompt, "answer": text}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The MLflow registry side: a stage export -> a logged pyfunc model -> a registered version -> the gate.
+
+    uri = log_hovle_model(export_uri, run_id)                   # pyfunc (jobs/serving.py) + the HF folder
+    version = register(uri, "hovle", tags)                      # tags: manifest/config hashes, commit, scores
+    decision = promote(client, "hovle", version, scores, gate)  # challenger; champion only if it wins
+
+Promotion is decided here, from evaluation scores, never by hand: the new version always takes the
+`challenger` alias; it takes `champion` only if its `metric` beats the champion's by `min_improvement`
+and its language preservation (`ppl_ratio`: perplexity on held-out text relative to the base LLM, 1.0 =
+unchanged) is not worse than the champion's by more than `max_preservation_loss`. With no champion yet, it
+must clear the absolute floors. The reason is recorded on the version (`hovle.promotion` tag).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+HF_ARTIFACT = "hf_model"  # as jobs.serving reads it (not imported: that module registers a model on import)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
+CHAMPION, CHALLENGER = "champion", "challenger"
+SCORE_TAG_PREFIX = "eval."
+PROMOTION_TAG = "hovle.promotion"
+# What a serving environment needs; exact pins of the versions this was built with.
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "pillow",
+    "numpy",
+    "pandas",
+    "safetensors",
+    "fsspec",
+)
+
+
+class GateSettings(BaseModel):
+    """The `registry:` section of a run config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("hovle", description="registered model name (one per model family)")
+    metric: str = Field("vqa_accuracy", description="evaluation score that decides promotion (higher wins)")
+    min_improvement: float = Field(0.0, ge=0, description="margin over the champion's metric")
+    max_preservation_loss: float = Field(
+        0.05, ge=0, description="how much higher ppl_ratio may be than the champion's"
+    )
+    floor: float = Field(0.0, ge=0, description="the first champion's metric must reach this")
+    max_ppl_ratio: float | None = Field(
+        1.5, gt=0, description="the first champion's ppl_ratio must stay under this (null: no bound)"
+    )
+
+
+@dataclass
+class Decision:
+    version: str
+    champion: bool
+    reason: str
+    previous_champion: str | None
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("string", "image", required=False),
+            ColSpec("binary", "image_bytes", required=False),
+        ]
+    )
+    outputs = Schema([ColSpec("string", "answer")])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", 32)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _example_image() -> str:
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), (225, 225, 225))
+    ImageDraw.Draw(image).rectangle([8, 8, 40, 40], fill=(220, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def log_hovle_model(export_uri: str, run_id: str, tracking_uri: str) -> str:
+    """Log the export as a pyfunc model into `run_id`; returns its model URI (`models:/m-...`)."""
+    import mlflow
+    import pandas as pd
+
+    from jobs.export import local_copy
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="hovle-register-") as scratch:
+        # MLflow keeps an artifact folder under its own name: copy the export to one named `hf_model`
+        folder = str(Path(scratch) / HF_ARTIFACT)
+        source = local_copy(export_uri, str(Path(scratch) / "download"))
+        shutil.copytree(source, folder)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(SERVING_CODE),
+                artifacts={HF_ARTIFACT: folder},
+                code_paths=[str(REPO_ROOT / "model")],
+                signature=signature(),
+                input_example=pd.DataFrame(
+                    [{"prompt": "What colour is the square?", "image": _example_image()}]
+                ),
+                pip_requirements=_requirements(),
+            )
+    logger.info("logged pyfunc model %s from %s", info.model_uri, export_uri)
+    return info.model_uri
+
+
+def source_commit() -> str:
+    """The git commit of this checkout (with `-dirty` when it has changes), or "unknown"."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def register(model_uri: str, name: str, tags: dict[str, Any], scores: dict[str, float]) -> str:
+    """A new version of registered model `name` from `model_uri`; returns the version number."""
+    import mlflow
+
+    all_tags = {k: str(v) for k, v in tags.items()}
+    all_tags.update({f"{SCORE_TAG_PREFIX}{k}": repr(float(v)) for k, v in scores.items()})
+    version = mlflow.register_model(model_uri, name, tags=all_tags)
+    logger.info("registered %s version %s", name, version.version)
+    return str(version.version)
+
+
+def _scores(version) -> dict[str, float]:
+    return {
+        k.removeprefix(SCORE_TAG_PREFIX): float(v)
+        for k, v in version.tags.items()
+        if k.startswith(SCORE_TAG_PREFIX)
+    }
+
+
+def champion_version(client, name: str):
+    """The version holding the champion alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def promote(client, name: str, version: str, gate: GateSettings) -> Decision:
+    """Give `version` the challenger alias, and the champion alias if it passes the gate (see module doc)."""
+    scores = _scores(client.get_model_version(name, version))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    current = champion_version(client, name)
+    held = _scores(current) if current is not None else None
+    champion = str(current.version) if current is not None else None
+    win, reason = _verdict(scores, held, champion, gate)
+    if win:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    verdict = ("champion: " if win else "not promoted: ") + reason
+    client.set_model_version_tag(name, version, PROMOTION_TAG, verdict)
+    logger.info("%s v%s: %s", name, version, reason)
+    return Decision(str(version), win, reason, champion)
+
+
+def _verdict(
+    scores: dict[str, float], held: dict[str, float] | None, champion: str | None, gate: GateSettings
+) -> tuple[bool, str]:
+    """(promote?, why) for a candidate's `scores` against the champion's (`held`; None: no champion)."""
+    metric, ratio = scores.get(gate.metric), scores.get("ppl_ratio")
+    if metric is None:
+        return False, f"no {gate.metric} score on the version: evaluate before promoting"
+    if held is None:
+        if metric < gate.floor:
+            return False, f"no champion yet and {gate.metric} {metric:.4f} is under the floor {gate.floor}"
+        if gate.max_ppl_ratio is not None and ratio is not None and ratio > gate.max_ppl_ratio:
+            return False, f"no champion yet and ppl_ratio {ratio:.4f} is over the floor {gate.max_ppl_ratio}"
+        return True, f"first champion: {gate.metric} {metric:.4f} >= floor {gate.floor}"
+    best = held.get(gate.metric, float("-inf"))
+    if metric < best + gate.min_improvement:
+        return False, (
+            f"{gate.metric} {metric:.4f} does not beat champion v{champion}'s {best:.4f} "
+            f"by {gate.min_improvement}"
+        )
+    limit = held.get("ppl_ratio", float("inf")) + gate.max_preservation_loss
+    if ratio is not None and ratio > limit:
+        return False, (
+            f"language preservation: ppl_ratio {ratio:.4f} exceeds champion v{champion}'s "
+            f"{held['ppl_ratio']:.4f} + {gate.max_preservation_loss}"
+        )
+    return True, f"{gate.metric} {metric:.4f} beats champion v{champion}'s {best:.4f}"

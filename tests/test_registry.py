@@ -1,0 +1,207 @@
+"""The registry: an export logged as a pyfunc model, registered with tags, promoted only by the gate.
+
+A real MLflow SQLite store under the test's folder; tiny random models.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.export import write_export
+from jobs.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PROMOTION_TAG,
+    GateSettings,
+    log_hovle_model,
+    promote,
+    register,
+)
+from tests.helpers import shapes_image, tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(tracking URI, logged model URI) of a tiny export logged once."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    model, processor = tiny_model(init_std=0.5)
+    export = root / "export"
+    write_export(model, processor, model.state_dict(), str(export), {"stage": "instruct"})
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("registry-test", artifact_location=str(root / "artifacts"))
+    run = client.create_run(experiment)
+    return uri, log_hovle_model(str(export), run.info.run_id, uri)
+
+
+@pytest.fixture
+def client(store):
+    from mlflow import MlflowClient
+
+    return MlflowClient(store[0])
+
+
+def new_version(store, name: str, **scores: float) -> str:
+    return register(store[1], name, {"hovle.config_hash": "c", "hovle.source_commit": "abc"}, scores)
+
+
+def test_the_first_version_becomes_champion_only_above_the_floors(store, client):
+    gate = GateSettings(name="first", floor=0.5, max_ppl_ratio=1.5)
+    low = new_version(store, "first", vqa_accuracy=0.2, ppl_ratio=1.0)
+    decision = promote(client, "first", low, gate)
+    assert not decision.champion and "floor" in decision.reason
+    assert str(client.get_model_version_by_alias("first", CHALLENGER).version) == low
+    high = new_version(store, "first", vqa_accuracy=0.6, ppl_ratio=1.1)
+    assert promote(client, "first", high, gate).champion
+    assert str(client.get_model_version_by_alias("first", CHAMPION).version) == high
+    tags = client.get_model_version("first", high).tags
+    assert tags["eval.vqa_accuracy"] == "0.6" and tags["hovle.source_commit"] == "abc"
+    assert tags[PROMOTION_TAG].startswith("champion:")
+
+
+def test_a_challenger_must_beat_the_champion_and_keep_the_language(store, client):
+    gate = GateSettings(name="gated", min_improvement=0.05, max_preservation_loss=0.1, floor=0.0)
+    first = new_version(store, "gated", vqa_accuracy=0.5, ppl_ratio=1.0)
+    assert promote(client, "gated", first, gate).champion
+
+    close = new_version(store, "gated", vqa_accuracy=0.53, ppl_ratio=1.0)  # better, but not by the margin
+    decision = promote(client, "gated", close, gate)
+    assert not decision.champion and decision.previous_champion == first
+    assert "does not beat" in client.get_model_version("gated", close).tags[PROMOTION_TAG]
+
+    forgetful = new_version(store, "gated", vqa_accuracy=0.9, ppl_ratio=1.3)  # wins on VQA, loses language
+    assert not promote(client, "gated", forgetful, gate).champion
+    assert "language preservation" in client.get_model_version("gated", forgetful).tags[PROMOTION_TAG]
+
+    better = new_version(store, "gated", vqa_accuracy=0.6, ppl_ratio=1.05)
+    assert promote(client, "gated", better, gate).champion
+    assert str(client.get_model_version_by_alias("gated", CHAMPION).version) == better
+    assert str(client.get_model_version_by_alias("gated", CHALLENGER).version) == better
+
+
+def test_a_version_without_the_metric_is_never_promoted(store, client):
+    version = new_version(store, "unscored")
+    decision = promote(client, "unscored", version, GateSettings(name="unscored"))
+    assert not decision.champion and "evaluate" in decision.reason
+
+
+def test_the_registered_model_answers_in_a_plain_process_without_training_code(store, client, tmp_path):
+    version = new_version(store, "served", vqa_accuracy=1.0, ppl_ratio=1.0)
+    assert promote(client, "served", version, GateSettings(name="served")).champion
+    buffer = io.BytesIO()
+    shapes_image(56, 56).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    script = (
+        "import json, sys, mlflow\n"
+        "model = mlflow.pyfunc.load_model('models:/served@champion')\n"
+        "rows = [{'prompt': 'What colour is the square?', 'image': sys.argv[1]},\n"
+        "        {'prompt': 'Hello'}]\n"
+        "out = model.predict(rows, params={'max_new_tokens': 4})\n"
+        "training = ('ray', 'deepspeed', 'jobs', 'pipelines')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in training)\n"
+        "print(json.dumps({'answers': list(out['answer']), 'loaded': loaded}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = store[0]
+    done = subprocess.run(
+        [sys.executable, "-c", script, image],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["answers"]) == 2 and all(isinstance(a, str) for a in result["answers"])
+    assert result["loaded"] == []
+
+
+def test_the_logged_model_carries_the_hugging_face_folder_and_a_signature(store, tmp_path):
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=store[1], dst_path=str(tmp_path)))
+    assert (local / "artifacts" / "hf_model" / "config.json").is_file()
+    assert (local / "artifacts" / "hf_model" / "model.safetensors").is_file()
+    info = mlflow.models.get_model_info(store[1])
+    assert {c.name for c in info.signature.inputs.inputs} == {"prompt", "image", "image_bytes"}
+    assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
+
+
+def test_mlflow_models_serve_answers_an_http_request(store, client, tmp_path):
+    import socket
+    import urllib.request
+
+    version = new_version(store, "http", vqa_accuracy=1.0, ppl_ratio=1.0)
+    assert promote(client, "http", version, GateSettings(name="http")).champion
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # the serve command runs `uvicorn` from the PATH, as when activated
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PATH": path}
+    mlflow_cli = str(bin_dir / "mlflow")
+    server = subprocess.Popen(
+        [mlflow_cli, "models", "serve", "-m", "models:/http@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        buffer = io.BytesIO()
+        shapes_image(56, 56).save(buffer, format="PNG")
+        image = base64.b64encode(buffer.getvalue()).decode()
+        body = {
+            "dataframe_records": [{"prompt": "What is this?", "image": image}],
+            "params": {"max_new_tokens": 3},
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    reply = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "the model server did not come up in 180 s"
+                time.sleep(2)
+        [answer] = reply["predictions"]
+        assert isinstance(answer["answer"], str)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_predict_answers_from_the_registry_and_from_an_export(store, client, tmp_path, monkeypatch, capsys):
+    from jobs.predict import main as predict
+
+    version = new_version(store, "asked", vqa_accuracy=1.0, ppl_ratio=1.0)
+    assert promote(client, "asked", version, GateSettings(name="asked")).champion
+    image = tmp_path / "shapes.png"
+    shapes_image(56, 56).save(image)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
+    assert predict(["--model", "models:/asked@champion", "--image", str(image), "--prompt", "Hi?"]) == 0
+    from_registry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_registry["model"] == "models:/asked@champion" and isinstance(from_registry["answer"], str)
+
+    assert predict(["--model", "models:/asked@nobody", "--prompt", "Hi?"]) == 2
+    assert "nobody" in capsys.readouterr().err
+    assert predict(["--model", str(tmp_path / "missing"), "--prompt", "Hi?"]) == 2

@@ -1,0 +1,106 @@
+"""Scheduled retraining end to end on the tiny preset: prepare -> train -> evaluate -> register -> gate.
+
+Real Ray, DeepSpeed (2 CPU workers), MLflow (SQLite) and the storage lock; few steps per stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.retrain import LOCKED
+from jobs.retrain import main as retrain_main
+from model.presets import CONFIG_DIR
+from pipelines.synthetic import generate
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+
+def run(config: Path, *extra: str) -> tuple[int, dict | None]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = retrain_main(["--config", str(config), *extra])
+    lines = out.getvalue().strip().splitlines()
+    return status, (json.loads(lines[-1]) if status == 0 and lines else None)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A run config (tiny model + train + retrain + registry) over fresh raw corpora; the working folder."""
+    root = tmp_path_factory.mktemp("retrain")
+    raw = {}
+    for stage in ("distill", "align", "instruct"):
+        jsonl = generate(stage, 16, seed=0, output_dir=root / "raw" / stage, image_size=56)
+        raw[stage] = [str(jsonl)] + ([str(jsonl.parent / "text.jsonl")] if stage == "distill" else [])
+    held_out = generate("instruct", 4, seed=7, output_dir=root / "heldout", image_size=56)
+    text = generate("distill", 4, seed=7, output_dir=root / "heldout-text", image_size=56)
+    text = text.with_name("text.jsonl")
+    document = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    document["data"] = {"max_tokens": 256, "val_fraction": 0.0}
+    document["train"]["storage_path"] = str(root / "runs")
+    for stage in document["train"]["stages"].values():
+        stage["steps"] = 2
+    document["retrain"] = {
+        "raw": raw,
+        "prepared": str(root / "prepared"),
+        "eval": {"data": str(held_out), "text": str(text), "max_samples": 4},
+    }
+    document["registry"] = {"name": "hovle-test", "floor": 0.0, "max_ppl_ratio": None}
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(document))
+    return config, root
+
+
+@pytest.fixture(scope="module")
+def first_cycle(setup):
+    config, root = setup
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        return run(config)
+
+
+def test_a_cycle_trains_evaluates_registers_and_crowns_the_first_champion(setup, first_cycle):
+    from mlflow import MlflowClient
+
+    config, root = setup
+    status, summary = first_cycle
+    assert status == 0 and summary["status"] == "trained"
+    assert summary["version"] == "1" and summary["promoted"] is True
+    assert "vqa_accuracy" in summary["scores"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("hovle-test", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["hovle.data_version"] == summary["data_version"]
+    assert "eval.vqa_accuracy" in champion.tags and champion.tags["hovle.source_commit"]
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert "vqa_accuracy" in parent.data.metrics  # the evaluation logged into the pipeline run
+
+
+def test_nothing_new_exits_zero_without_training(setup, first_cycle, monkeypatch):
+    config, root = setup
+    monkeypatch.chdir(root)
+    status, summary = run(config)
+    assert status == 0 and summary["status"] == "nothing_to_do"
+    assert summary["data_version"] == first_cycle[1]["data_version"]
+
+
+def test_a_held_lock_stops_a_second_run_and_a_stale_one_is_taken_over(
+    setup, first_cycle, monkeypatch, capsys
+):
+    config, root = setup
+    monkeypatch.chdir(root)
+    lock = root / "runs" / "retrain" / "lock.json"
+    lock.write_text(json.dumps({"token": "other", "host": "elsewhere", "pid": 1, "time": time.time()}))
+    status, _ = run(config)
+    assert status == LOCKED
+    assert "another run holds" in capsys.readouterr().err
+    lock.write_text(json.dumps({"token": "dead", "host": "elsewhere", "pid": 1, "time": time.time() - 10**6}))
+    status, summary = run(config)
+    assert status == 0 and summary["status"] == "nothing_to_do"
+    assert not lock.exists()  # released
