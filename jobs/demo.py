@@ -1,36 +1,46 @@
-"""`make demo` / `python -m jobs.demo`: what the platform can do today, on this machine, offline.
+"""`make demo` / `python -m jobs.demo`: the whole story on this machine, offline, on embedded defaults.
 
-Today that is the model layer (the HoVLE network and its presets, the processor, generation with a KV
-cache, the three training stages as data) and the data pipeline (a synthetic corpus with ground truth,
-prepared into Parquet shards by Ray Data, incrementally). Ray Train + DeepSpeed training and the MLflow
-registry are later issues; the demo says so rather than pretending.
+    synthetic corpora -> prepare (Ray Data) -> distill, align, instruct (Ray Train + DeepSpeed)
+        -> evaluate on a held-out set -> register in MLflow -> the gate crowns a champion
+        -> models:/hovle@champion answers a question about an image
+
+Everything lands in `--workdir` (default outputs/demo): raw corpora, prepared shards, checkpoints and
+exports under runs/, and the MLflow store (mlflow.db + mlruns/), which `mlflow ui` opens afterwards.
+The default preset is smollm2-135m (the real SmolLM2-135M-Instruct LLM), sized to finish in about 15
+minutes on 2 CPU cores (bf16, one worker); `--preset tiny` runs the same story in about a minute with a
+random model (its answers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import tempfile
+import os
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
+import yaml
 from PIL import Image, ImageDraw
 
 from jobs.logging_setup import setup_logging
-from model import STAGES, apply_stage, build_model, build_processor, load_preset, stage_loss
+from model import build_model, load_preset
+from model.presets import find_preset
 
 logger = logging.getLogger("jobs.demo")
 
-BANNER = """\
-HoVLE platform demo: the model layer and the data pipeline
-  built:     HoVLE model (holistic embedding module + LLM), presets, processor (dynamic tiling, chat
-             template), cached generation, the three stages (distill / align / instruct) as data;
-             synthetic corpora and `hovle prepare` (Ray Data: raw corpora -> Parquet shards + manifest)
-  not yet:   Ray Train + DeepSpeed training, MLflow tracking and registry (later issues); nothing
-             below is trained, so image answers are NOT expected to be right
-"""
+STAGES = ("distill", "align", "instruct")
+# Per preset: samples per stage, held-out samples, image size, and per stage (steps, micro-batch, lr).
+PLANS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "samples": 320, "heldout": 40, "image_size": 224, "max_tokens": 512,
+        "stages": {"distill": (30, 4, 1e-3), "align": (50, 2, 5e-4), "instruct": (30, 2, 1e-4)},
+    },
+    "tiny": {
+        "samples": 24, "heldout": 8, "image_size": 56, "max_tokens": 256,
+        "stages": {"distill": (4, 2, 1e-3), "align": (4, 2, 1e-3), "instruct": (4, 2, 1e-3)},
+    },
+}  # fmt: skip
 
 
 def demo_image(size: int) -> Image.Image:
@@ -56,150 +66,180 @@ def show_presets() -> None:
         )
 
 
-def ask(
-    model,
-    processor,
-    question: str,
-    image: Image.Image | None = None,
-    max_new_tokens: int = 32,
-    use_cache: bool = True,
-) -> tuple[str, float]:
-    content = f"<image>\n{question}" if image is not None else question
-    inputs = processor(
-        [{"role": "user", "content": content}], images=[image] if image else None, add_generation_prompt=True
-    )
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"],
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-        )
-    seconds = time.perf_counter() - start
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :]).strip(), seconds
+def run_config(preset: str, plan: dict[str, Any], workdir: Path, steps: int | None) -> Path:
+    """The demo's run config: the preset's model, one bf16 worker on the whole machine, the plan's stages."""
+    document = yaml.safe_load(Path(find_preset(preset)).read_text())
+    stages = {}
+    for name, (planned, micro, lr) in plan["stages"].items():
+        count = steps or planned
+        stages[name] = {
+            "steps": count, "micro_batch_size": micro, "lr": lr, "warmup_steps": max(1, count // 10),
+            "max_tokens": plan["max_tokens"], "teacher_input_size": min(224, plan["image_size"]),
+        }  # fmt: skip
+    document["data"] = {"max_tokens": plan["max_tokens"], "val_fraction": 0.0}
+    document["train"] = {
+        "run_name": "demo",
+        "storage_path": str(workdir / "runs"),
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": os.cpu_count() or 1},
+        "deepspeed": {"zero_stage": 0, "precision": "bf16"},
+        "checkpoint": {"every_n_steps": 10, "keep_last": 1},
+        "log_every_n_steps": 5 if preset != "tiny" else 2,
+        "data": {"reader": "local"},
+        "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "system_metrics_interval_s": 5},
+        "stages": stages,
+    }
+    path = workdir / "demo.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
 
 
-def show_model(preset: str) -> None:
-    config = load_preset(preset)
-    print(
-        f"\n2. The {preset} preset, built offline (LLM: {config.llm_name_or_path or 'random weights'}, "
-        f"embedding init: {config.embedding_init})"
-    )
-    start = time.perf_counter()
-    model = build_model(config).eval()
-    processor = build_processor(config)
-    print(f"   built in {time.perf_counter() - start:.0f} s")
-
-    answer, _ = ask(model, processor, "What is the capital of France?")
-    print("   text-only, through the embedding module (identity init passes text through unchanged):")
-    print(f"     Q: What is the capital of France?\n     A: {answer}")
-
-    image = demo_image(config.tile_size)
-    answer, cached_s = ask(model, processor, "What colour is the square?", image)
-    print("   about an image (a red square and a blue circle) - the vision path is UNTRAINED:")
-    print(f"     Q: <image> What colour is the square?\n     A: {answer}")
-    _, recomputed_s = ask(model, processor, "What colour is the square?", image, use_cache=False)
-    print(
-        f"   the same 32-token answer with the KV cache: {cached_s:.2f} s; re-encoding the whole sequence "
-        f"every step (the released HoVLE code's way): {recomputed_s:.2f} s"
-    )
+def step(title: str) -> float:
+    print(f"\n{title}", flush=True)
+    return time.perf_counter()
 
 
-def show_stages(steps: int) -> None:
-    from model.teachers import build_teacher
+def story(preset: str, workdir: Path, steps: int | None, samples: int | None) -> dict[str, Any]:
+    import ray
+    from mlflow import MlflowClient
 
-    print(f"\n3. The three stages on the tiny preset, {steps} AdamW steps each on one fixed synthetic batch:")
-    torch.manual_seed(0)
-    config = load_preset("tiny")
-    model = build_model(config)
-    processor = build_processor(config)
-    image = demo_image(config.tile_size * 2)
-    chat = processor.collate(
-        [
-            processor(
-                [
-                    {"role": "user", "content": "<image>\nWhat colour is the square?"},
-                    {"role": "assistant", "content": "red"},
-                ],
-                images=[image],
-            )
-        ]
-    )
-    unpaired = processor.collate(
-        [processor([{"role": "user", "content": "<image>\nzebra quartz lamp"}], images=[image])]
-    )
-    teacher = build_teacher("mobilenet_v2", student_hidden=config.text_config.hidden_size, input_size=112)
-    for name, spec in STAGES.items():
-        params = apply_stage(model, spec)
-        if spec.needs_teacher:
-            params += list(teacher.trainable_parameters())
-        optimizer = torch.optim.AdamW(params, lr=3e-3)
-        batch = unpaired if spec.needs_teacher else chat
-        first = last = None
-        for _ in range(steps):
-            result = stage_loss(model, batch, spec, teacher if spec.needs_teacher else None)
-            optimizer.zero_grad()
-            result.loss.backward()
-            optimizer.step()
-            first = first or result.parts
-            last = result.parts
-        trainable = sum(p.numel() for p in params)
-        detail = ", ".join(f"{k} {first[k]:.3f}->{last[k]:.3f}" for k in first if k != "loss")
-        print(
-            f"   {name:<9} trains {trainable:>9,} params ({', '.join(spec.trainable)}): "
-            f"loss {first['loss']:.3f} -> {last['loss']:.3f}  ({detail})"
-        )
-
-
-def show_data(preset: str, samples: int, workdir: Path) -> None:
-    """A synthetic instruct corpus with two corrupt records -> `prepare` twice (the second finds no work)."""
+    from jobs.evaluate import build_parser
+    from jobs.evaluate import evaluate as run_evaluation
+    from jobs.predict import answer
+    from jobs.registry import GateSettings, log_hovle_model, promote, register, source_commit
+    from jobs.train import train
+    from jobs.train_config import load_train_config
     from pipelines.prepare import prepare
     from pipelines.settings import PrepareSettings
     from pipelines.synthetic import generate
 
-    print(
-        f"\n4. Data: {samples} synthetic instruct samples -> Ray Data prepare -> Parquet shards ({preset}):"
+    plan = PLANS.get(preset, PLANS["smollm2-135m"])
+    count = samples or plan["samples"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # MLflow's default artifact folder (mlruns/) lands beside mlflow.db
+    config_path = run_config(preset, plan, workdir, steps)
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    timings: dict[str, float] = {}
+
+    start = step(
+        f"2. Corpora: {count} synthetic samples per stage (shapes, colours, counts, words), held out apart"
     )
-    jsonl = generate("instruct", samples, seed=0, output_dir=workdir / "corpus", image_size=224)
-    (jsonl.parent / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with jsonl.open("a", encoding="utf-8") as out:  # one corrupt image and one escaping the dataset root
-        for n, ref in enumerate(("images/broken.png", "../../etc/passwd")):
-            turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "?"}]
-            out.write(json.dumps({"id": f"bad-{n}", "image": ref, "conversations": turns}) + "\n")
-    output = str(workdir / "prepared")
-    for attempt in ("first run", "rerun"):
-        start = time.perf_counter()
-        report = prepare(preset, "instruct", [str(jsonl)], output, PrepareSettings())
-        print(
-            f"   {attempt:<9} read {report['read']:>3}  written {report['written']:>3}  rejected "
-            f"{report['rejected']} {report['rejected_by_reason']}  ({time.perf_counter() - start:.0f} s)"
+    raw = {}
+    for stage in STAGES:
+        jsonl = generate(
+            stage, count, seed=0, output_dir=workdir / "raw" / stage, image_size=plan["image_size"]
         )
-    print(f"   shards, rejects table and manifest.json under {output} (--workdir keeps them)")
+        raw[stage] = [str(jsonl)] + ([str(jsonl.with_name("text.jsonl"))] if stage == "distill" else [])
+    heldout = generate(
+        "instruct", plan["heldout"], seed=1, output_dir=workdir / "heldout", image_size=plan["image_size"]
+    )
+    text = generate("distill", 16, seed=1, output_dir=workdir / "heldout-text", image_size=plan["image_size"])
+    timings["corpora"] = time.perf_counter() - start
+
+    start = step("3. Prepare with Ray Data: validate, decode, tile, tokenize -> Parquet shards + manifest")
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    datasets = {}
+    settings = PrepareSettings(max_tokens=plan["max_tokens"], val_fraction=0.0)
+    for stage in STAGES:
+        output = str(workdir / "prepared" / stage)
+        report = prepare(str(config_path), stage, raw[stage], output, settings)
+        counts = f"read {report['read']:>4}  written {report['written']:>4}  rejected {report['rejected']}"
+        print(f"   {stage:<9} {counts}")
+        datasets[stage] = output
+    timings["prepare"] = time.perf_counter() - start
+
+    start = step(
+        "4. Train distill -> align -> instruct on Ray Train + DeepSpeed (progress lines from rank 0)"
+    )
+    overrides = {f"data.{stage}": uri for stage, uri in datasets.items()}
+    config = load_train_config(str(config_path), overrides)
+    trained = train(str(config_path), config, "all")
+    timings["train"] = time.perf_counter() - start
+
+    start = step(
+        "5. Evaluate the instruct export on the held-out set (base for language preservation: distill)"
+    )
+    argv = [
+        "--model",
+        trained["exports"]["instruct"],
+        "--data",
+        str(heldout),
+        "--run-id",
+        trained["mlflow_run_id"],
+    ]
+    argv += ["--text", str(text.with_name("text.jsonl")), "--base", trained["exports"]["distill"]]
+    argv += ["--tracking-uri", tracking, "--output", str(workdir / "evaluation")]
+    scores = run_evaluation(build_parser().parse_args(argv), workdir / "evaluation")
+    timings["evaluate"] = time.perf_counter() - start
+
+    start = step("6. Register in MLflow and apply the promotion gate")
+    model_uri = log_hovle_model(trained["exports"]["instruct"], trained["mlflow_run_id"], tracking)
+    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    tags = {"hovle.source_commit": source_commit(), "hovle.run_name": "demo", "hovle.preset": preset}
+    version = register(model_uri, "hovle", tags, numbers)
+    decision = promote(MlflowClient(tracking), "hovle", version, GateSettings(max_ppl_ratio=None))
+    print(f"   hovle v{version}: {'champion' if decision.champion else 'challenger'} ({decision.reason})")
+    timings["register"] = time.perf_counter() - start
+
+    start = step("7. Ask models:/hovle@champion (pyfunc, as an application would) about a new image")
+    image = workdir / "question.png"
+    demo_image(plan["image_size"]).save(image)
+    alias = "champion" if decision.champion else "challenger"
+    question = "What colour is the square?"
+    reply = answer(f"models:/hovle@{alias}", question, str(image), max_new_tokens=12)
+    print(f"   Q: <image: a red square and a blue circle> {question}\n   A: {reply}")
+    timings["predict"] = time.perf_counter() - start
+    ray.shutdown()
+    return {
+        "trained": trained, "scores": numbers, "version": version, "alias": alias,
+        "timings": timings, "tracking": tracking, "workdir": workdir,
+    }  # fmt: skip
+
+
+def summary_table(result: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result["tracking"])
+    parent = result["trained"]["mlflow_run_id"]
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    print("\nSummary")
+    print(f"   {'stage':<9} {'steps':>5} {'loss first -> last':>20} {'tokens/s':>9}")
+    for run in sorted(children, key=lambda r: STAGES.index(r.data.tags["hovle.stage"])):
+        history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+        speed = run.data.metrics.get("tokens_per_s", float("nan"))
+        print(
+            f"   {run.data.tags['hovle.stage']:<9} {history[-1].step:>5} "
+            f"{history[0].value:>9.3f} -> {history[-1].value:<8.3f} {speed:>9.0f}"
+        )
+    scores = result["scores"]
+    print(f"   held-out VQA accuracy {scores.get('vqa_accuracy', float('nan')):.3f}; "
+          f"perplexity ratio to the base {scores.get('ppl_ratio', float('nan')):.3f}")  # fmt: skip
+    print(f"   registered model hovle v{result['version']}, alias {result['alias']}")
+    print("   time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items()))
+    print(f"\nOpen the MLflow UI on it (from {result['workdir']}):")
+    print(f"   mlflow ui --backend-store-uri {result['tracking']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hovle demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hovle demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="smollm2-135m", help="smollm2-135m (default) or tiny")
+    parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"), help="where everything lands")
     parser.add_argument(
-        "--preset", default="smollm2-135m", help="model preset for part 2 (default: smollm2-135m)"
+        "--steps", type=int, default=None, help="optimizer steps per stage (default: planned)"
     )
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per stage in part 3")
-    parser.add_argument("--samples", type=int, default=64, help="synthetic samples prepared in part 4")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="where part 4 writes its corpus (default: a temp folder)"
-    )
+    parser.add_argument("--samples", type=int, default=None, help="samples per stage (default: planned)")
     args = parser.parse_args(argv)
     setup_logging()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-    print(BANNER)
+    for chatty in ("transformers", "ray", "ray.data", "ray.train", "mlflow", "py.warnings"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    started = time.perf_counter()
+    print(f"HoVLE platform demo on the {args.preset} preset: the whole story on this machine")
     show_presets()
-    show_model(args.preset)
-    show_stages(args.steps)
-    with tempfile.TemporaryDirectory(prefix="hovle-demo-") as scratch:
-        show_data(args.preset, args.samples, args.workdir or Path(scratch))
-    print("\nNext: `make test` runs the suite; `hovle inspect configs/hovle-2.6b.yaml --gpus 8` sizes a run.")
+    result = story(args.preset, args.workdir.resolve(), args.steps, args.samples)
+    summary_table(result)
+    print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
 

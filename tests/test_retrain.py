@@ -21,6 +21,8 @@ from pipelines.synthetic import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
+STAGES = ("distill", "align", "instruct")
+
 
 def run(config: Path, *extra: str) -> tuple[int, dict | None]:
     out = io.StringIO()
@@ -104,3 +106,27 @@ def test_a_held_lock_stops_a_second_run_and_a_stale_one_is_taken_over(
     status, summary = run(config)
     assert status == 0 and summary["status"] == "nothing_to_do"
     assert not lock.exists()  # released
+
+
+def test_new_data_starts_a_cycle_that_continues_after_a_crash(setup, first_cycle, monkeypatch):
+    config, root = setup
+    monkeypatch.chdir(root)
+    more = generate("instruct", 8, seed=3, output_dir=root / "raw" / "instruct-more", image_size=56)
+    document = yaml.safe_load(config.read_text())
+    document["retrain"]["raw"]["instruct"].append(str(more))
+    document["train"]["max_failures"] = 0
+    document["train"]["checkpoint"]["every_n_steps"] = 1
+    config.write_text(yaml.safe_dump(document))
+
+    # distill's last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
+    monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "2")
+    status, _ = run(config)
+    assert status == 1
+    monkeypatch.delenv("HOVLE_TRAIN_CRASH_AT_STEP")
+    status, summary = run(config)
+    assert status == 0 and summary["status"] == "trained"
+    assert summary["data_version"] != first_cycle[1]["data_version"]
+    assert summary["version"] == "2" and "reason" in summary
+    exports = root / "runs" / f"retrain-{summary['data_version']}" / "exports"
+    infos = {s: json.loads((exports / s / "export.json").read_text()) for s in STAGES}
+    assert infos["distill"]["resumed_from_step"] == 1  # the rerun went on from the crashed run's checkpoint
