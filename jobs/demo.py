@@ -34,7 +34,7 @@ STAGES = ("distill", "align", "instruct")
 PLANS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
         "samples": 320, "heldout": 40, "image_size": 224, "max_tokens": 512,
-        "stages": {"distill": (30, 4, 1e-3), "align": (50, 2, 5e-4), "instruct": (30, 2, 1e-4)},
+        "stages": {"distill": (30, 4, 1e-3), "align": (70, 2, 5e-4), "instruct": (50, 2, 1e-4)},
     },
     "tiny": {
         "samples": 24, "heldout": 8, "image_size": 56, "max_tokens": 256,
@@ -98,6 +98,27 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
+def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int) -> int:
+    """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
+    when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
+    from pipelines.importers import import_fashion_mnist
+    from pipelines.synthetic import MissingPackageError
+
+    try:
+        for stage in ("align", "instruct"):
+            raw[stage].append(
+                str(
+                    import_fashion_mnist(
+                        workdir / "raw" / f"{stage}-fashion", n, 0, "train", stage, image_size
+                    )
+                )
+            )
+    except MissingPackageError as err:
+        print(f"   (no real images: {err})")
+        return 0
+    return n
+
+
 def story(preset: str, workdir: Path, steps: int | None, samples: int | None) -> dict[str, Any]:
     import ray
     from mlflow import MlflowClient
@@ -130,11 +151,14 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
             stage, count, seed=0, output_dir=workdir / "raw" / stage, image_size=plan["image_size"]
         )
         raw[stage] = [str(jsonl)] + ([str(jsonl.with_name("text.jsonl"))] if stage == "distill" else [])
+    real = add_real_images(raw, count // 8, workdir, plan["image_size"])
     heldout = generate(
         "instruct", plan["heldout"], seed=1, output_dir=workdir / "heldout", image_size=plan["image_size"]
     )
     text = generate("distill", 16, seed=1, output_dir=workdir / "heldout-text", image_size=plan["image_size"])
     timings["corpora"] = time.perf_counter() - start
+    if real:
+        print(f"   + {real} Fashion-MNIST photos per stage for align and instruct (real images, label Q&A)")
 
     start = step("3. Prepare with Ray Data: validate, decode, tile, tokenize -> Parquet shards + manifest")
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)

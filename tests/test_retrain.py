@@ -21,8 +21,6 @@ from pipelines.synthetic import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
-STAGES = ("distill", "align", "instruct")
-
 
 def run(config: Path, *extra: str) -> tuple[int, dict | None]:
     out = io.StringIO()
@@ -108,17 +106,20 @@ def test_a_held_lock_stops_a_second_run_and_a_stale_one_is_taken_over(
     assert not lock.exists()  # released
 
 
-def test_new_data_starts_a_cycle_that_continues_after_a_crash(setup, first_cycle, monkeypatch):
+def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_crash(
+    setup, first_cycle, monkeypatch
+):
     config, root = setup
     monkeypatch.chdir(root)
     more = generate("instruct", 8, seed=3, output_dir=root / "raw" / "instruct-more", image_size=56)
     document = yaml.safe_load(config.read_text())
     document["retrain"]["raw"]["instruct"].append(str(more))
+    document["retrain"]["stages"] = "instruct"  # fine-tune the champion on the new data
     document["train"]["max_failures"] = 0
     document["train"]["checkpoint"]["every_n_steps"] = 1
     config.write_text(yaml.safe_dump(document))
 
-    # distill's last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
+    # the last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
     monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "2")
     status, _ = run(config)
     assert status == 1
@@ -128,5 +129,7 @@ def test_new_data_starts_a_cycle_that_continues_after_a_crash(setup, first_cycle
     assert summary["data_version"] != first_cycle[1]["data_version"]
     assert summary["version"] == "2" and "reason" in summary
     exports = root / "runs" / f"retrain-{summary['data_version']}" / "exports"
-    infos = {s: json.loads((exports / s / "export.json").read_text()) for s in STAGES}
-    assert infos["distill"]["resumed_from_step"] == 1  # the rerun went on from the crashed run's checkpoint
+    assert sorted(p.name for p in exports.iterdir()) == ["instruct"]
+    info = json.loads((exports / "instruct" / "export.json").read_text())
+    assert info["resumed_from_step"] == 1  # the rerun went on from the crashed run's checkpoint
+    assert info["init"].endswith("hf_model")  # it started from the champion's registered export
