@@ -200,7 +200,7 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
     model_uri = log_hovle_model(trained["exports"]["instruct"], trained["mlflow_run_id"], tracking)
     numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     tags = {"hovle.source_commit": source_commit(), "hovle.run_name": "demo", "hovle.preset": preset}
-    version = register(model_uri, "hovle", tags, numbers)
+    version = register(model_uri, "hovle", tags, numbers, tracking)
     decision = promote(MlflowClient(tracking), "hovle", version, GateSettings(max_ppl_ratio=None))
     print(f"   hovle v{version}: {'champion' if decision.champion else 'challenger'} ({decision.reason})")
     timings["register"] = time.perf_counter() - start

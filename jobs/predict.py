@@ -34,8 +34,10 @@ def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens
     if model_uri.startswith(("models:/", "runs:/")):
         import mlflow
 
-        mlflow.set_tracking_uri(default_tracking_uri())
-        model = mlflow.pyfunc.load_model(model_uri)
+        from jobs.tracking import use_tracking_uri
+
+        with use_tracking_uri(default_tracking_uri()):
+            model = mlflow.pyfunc.load_model(model_uri)
         return str(model.predict([row], params=params)["answer"][0])
 
     from jobs.export import local_copy, read_export_info

@@ -23,6 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.tracking import use_tracking_uri
+
 logger = logging.getLogger(__name__)
 
 HF_ARTIFACT = "hf_model"  # as jobs.serving reads it (not imported: that module registers a model on import)
@@ -118,8 +120,7 @@ def log_hovle_model(export_uri: str, run_id: str, tracking_uri: str) -> str:
 
     from jobs.export import local_copy
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="hovle-register-") as scratch:
+    with use_tracking_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="hovle-register-") as scratch:
         # MLflow keeps an artifact folder under its own name: copy the export to one named `hf_model`
         folder = str(Path(scratch) / HF_ARTIFACT)
         source = local_copy(export_uri, str(Path(scratch) / "download"))
@@ -160,13 +161,19 @@ def source_commit() -> str:
         return "unknown"
 
 
-def register(model_uri: str, name: str, tags: dict[str, Any], scores: dict[str, float]) -> str:
-    """A new version of registered model `name` from `model_uri`; returns the version number."""
+def register(
+    model_uri: str, name: str, tags: dict[str, Any], scores: dict[str, float], tracking_uri: str
+) -> str:
+    """A new version of registered model `name` from `model_uri`; returns the version number.
+
+    The registry is MLFLOW_REGISTRY_URI when set (MLflow reads it), else the tracking server's.
+    """
     import mlflow
 
     all_tags = {k: str(v) for k, v in tags.items()}
     all_tags.update({f"{SCORE_TAG_PREFIX}{k}": repr(float(v)) for k, v in scores.items()})
-    version = mlflow.register_model(model_uri, name, tags=all_tags)
+    with use_tracking_uri(tracking_uri):
+        version = mlflow.register_model(model_uri, name, tags=all_tags)
     logger.info("registered %s version %s", name, version.version)
     return str(version.version)
 

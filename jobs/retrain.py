@@ -194,9 +194,6 @@ def _cycle(config_path, settings, gate, train_config: TrainConfig, datasets, ver
         cycle["scores"] = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         state.save()
     if "model_version" not in cycle:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
         model_uri = log_hovle_model(final, report["mlflow_run_id"], tracking_uri)
         tags = {
             "hovle.data_version": version,
@@ -205,7 +202,7 @@ def _cycle(config_path, settings, gate, train_config: TrainConfig, datasets, ver
             "hovle.source_commit": source_commit(),
             "hovle.run_name": config.run_name,
         }
-        cycle["model_version"] = register(model_uri, gate.name, tags, cycle["scores"])
+        cycle["model_version"] = register(model_uri, gate.name, tags, cycle["scores"], tracking_uri)
         state.save()
     from mlflow import MlflowClient
 

@@ -12,9 +12,12 @@ it already logged are simply logged again at the same step (MLflow keeps both po
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +161,26 @@ def log_json_artifact(client_or_tracker, run_id: str, payload: Any, name: str) -
         path.write_text(json.dumps(payload, indent=2, sort_keys=True))
         client = getattr(client_or_tracker, "client", client_or_tracker)
         client.log_artifact(run_id, str(path))
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, load_model) on `uri` inside the block only.
+
+    `mlflow.set_tracking_uri` is process-global and also exports MLFLOW_TRACKING_URI (for subprocesses), so
+    a job that called it would leave every later MLflow use in the process pointing at its store. The
+    previous URI and environment are restored on exit.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous, exported = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported

@@ -95,12 +95,16 @@ def test_a_submitted_retrain_job_runs_end_to_end(ray_head, tmp_path):
     config.write_text(yaml.safe_dump(document))
 
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--working-dir", ".",
-         "--runtime-env", "platform/ray/runtime_env.yaml", "--",
-         "python", "-m", "jobs.retrain", "--config", str(config)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    for _ in range(30):  # the jobs API answers before the head's job agent has registered
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_head, "--working-dir", ".",
+             "--runtime-env", "platform/ray/runtime_env.yaml", "--",
+             "python", "-m", "jobs.retrain", "--config", str(config)],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if "No available agent to submit job" not in submitted.stderr + submitted.stdout:
+            break
+        time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     summary = json.loads(
         next(line for line in reversed(submitted.stdout.splitlines()) if line.startswith('{"status"'))

@@ -41,7 +41,6 @@ def store(tmp_path_factory):
     model, processor = tiny_model(init_std=0.5)
     export = root / "export"
     write_export(model, processor, model.state_dict(), str(export), {"stage": "instruct"})
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("registry-test", artifact_location=str(root / "artifacts"))
     run = client.create_run(experiment)
@@ -56,7 +55,8 @@ def client(store):
 
 
 def new_version(store, name: str, **scores: float) -> str:
-    return register(store[1], name, {"hovle.config_hash": "c", "hovle.source_commit": "abc"}, scores)
+    tags = {"hovle.config_hash": "c", "hovle.source_commit": "abc"}
+    return register(store[1], name, tags, scores, store[0])
 
 
 def test_the_first_version_becomes_champion_only_above_the_floors(store, client):
@@ -134,10 +134,13 @@ def test_the_registered_model_answers_in_a_plain_process_without_training_code(s
 def test_the_logged_model_carries_the_hugging_face_folder_and_a_signature(store, tmp_path):
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=store[1], dst_path=str(tmp_path)))
+    from jobs.tracking import use_tracking_uri
+
+    with use_tracking_uri(store[0]):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=store[1], dst_path=str(tmp_path)))
+        info = mlflow.models.get_model_info(store[1])
     assert (local / "artifacts" / "hf_model" / "config.json").is_file()
     assert (local / "artifacts" / "hf_model" / "model.safetensors").is_file()
-    info = mlflow.models.get_model_info(store[1])
     assert {c.name for c in info.signature.inputs.inputs} == {"prompt", "image", "image_bytes"}
     assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
 
@@ -205,3 +208,12 @@ def test_predict_answers_from_the_registry_and_from_an_export(store, client, tmp
     assert predict(["--model", "models:/asked@nobody", "--prompt", "Hi?"]) == 2
     assert "nobody" in capsys.readouterr().err
     assert predict(["--model", str(tmp_path / "missing"), "--prompt", "Hi?"]) == 2
+
+
+def test_registry_calls_leave_the_process_tracking_uri_alone(store, tmp_path):
+    import mlflow
+
+    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
+    version = new_version(store, "untouched", vqa_accuracy=1.0)
+    assert version
+    assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == before
