@@ -40,6 +40,15 @@ def free_port() -> int:
 def ray_head():
     """A `ray start --head --block` process group; yields the dashboard (jobs API) address."""
     dashboard, gcs = free_port(), free_port()
+    # every port of its own: the test session's Ray runtime already holds the defaults (the dashboard
+    # agent's 52365 among them, and a head whose agent cannot listen accepts no jobs)
+    ports = [
+        f"--{name}={free_port()}"
+        for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+        )
+    ]  # fmt: skip
     temp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
     # the head's `python` is this virtualenv's, as a cluster node's is its image's
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
@@ -47,7 +56,7 @@ def ray_head():
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--temp-dir", temp, "--disable-usage-stats"],
+         "--temp-dir", temp, "--disable-usage-stats", *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
@@ -95,7 +104,7 @@ def test_a_submitted_retrain_job_runs_end_to_end(ray_head, tmp_path):
     config.write_text(yaml.safe_dump(document))
 
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    for _ in range(30):  # the jobs API answers before the head's job agent has registered
+    for _ in range(10):  # the jobs API answers before the head's job agent has registered
         submitted = subprocess.run(
             [RAY, "job", "submit", "--address", ray_head, "--working-dir", ".",
              "--runtime-env", "platform/ray/runtime_env.yaml", "--",
