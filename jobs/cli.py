@@ -31,6 +31,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
     """`--set KEY=VALUE` items as a dict (values stay strings); a malformed item is a usage error."""
     pairs = [item.split("=", 1) for item in items]

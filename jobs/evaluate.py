@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from jobs.cli import positive_int
 from jobs.export import is_export, load_export, local_copy
 from jobs.logging_setup import setup_logging
 from jobs.tracking import KIND_TAG, log_params
@@ -441,21 +442,14 @@ def log_to_mlflow(
 # ---- the job -----------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hovle evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="export folder, HF folder, runs:/ or models:/ URI")
     parser.add_argument("--data", required=True, help="held-out conversation JSONL (hovle synth's format)")
     parser.add_argument("--text", help="held-out text JSONL ({id, text}) for perplexity")
     parser.add_argument("--base", help="the base model, for language preservation")
-    parser.add_argument("--max-samples", type=_positive_int, help="evaluate the first N records only")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer length (default 16)")
+    parser.add_argument("--max-samples", type=positive_int, help="evaluate the first N records only")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length (default 16)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--experiment", default="hovle", help="experiment of a new run (default hovle)")
     parser.add_argument("--run-id", help="log into this MLflow run instead of a new one")

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from jobs.cli import positive_int
 from jobs.logging_setup import setup_logging
 from pipelines.synthetic import STAGES, MissingPackageError
 
@@ -24,22 +25,15 @@ SOURCES = ("shapes", "fashion-mnist", "emoji")
 DEFAULT_IMAGE_SIZE = {"shapes": 224, "fashion-mnist": 112, "emoji": 112}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hovle synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=STAGES, required=True, help="the HoVLE stage the corpus is for")
-    parser.add_argument("--n", type=_positive_int, required=True, help="number of records")
+    parser.add_argument("--n", type=positive_int, required=True, help="number of records")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0); evaluate on another")
     parser.add_argument("--output", type=Path, required=True, help="folder for data.jsonl and images/")
     parser.add_argument("--source", choices=SOURCES, default="shapes", help="what to draw (default shapes)")
     parser.add_argument(
-        "--image-size", type=_positive_int, default=None, help="image side in pixels (default per source)"
+        "--image-size", type=positive_int, default=None, help="image side in pixels (default per source)"
     )
     parser.add_argument(
         "--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)"
