@@ -38,13 +38,14 @@ from jobs.cli import positive_int
 from jobs.export import is_export, load_export, local_copy
 from jobs.logging_setup import setup_logging
 from jobs.tracking import KIND_TAG, log_params
+from jobs.tracking import tracking_uri as default_tracking_uri
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
+from model.tokenizer import IMAGE_PLACEHOLDER
 from pipelines import storage
 
 logger = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "gpt": "assistant"}
-IMAGE_PLACEHOLDER = "<image>"
 NUMBER_WORDS = {
     word: str(n) for n, word in enumerate("zero one two three four five six seven eight nine ten".split())
 }
@@ -63,7 +64,6 @@ TEXT_QA: tuple[str, ...] = (
     "What do bees make?",
     "How many hours are in a day?",
 )
-HF_MODEL_ARTIFACT = "hf_model"  # the registry's pyfunc model keeps the Hugging Face folder under this name
 GALLERY_MAX_RECORDS = 50
 THUMBNAIL_SIDE = 224
 TEXT_MAX_TOKENS = 256
@@ -94,22 +94,6 @@ def _load_hf_folder(folder: str) -> tuple[HoVLEForConditionalGeneration, HoVLEPr
     return model.eval(), HoVLEProcessor.from_pretrained(folder)
 
 
-def _hf_model_path(pyfunc_dir: Path) -> str:
-    """Where the pyfunc model in `pyfunc_dir` keeps its `hf_model` artifact, relative to it.
-
-    MLflow copies an artifact under `artifacts/<the source folder's name>`, so the path is read from the
-    MLmodel file; `artifacts/hf_model` when the MLmodel does not name it.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    try:
-        artifacts = Model.load(str(pyfunc_dir)).flavors.get("python_function", {}).get("artifacts") or {}
-    except (MlflowException, OSError):  # no MLmodel: not a pyfunc folder; the default path is checked next
-        artifacts = {}
-    return artifacts.get(HF_MODEL_ARTIFACT, {}).get("path", f"artifacts/{HF_MODEL_ARTIFACT}")
-
-
 def resolve_model(
     uri: str, tracking_uri: str | None = None
 ) -> tuple[HoVLEForConditionalGeneration, HoVLEProcessor]:
@@ -123,21 +107,19 @@ def resolve_model(
         ModelNotFound: nothing loadable at `uri` (the message says what was expected).
     """
     if uri.startswith(("runs:/", "models:/")):
-        import mlflow.artifacts
         from mlflow.exceptions import MlflowException
+
+        from jobs.registry import HF_ARTIFACT, download_hf_folder
 
         with tempfile.TemporaryDirectory(prefix="hovle-model-") as scratch:
             try:
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri, registry_uri=tracking_uri
-                )
+                folder = download_hf_folder(uri, tracking_uri, scratch)
             except (MlflowException, OSError) as err:
                 raise ModelNotFound(f"cannot download MLflow model {uri} from {tracking_uri}: {err}") from err
-            folder = Path(local) / _hf_model_path(Path(local))
             if not (folder / "config.json").is_file():
                 raise ModelNotFound(
-                    f"{uri} holds no Hugging Face model (pyfunc artifact {HF_MODEL_ARTIFACT!r}); log it with "
-                    f'mlflow.pyfunc.log_model(..., artifacts={{"{HF_MODEL_ARTIFACT}": <export folder>}})'
+                    f"{uri} holds no Hugging Face model (pyfunc artifact {HF_ARTIFACT!r}); log it with "
+                    f'mlflow.pyfunc.log_model(..., artifacts={{"{HF_ARTIFACT}": <export folder>}})'
                 )
             return _load_hf_folder(str(folder))
     if is_export(uri):
@@ -418,7 +400,7 @@ def render_gallery(report: VqaReport, title: str = "HoVLE evaluation") -> str:
 
 def tracking_uri_from(arg: str | None) -> str:
     """`--tracking-uri`, else MLFLOW_TRACKING_URI, else a SQLite file in the working folder (absolute)."""
-    return arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return arg or default_tracking_uri()
 
 
 def log_to_mlflow(

@@ -13,18 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import types
 from pathlib import Path
 
 from jobs.logging_setup import setup_logging
-
-
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the SQLite file a local run writes (./mlflow.db)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
 def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens: int = 32) -> str:
@@ -34,9 +28,9 @@ def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens
     if model_uri.startswith(("models:/", "runs:/")):
         import mlflow
 
-        from jobs.tracking import use_tracking_uri
+        from jobs.tracking import tracking_uri, use_tracking_uri
 
-        with use_tracking_uri(default_tracking_uri()):
+        with use_tracking_uri(tracking_uri()):
             model = mlflow.pyfunc.load_model(model_uri)
         return str(model.predict([row], params=params)["answer"][0])
 

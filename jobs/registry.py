@@ -141,6 +141,37 @@ def log_hovle_model(export_uri: str, run_id: str, tracking_uri: str) -> str:
     return info.model_uri
 
 
+def download_hf_folder(uri: str, tracking_uri: str | None, scratch: str) -> Path:
+    """Download the logged model at `uri` (runs:/..., models:/name@alias, models:/name/version) into
+    `scratch` and return the path of its Hugging Face folder (which may not exist if `uri` is some other
+    MLflow model). The registry is MLFLOW_REGISTRY_URI when set, else the tracking server's.
+
+    Raises:
+        MlflowException, OSError: no such model, version or alias, or the download failed.
+    """
+    import os
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri, registry_uri=registry_uri
+        )
+    )
+    # MLflow keeps an artifact under artifacts/<its folder's name>: the MLmodel file says where
+    try:
+        artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts") or {}
+    except (
+        MlflowException,
+        OSError,
+    ):  # no MLmodel: not a pyfunc model; the default path is checked by callers
+        artifacts = {}
+    return local / artifacts.get(HF_ARTIFACT, {}).get("path", f"artifacts/{HF_ARTIFACT}")
+
+
 def source_commit() -> str:
     """The git commit of this checkout (with `-dirty` when it has changes), or "unknown"."""
     try:

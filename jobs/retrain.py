@@ -113,16 +113,12 @@ class CycleState:
 def champion_export(name: str, tracking_uri: str, scratch: str) -> str | None:
     """The champion's Hugging Face folder, downloaded into `scratch` (None when there is no champion)."""
     from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
 
-    from jobs.registry import champion_version
+    from jobs.registry import champion_version, download_hf_folder
 
-    current = champion_version(MlflowClient(tracking_uri), name)
-    if current is None:
+    if champion_version(MlflowClient(tracking_uri), name) is None:
         return None
-    uri = f"models:/{name}@champion"
-    local = download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri)
-    return str(Path(local) / "artifacts" / "hf_model")
+    return str(download_hf_folder(f"models:/{name}@champion", tracking_uri, scratch))
 
 
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:

@@ -30,6 +30,16 @@ PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
+def tracking_uri(configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI as MLflow's own tools read it, else `configured`, else a SQLite file in the
+    working folder (absolute, so Ray workers started elsewhere write to the same file)."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or configured
+        or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+    )
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 

@@ -47,7 +47,7 @@ def resolve_storage(path: str) -> str:
 
 
 def stage_plan(config: TrainConfig, stage: str, data: str | None, init: str | None, output: str | None):
-    """[(stage, data URI, export URI)] in order, and the first stage's init; checks every dataset exists.
+    """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
 
     Raises:
         ConfigError: a stage without data, or data that is not a prepared dataset.
@@ -71,7 +71,7 @@ def stage_plan(config: TrainConfig, stage: str, data: str | None, init: str | No
             raise ConfigError(
                 f"train.data.{name}: {uri} was prepared for stage {manifest.stage!r}, not {name!r}"
             )
-        plan.append((name, uri, storage.join(exports, name)))
+        plan.append((name, uri, storage.join(exports, name), manifest))
     return plan, init
 
 
@@ -123,7 +123,6 @@ def train(
     from jobs.export import is_export
     from jobs.tracking import RunTracker
     from jobs.train_loop import StageJob
-    from pipelines.manifest import read_manifest
 
     plan, init = stage_plan(config, stage, data, init, output)
     if init is None:
@@ -138,7 +137,7 @@ def train(
     parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": config_source})
     crash = os.environ.get(CRASH_ENV)
     exports: dict[str, str] = {}
-    for name, data_uri, export_uri in plan:
+    for name, data_uri, export_uri, manifest in plan:
         if is_export(export_uri):
             logger.info("%s: already exported at %s, skipped", name, export_uri)
         else:
@@ -146,7 +145,7 @@ def train(
                 parent, name, {"stage": name, "data": data_uri, "init": init or "preset"}
             )
             tracker.log_dict(child, config.model_dump(mode="json"), "config.json")
-            tracker.log_dict(child, json.loads(read_manifest(data_uri).to_json()), "data_manifest.json")
+            tracker.log_dict(child, json.loads(manifest.to_json()), "data_manifest.json")
             job = StageJob(
                 config=config.model_dump(mode="json"),
                 config_source=config_source,

@@ -21,7 +21,6 @@ Every field has a default; a wrong or unknown field fails with its dotted name (
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,13 +148,10 @@ class TrainConfig(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI as MLflow's own tools read it, else the configured URI, else a SQLite file in
-        the working folder (absolute, so the workers write to the same file)."""
-        return (
-            os.environ.get("MLFLOW_TRACKING_URI")
-            or self.tracking.uri
-            or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
-        )
+        """MLFLOW_TRACKING_URI, else `tracking.uri`, else <working folder>/mlflow.db (jobs.tracking)."""
+        from jobs.tracking import tracking_uri
+
+        return tracking_uri(self.tracking.uri)
 
     def stage_run_name(self, stage: str) -> str:
         return f"{self.run_name}-{stage}"

@@ -15,6 +15,7 @@ import gzip
 import random
 import struct
 import unicodedata
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -91,16 +92,16 @@ class LabelTemplates:
     groups: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
-class LabelledImageSource:
+class LabelledImageSource(ABC):
     """A corpus source over labelled images; subclasses say how to draw one (`draw`) and how to talk."""
 
     name: str
     templates: LabelTemplates
     labels: tuple[str, ...]
 
+    @abstractmethod
     def draw(self, rng: random.Random) -> tuple[Image.Image, str, dict[str, Any]]:
         """One image, its label and facts for the record's `meta`."""
-        raise NotImplementedError
 
     def _fill(self, template: str, label: str) -> str:
         return template.format(label=label, a_label=_article(label))
