@@ -7,6 +7,7 @@ BOOTSTRAP_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v pyth
 
 # Offline, quiet, reproducible: no hub downloads, no telemetry, DeepSpeed's compiled ops cached in the repo.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export HOVLE_CACHE_DIR := $(CURDIR)/.cache/hovle
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0

@@ -2,10 +2,16 @@
 
 Both read the same synthetic instruct corpus, validate and decode every image, tile it, tokenize the
 conversation and write Parquet shards. The loop calls the very functions the pipeline's actors call
-(`read_unit`, `preprocess_row`), one record after another, in this process. Ray starts once before the
-timings (a cluster is normally already running); everything after that is timed, manifest included.
+(`read_unit`, `preprocess_row`), one record after another, in this process.
 
-    python benchmarks/bench_prepare.py [--sizes 1000 4000 16000] [--config C] [--image-size 448]
+What is outside the timings, as it is in normal use: Ray starting (a cluster is already running), the
+one-time GGUF conversion (model.gguf_cache keeps it), and the start-up of the driver's worker processes
+(a pipeline that prepares several datasets, like retrain's three stages, pays it once). That last cost
+is measured on its own first: a small corpus is prepared twice, and `cold_start_s` is the difference -
+what a one-off `hovle prepare` job adds. Everything else is timed, building the processor and writing
+the manifest included. Each side runs `--repeats` times per size (alternating) and the fastest counts.
+
+    python benchmarks/bench_prepare.py [--sizes 1000 4000 16000] [--repeats 2] [--image-size 448]
 
 Prints a table and writes results/bench_prepare.json. Target: >= 1.7x the loop on 2 cores, with time
 growing linearly in the corpus size.
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 4000, 16000])
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side and size; the fastest counts")
+    parser.add_argument("--probe", type=int, default=256, help="samples of the cold-start probe")
     parser.add_argument("--config", default="configs/smollm2-135m.yaml")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--output", type=Path, default=default_output("bench_prepare"))
@@ -91,38 +99,66 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(include_dashboard=False, log_to_driver=False)
     settings = PrepareSettings(shard_max_rows=1024)
+    PrepareContext.build(args.config, "instruct", settings)  # fills the GGUF conversion cache
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    runs = iter(range(1_000_000))  # a fresh output folder for every run
+
+    def timed_prepare(corpus: Path) -> tuple[float, dict]:
+        start = time.perf_counter()
+        report = prepare(args.config, "instruct", [str(corpus)], str(work / f"ray-{next(runs)}"), settings)
+        return time.perf_counter() - start, report
+
     rows = []
     try:
+        probe = generate(
+            "instruct", args.probe, seed=5, output_dir=work / "probe", image_size=args.image_size
+        )
+        cold_s, _ = timed_prepare(probe)
+        warm_s, _ = timed_prepare(probe)
+        startup = {
+            "samples": args.probe,
+            "first_s": round(cold_s, 2),
+            "second_s": round(warm_s, 2),
+            "cold_start_s": round(cold_s - warm_s, 2),
+        }
+        print(
+            f"start-up probe ({args.probe} samples): first prepare in this driver {cold_s:.1f} s, "
+            f"second {warm_s:.1f} s -> a one-off job adds {cold_s - warm_s:.1f} s",
+            flush=True,
+        )
         for n in args.sizes:
             corpus = generate(
                 "instruct", n, seed=7, output_dir=work / f"corpus-{n}", image_size=args.image_size
             )
-            start = time.perf_counter()
-            written_loop, images = plain_loop(args.config, corpus, work / f"loop-{n}", settings)
-            loop_s = time.perf_counter() - start
-
-            start = time.perf_counter()
-            report = prepare(args.config, "instruct", [str(corpus)], str(work / f"ray-{n}"), settings)
-            ray_s = time.perf_counter() - start
-            assert report["written"] == written_loop, (report["written"], written_loop)
+            loop_times, ray_times = [], []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                written_loop, images = plain_loop(args.config, corpus, work / f"loop-{n}", settings)
+                loop_times.append(time.perf_counter() - start)
+                seconds, report = timed_prepare(corpus)
+                ray_times.append(seconds)
+                assert report["written"] == written_loop, (report["written"], written_loop)
+            loop_s, ray_s = min(loop_times), min(ray_times)
             row = {
                 "samples": n,
                 "images": images,
                 "written": written_loop,
                 "loop_s": round(loop_s, 2),
                 "ray_s": round(ray_s, 2),
+                "loop_runs_s": [round(t, 2) for t in loop_times],
+                "ray_runs_s": [round(t, 2) for t in ray_times],
                 "loop_images_s": round(images / loop_s, 1),
                 "ray_images_s": round(images / ray_s, 1),
                 "speedup": round(loop_s / ray_s, 2),
+                "speedup_one_off_job": round(loop_s / (ray_s + startup["cold_start_s"]), 2),
                 "ray_ms_per_sample": round(1000 * ray_s / n, 2),
                 "loop_ms_per_sample": round(1000 * loop_s / n, 2),
             }
             rows.append(row)
             print(
                 f"n={n:6d} images={images:6d}  loop {row['loop_images_s']:8.1f} img/s ({loop_s:7.1f} s)  "
-                f"ray {row['ray_images_s']:8.1f} img/s ({ray_s:7.1f} s)  speed-up {row['speedup']:.2f}x  "
-                f"ray {row['ray_ms_per_sample']:.2f} ms/sample",
+                f"ray {row['ray_images_s']:8.1f} img/s ({ray_s:7.1f} s)  speed-up {row['speedup']:.2f}x "
+                f"(one-off job {row['speedup_one_off_job']:.2f}x)",
                 flush=True,
             )
     finally:
@@ -152,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "growth": growth,
         "config": args.config,
         "image_size": args.image_size,
+        "repeats": args.repeats,
+        "startup": startup,
         "rows": rows,
     }
     save(args.output, result)

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from jobs.cli import parse_overrides
+from jobs.cli import parse_overrides, positive_int
 from jobs.logging_setup import setup_logging
 from model.config import ConfigError
 from model.presets import find_preset
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         help="override a data setting, e.g. --set max_tokens=1024",
     )
     parser.add_argument(
-        "--num-actors", type=int, default=None, help="preprocessing actors (default: by CPUs)"
+        "--num-actors",
+        type=positive_int,
+        default=None,
+        help="preprocessing actors (default: one per CPU of the cluster)",
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -1,17 +1,39 @@
 """HoVLE: a monolithic vision-language model (holistic embedding module + LLM). Pure PyTorch + transformers.
 
-Importing this package registers model_type "hovle" with transformers' Auto classes, so
-`AutoModelForImageTextToText.from_pretrained(export_dir)` works without `trust_remote_code`.
+The package's names load on first use (PEP 562), so a process that only needs the processor (a Ray Data
+preprocessing actor: `model.processor`, `model.tokenizer`) imports neither torch nor transformers'
+modelling code; that start-up (~3 s on 2 cores) would otherwise be paid by every actor.
+
+Importing `model.modeling` - which using any of the package's model names does, e.g.
+`from model import HoVLEForConditionalGeneration` - registers model_type "hovle" with transformers' Auto
+classes, so `AutoModelForImageTextToText.from_pretrained(export_dir)` works without `trust_remote_code`.
 """
 
-from model.config import ConfigError, HoVLEConfig
-from model.embedding import HolisticEmbedding, ImageTokenMismatch
-from model.modeling import HoVLECache, HoVLEForConditionalGeneration, HoVLEOutput, register_auto_classes
-from model.presets import build_model, build_processor, load_preset
-from model.processor import HoVLEProcessor, ImagePlaceholderMismatch
-from model.stages import STAGES, StageSpec, apply_stage, stage_loss
+from __future__ import annotations
 
-register_auto_classes()
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "ConfigError": "model.config",
+    "HoVLEConfig": "model.config",
+    "HolisticEmbedding": "model.embedding",
+    "ImageTokenMismatch": "model.embedding",
+    "HoVLECache": "model.modeling",
+    "HoVLEForConditionalGeneration": "model.modeling",
+    "HoVLEOutput": "model.modeling",
+    "register_auto_classes": "model.modeling",
+    "build_model": "model.presets",
+    "build_processor": "model.presets",
+    "load_preset": "model.presets",
+    "HoVLEProcessor": "model.processor",
+    "ImagePlaceholderMismatch": "model.processor",
+    "STAGES": "model.stages",
+    "StageSpec": "model.stages",
+    "apply_stage": "model.stages",
+    "stage_loss": "model.stages",
+}
 
 __all__ = [
     "STAGES",
@@ -29,5 +51,26 @@ __all__ = [
     "build_model",
     "build_processor",
     "load_preset",
+    "register_auto_classes",
     "stage_loss",
 ]
+
+if TYPE_CHECKING:
+    from model.config import ConfigError, HoVLEConfig
+    from model.embedding import HolisticEmbedding, ImageTokenMismatch
+    from model.modeling import HoVLECache, HoVLEForConditionalGeneration, HoVLEOutput, register_auto_classes
+    from model.presets import build_model, build_processor, load_preset
+    from model.processor import HoVLEProcessor, ImagePlaceholderMismatch
+    from model.stages import STAGES, StageSpec, apply_stage, stage_loss
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -198,3 +198,6 @@ def register_auto_classes() -> None:
     AutoModel.register(HoVLEConfig, HoVLEForConditionalGeneration)
     AutoModelForImageTextToText.register(HoVLEConfig, HoVLEForConditionalGeneration)
     AutoProcessor.register(HoVLEConfig, HoVLEProcessor)
+
+
+register_auto_classes()  # on import: see the package docstring

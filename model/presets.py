@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from model import gguf_cache
 from model.config import ConfigError, HoVLEConfig
 from model.modeling import HoVLEForConditionalGeneration
 from model.processor import HoVLEProcessor
@@ -125,7 +126,11 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
         model_type = raw.pop("model_type", "llama")
         text_config = CONFIG_MAPPING[model_type](**raw)
     else:
-        text_config = AutoConfig.from_pretrained(resolve_path(llm.path), gguf_file=llm.gguf_file)
+        text_config = (
+            gguf_cache.text_config(resolve_path(llm.path), llm.gguf_file)
+            if llm.gguf_file
+            else AutoConfig.from_pretrained(resolve_path(llm.path))
+        )
     text_config._attn_implementation = llm.attn_implementation
 
     tokenizer_source = llm.tokenizer or llm.path

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -175,5 +175,11 @@ def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedToken
             f"GGUF file {gguf_file!r} not found in {str(path)!r}; pass the name of a .gguf file inside the "
             "directory as gguf_file"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
-    return prepare_tokenizer(tokenizer)
+    # deferred: AutoTokenizer imports torch, which processes that only tokenize never load
+    from transformers import AutoTokenizer
+
+    from model import gguf_cache
+
+    if gguf_file is not None:
+        return prepare_tokenizer(gguf_cache.tokenizer(str(path), gguf_file))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model import build_processor, load_preset
 from model.processor import IGNORE_INDEX, HoVLEProcessor, dynamic_tiles, to_rgb
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines import storage
@@ -105,6 +104,10 @@ class PrepareContext:
         Raises:
             ValueError: for an unknown stage; pydantic's ValidationError for bad settings.
         """
+        # deferred: presets import the network (torch, transformers' modelling), which the actors that
+        # receive a built context never need
+        from model.presets import build_processor, load_preset
+
         if not isinstance(settings, PrepareSettings):
             settings = PrepareSettings.model_validate(dict(settings or {}))
         model_config = load_preset(config)
@@ -468,10 +471,10 @@ def _chat_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareConte
         content = ctx.processor.expand_image_placeholders(message["content"], tiles_per_image)
         expanded.append({**message, "content": content})
         first += count
-    encoded = ctx.processor(expanded)  # placeholders already expanded: the processor tokenizes and labels
+    input_ids, labels = ctx.processor.tokenize(expanded)  # placeholders expanded: it tokenizes and labels
     return _Sample(
-        input_ids=encoded["input_ids"][0].tolist(),
-        labels=encoded["labels"][0].tolist(),
+        input_ids=input_ids,
+        labels=labels,
         tiles=tiles,
         image_digests=[hashlib.sha256(data).digest() for _, data in loaded],
         text_key=json.dumps(messages, ensure_ascii=False, sort_keys=True),

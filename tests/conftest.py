@@ -10,6 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # setdefault: a value the caller exported (the Makefile, CI) wins.
 for _name, _value in {
     "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".cache" / "torch_extensions"),
+    "HOVLE_CACHE_DIR": str(REPO_ROOT / ".cache" / "hovle"),
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
