@@ -111,7 +111,7 @@ class PrepareContext:
         if not isinstance(settings, PrepareSettings):
             settings = PrepareSettings.model_validate(dict(settings or {}))
         model_config = load_preset(config)
-        config_hash = _sha256_json(model_config.to_dict())
+        config_hash = _sha256_json(portable_config(model_config.to_dict()))
         return cls(
             stage=stage, settings=settings, processor=build_processor(model_config), config_hash=config_hash
         )
@@ -133,6 +133,15 @@ class PrepareContext:
         """Ids of (<img>, <IMG_CONTEXT>, </img>)."""
         ids = self.processor.image_token_ids
         return ids[IMG_START], ids[IMG_CONTEXT], ids[IMG_END]
+
+
+def portable_config(values: Any) -> Any:
+    """A config dict without `_name_or_path` entries: transformers records there the absolute folder a
+    config was loaded from (the virtualenv's, for a packaged LLM), which differs between checkouts and
+    machines, so a hash over it would name the same config differently on each."""
+    if isinstance(values, dict):
+        return {key: portable_config(value) for key, value in values.items() if key != "_name_or_path"}
+    return values
 
 
 def _sha256_json(value: Any) -> str:

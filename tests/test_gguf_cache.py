@@ -1,4 +1,4 @@
-"""The GGUF conversion cache (model.gguf_cache) and the processor-only import path the Ray actors rely on."""
+"""The GGUF conversion cache (model.gguf_cache), portable dataset keys, and the processor-only import path."""
 
 from __future__ import annotations
 
@@ -123,3 +123,19 @@ def test_preprocessing_actors_import_neither_torch_nor_the_network(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "heavy: []" in result.stdout, result.stdout
+
+
+def test_config_hash_does_not_depend_on_where_the_llm_is_installed(tmp_path, monkeypatch):
+    """The same preset in another checkout or virtualenv (the LLM's folder elsewhere) keeps its hash."""
+    import model.presets
+    from pipelines.preprocess import PrepareContext
+
+    here = PrepareContext.build("smollm2-135m", "instruct")
+    installed = Path(resolve_path(load_preset("smollm2-135m").llm_name_or_path))
+    elsewhere = tmp_path / "other-venv" / installed.name
+    elsewhere.parent.mkdir()
+    elsewhere.symlink_to(installed, target_is_directory=True)
+    monkeypatch.setattr(model.presets, "resolve_path", lambda path: str(elsewhere))
+    moved = PrepareContext.build("smollm2-135m", "instruct")
+    assert load_preset("smollm2-135m").text_config._name_or_path == str(elsewhere)  # it did move
+    assert moved.config_hash == here.config_hash
