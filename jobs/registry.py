@@ -268,4 +268,6 @@ def _verdict(
             f"language preservation: ppl_ratio {ratio:.4f} exceeds champion v{champion}'s "
             f"{held['ppl_ratio']:.4f} + {gate.max_preservation_loss}"
         )
+    if metric == best:  # only with min_improvement 0: the newer version takes a tie
+        return True, f"{gate.metric} {metric:.4f} ties champion v{champion}'s; the newer version wins a tie"
     return True, f"{gate.metric} {metric:.4f} beats champion v{champion}'s {best:.4f}"

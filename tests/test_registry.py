@@ -93,6 +93,17 @@ def test_a_challenger_must_beat_the_champion_and_keep_the_language(store, client
     assert str(client.get_model_version_by_alias("gated", CHALLENGER).version) == better
 
 
+def test_without_a_margin_the_newer_version_wins_a_tie_and_says_so(store, client):
+    gate = GateSettings(name="tied", floor=0.0)  # min_improvement 0
+    first = new_version(store, "tied", vqa_accuracy=0.5, ppl_ratio=1.0)
+    assert promote(client, "tied", first, gate).champion
+    same = new_version(store, "tied", vqa_accuracy=0.5, ppl_ratio=1.0)
+    decision = promote(client, "tied", same, gate)
+    assert decision.champion and "ties champion" in decision.reason and "beats" not in decision.reason
+    worse = new_version(store, "tied", vqa_accuracy=0.49, ppl_ratio=1.0)
+    assert not promote(client, "tied", worse, gate).champion
+
+
 def test_a_version_without_the_metric_is_never_promoted(store, client):
     version = new_version(store, "unscored")
     decision = promote(client, "unscored", version, GateSettings(name="unscored"))
