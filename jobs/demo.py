@@ -161,7 +161,11 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
         print(f"   + {real} Fashion-MNIST photos per stage for align and instruct (real images, label Q&A)")
 
     start = step("3. Prepare with Ray Data: validate, decode, tile, tokenize -> Parquet shards + manifest")
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    # With the dashboard: it serves Ray's State API, which Ray Train's placement-group cleaner polls every
+    # second (without it, a warning a second for the whole training), and a person can watch the jobs.
+    context = ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
+    if context.dashboard_url:
+        print(f"   Ray dashboard: http://{context.dashboard_url}")
     datasets = {}
     settings = PrepareSettings(max_tokens=plan["max_tokens"], val_fraction=0.0)
     for stage in STAGES:
