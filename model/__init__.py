@@ -35,33 +35,15 @@ _EXPORTS = {
     "stage_loss": "model.stages",
 }
 
-__all__ = [
-    "STAGES",
-    "ConfigError",
-    "HoVLECache",
-    "HoVLEConfig",
-    "HoVLEForConditionalGeneration",
-    "HoVLEOutput",
-    "HoVLEProcessor",
-    "HolisticEmbedding",
-    "ImagePlaceholderMismatch",
-    "ImageTokenMismatch",
-    "StageSpec",
-    "apply_stage",
-    "build_model",
-    "build_processor",
-    "load_preset",
-    "register_auto_classes",
-    "stage_loss",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from model.config import ConfigError, HoVLEConfig
-    from model.embedding import HolisticEmbedding, ImageTokenMismatch
-    from model.modeling import HoVLECache, HoVLEForConditionalGeneration, HoVLEOutput, register_auto_classes
-    from model.presets import build_model, build_processor, load_preset
-    from model.processor import HoVLEProcessor, ImagePlaceholderMismatch
-    from model.stages import STAGES, StageSpec, apply_stage, stage_loss
+if TYPE_CHECKING:  # for type checkers and editors: the names, eagerly
+    from model.config import ConfigError, HoVLEConfig  # noqa: F401
+    from model.embedding import HolisticEmbedding, ImageTokenMismatch  # noqa: F401
+    from model.modeling import HoVLECache, HoVLEForConditionalGeneration, HoVLEOutput, register_auto_classes  # noqa: F401
+    from model.presets import build_model, build_processor, load_preset  # noqa: F401
+    from model.processor import HoVLEProcessor, ImagePlaceholderMismatch  # noqa: F401
+    from model.stages import STAGES, StageSpec, apply_stage, stage_loss  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
