@@ -14,9 +14,11 @@ random model (its answers mean nothing).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +28,38 @@ from PIL import Image, ImageDraw
 from jobs.logging_setup import setup_logging
 from model import build_model, load_preset
 from model.presets import find_preset
+from pipelines.general_text import write_general_chat
 
 logger = logging.getLogger("jobs.demo")
 
 STAGES = ("distill", "align", "instruct")
-# Per preset: samples per stage, held-out samples, image size, and per stage (steps, micro-batch, lr).
+# Per preset: samples per stage, held-out samples, image size, general text-only conversations mixed into
+# align and instruct (what keeps the LLM's language), and per stage its train settings (StageSettings).
 PLANS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
-        "samples": 320, "heldout": 40, "image_size": 224, "max_tokens": 512,
-        "stages": {"distill": (30, 4, 1e-3), "align": (70, 2, 5e-4), "instruct": (50, 2, 1e-4)},
+        "samples": 320, "heldout": 40, "image_size": 224, "max_tokens": 512, "general_text": None,
+        "skills": ("colour", "shape", "count"),
+        "stages": {
+            "distill": {"steps": 30, "micro_batch_size": 4, "lr": 3e-4},
+            "align": {"steps": 70, "micro_batch_size": 2, "lr": 5e-4, "text_preservation_weight": 1.0},
+            "instruct": {
+                "steps": 50, "micro_batch_size": 2, "lr": 1e-4, "llm_lr_ratio": 0.1,
+                "text_preservation_weight": 1.0,
+            },
+        },
     },
     "tiny": {
-        "samples": 24, "heldout": 8, "image_size": 56, "max_tokens": 256,
-        "stages": {"distill": (4, 2, 1e-3), "align": (4, 2, 1e-3), "instruct": (4, 2, 1e-3)},
+        "samples": 24, "heldout": 8, "image_size": 56, "max_tokens": 256, "general_text": 8,
+        "stages": {
+            "distill": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
+            "align": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
+            "instruct": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
+        },
     },
 }  # fmt: skip
+# Asked through models:/hovle@champion at the end, as a user would: one image question, two text-only ones.
+DEMO_QUESTION = "What colour is the square?"
+TEXT_QUESTIONS = ("Who wrote Romeo and Juliet?", "Name three fruits.")
 
 
 def demo_image(size: int) -> Image.Image:
@@ -66,19 +85,23 @@ def show_presets() -> None:
         )
 
 
-def run_config(preset: str, plan: dict[str, Any], workdir: Path, steps: int | None) -> Path:
+def run_config(
+    preset: str, plan: dict[str, Any], workdir: Path, steps: int | None, seed: int = 0, run_name: str = "demo"
+) -> Path:
     """The demo's run config: the preset's model, one bf16 worker on the whole machine, the plan's stages."""
     document = yaml.safe_load(Path(find_preset(preset)).read_text())
     stages = {}
-    for name, (planned, micro, lr) in plan["stages"].items():
-        count = steps or planned
+    for name, planned in plan["stages"].items():
+        count = steps or planned["steps"]
         stages[name] = {
-            "steps": count, "micro_batch_size": micro, "lr": lr, "warmup_steps": max(1, count // 10),
-            "max_tokens": plan["max_tokens"], "teacher_input_size": min(224, plan["image_size"]),
+            **planned, "steps": count, "warmup_steps": max(1, count // 10), "max_tokens": plan["max_tokens"],
         }  # fmt: skip
+        if name == "distill":
+            stages[name]["teacher_input_size"] = min(224, plan["image_size"])
     document["data"] = {"max_tokens": plan["max_tokens"], "val_fraction": 0.0}
     document["train"] = {
-        "run_name": "demo",
+        "run_name": run_name,
+        "seed": seed,
         "storage_path": str(workdir / "runs"),
         "scaling": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": os.cpu_count() or 1},
         "deepspeed": {"zero_stage": 0, "precision": "bf16"},
@@ -86,6 +109,7 @@ def run_config(preset: str, plan: dict[str, Any], workdir: Path, steps: int | No
         "log_every_n_steps": 5 if preset != "tiny" else 2,
         "data": {"reader": "local"},
         "tracking": {"uri": f"sqlite:///{workdir / 'mlflow.db'}", "system_metrics_interval_s": 5},
+        "recipe": plan.get("recipe", "project"),
         "stages": stages,
     }
     path = workdir / "demo.yaml"
@@ -98,7 +122,7 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
-def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int) -> int:
+def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int, seed: int = 0) -> int:
     """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
     when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
     from pipelines.importers import import_fashion_mnist
@@ -106,66 +130,89 @@ def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size
 
     try:
         for stage in ("align", "instruct"):
-            raw[stage].append(
-                str(
-                    import_fashion_mnist(
-                        workdir / "raw" / f"{stage}-fashion", n, 0, "train", stage, image_size
-                    )
-                )
-            )
+            folder = workdir / "raw" / f"{stage}-fashion"
+            raw[stage].append(str(import_fashion_mnist(folder, n, seed, "train", stage, image_size)))
     except MissingPackageError as err:
         print(f"   (no real images: {err})")
         return 0
     return n
 
 
-def story(preset: str, workdir: Path, steps: int | None, samples: int | None) -> dict[str, Any]:
-    import ray
-    from mlflow import MlflowClient
+@dataclass
+class Corpora:
+    """The demo's raw inputs per stage, its held-out VQA set and domain text, and what they hold."""
 
-    from jobs.evaluate import build_parser
-    from jobs.evaluate import evaluate as run_evaluation
-    from jobs.predict import answer
-    from jobs.registry import GateSettings, log_hovle_model, promote, register, source_commit
-    from jobs.train import train
-    from jobs.train_config import load_train_config
-    from pipelines.prepare import prepare
-    from pipelines.settings import PrepareSettings
+    raw: dict[str, list[str]]
+    heldout: Path
+    text: Path
+    real: int
+    chats: int
+    heldout_count: int
+
+
+def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0) -> Corpora:
+    """Synthetic corpora per stage (instruct asks the plan's skills, balanced), Fashion-MNIST photos where
+    installed, the general text-only conversations; and a held-out set on new images (another seed, the test
+    split) in phrasings training never uses, `plan["heldout"]` questions per skill."""
     from pipelines.synthetic import generate
 
-    plan = PLANS.get(preset, PLANS["smollm2-135m"])
-    count = samples or plan["samples"]
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chdir(workdir)  # MLflow's default artifact folder (mlruns/) lands beside mlflow.db
-    config_path = run_config(preset, plan, workdir, steps)
-    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
-    timings: dict[str, float] = {}
-
-    start = step(
-        f"2. Corpora: {count} synthetic samples per stage (shapes, colours, counts, words), held out apart"
-    )
+    size = plan["image_size"]
     raw = {}
     for stage in STAGES:
-        jsonl = generate(
-            stage, count, seed=0, output_dir=workdir / "raw" / stage, image_size=plan["image_size"]
-        )
+        skills = plan.get("skills") if stage == "instruct" else None
+        output = workdir / "raw" / stage
+        jsonl = generate(stage, count, seed=seed, output_dir=output, image_size=size, skills=skills)
         raw[stage] = [str(jsonl)] + ([str(jsonl.with_name("text.jsonl"))] if stage == "distill" else [])
-    real = add_real_images(raw, count // 8, workdir, plan["image_size"])
-    heldout = generate(
-        "instruct", plan["heldout"], seed=1, output_dir=workdir / "heldout", image_size=plan["image_size"]
-    )
-    text = generate("distill", 16, seed=1, output_dir=workdir / "heldout-text", image_size=plan["image_size"])
-    timings["corpora"] = time.perf_counter() - start
-    if real:
-        print(f"   + {real} Fashion-MNIST photos per stage for align and instruct (real images, label Q&A)")
+    real = add_real_images(raw, count // 8, workdir, size, seed)
+    general = write_general_chat(workdir / "raw" / "general-text", plan["general_text"])
+    for stage in ("align", "instruct"):
+        raw[stage].append(str(general))
+    chats = sum(1 for _ in general.open(encoding="utf-8"))
 
-    start = step("3. Prepare with Ray Data: validate, decode, tile, tokenize -> Parquet shards + manifest")
-    # With the dashboard: it serves Ray's State API, which Ray Train's placement-group cleaner polls every
-    # second (without it, a warning a second for the whole training), and a person can watch the jobs.
-    context = ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
-    if context.dashboard_url:
-        print(f"   Ray dashboard: http://{context.dashboard_url}")
+    skills = plan.get("skills") or ("colour", "shape", "count")
+    held, parts = workdir / "heldout", []
+    parts.append(
+        generate(
+            "instruct", plan["heldout"] * len(skills), seed=seed + 1000, output_dir=held / "shapes",
+            image_size=size, phrasing="heldout", skills=skills,
+        )
+    )  # fmt: skip
+    if real:
+        from pipelines.importers import import_fashion_mnist
+
+        parts.append(
+            import_fashion_mnist(held / "fashion", plan["heldout"], seed, "test", "instruct", size, "heldout")
+        )
+    heldout_count = merge_jsonl(parts, held / "data.jsonl")
+    text = generate("distill", 16, seed=seed + 1000, output_dir=workdir / "heldout-text", image_size=size)
+    return Corpora(raw, held / "data.jsonl", text.with_name("text.jsonl"), real, chats, heldout_count)
+
+
+def merge_jsonl(parts: list[Path], output: Path) -> int:
+    """Conversation JSONLs in sub-folders of `output`'s folder -> one JSONL there, image paths re-rooted;
+    returns the record count."""
+    lines = []
+    for part in parts:
+        prefix = part.parent.relative_to(output.parent).as_posix()
+        for line in part.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            image = record.get("image")
+            if isinstance(image, str):
+                record["image"] = f"{prefix}/{image}"
+            elif isinstance(image, list):
+                record["image"] = [f"{prefix}/{ref}" for ref in image]
+            lines.append(json.dumps(record, ensure_ascii=False))
+    output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
+
+
+def prepare_datasets(
+    config_path: Path, raw: dict[str, list[str]], workdir: Path, plan: dict[str, Any]
+) -> dict[str, str]:
+    """Each stage's raw inputs -> a prepared dataset under workdir/prepared (Ray Data); prints the counts."""
+    from pipelines.prepare import prepare
+    from pipelines.settings import PrepareSettings
+
     datasets = {}
     settings = PrepareSettings(max_tokens=plan["max_tokens"], val_fraction=0.0)
     for stage in STAGES:
@@ -174,6 +221,47 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
         counts = f"read {report['read']:>4}  written {report['written']:>4}  rejected {report['rejected']}"
         print(f"   {stage:<9} {counts}")
         datasets[stage] = output
+    return datasets
+
+
+def story(
+    preset: str, workdir: Path, steps: int | None, samples: int | None, seed: int = 0
+) -> dict[str, Any]:
+    import ray
+    from mlflow import MlflowClient
+
+    from jobs.evaluate import build_parser
+    from jobs.evaluate import evaluate as run_evaluation
+    from jobs.predict import answer_all
+    from jobs.registry import GateSettings, log_hovle_model, promote, register, source_commit
+    from jobs.train import train
+    from jobs.train_config import load_train_config
+    plan = PLANS.get(preset, PLANS["smollm2-135m"])
+    count = samples or plan["samples"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # MLflow's default artifact folder (mlruns/) lands beside mlflow.db
+    config_path = run_config(preset, plan, workdir, steps, seed)
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    timings: dict[str, float] = {}
+
+    start = step(
+        f"2. Corpora: {count} synthetic samples per stage (shapes, colours, counts, words), held out apart"
+    )
+    corpora = make_corpora(plan, workdir, count, seed)
+    timings["corpora"] = time.perf_counter() - start
+    if corpora.real:
+        print(f"   + {corpora.real} Fashion-MNIST photos per stage for align and instruct (label Q&A)")
+    print(f"   + {corpora.chats} general text-only chats (the base LLM's answers) in align and instruct")
+    print(f"   held out: {corpora.heldout_count} questions on new images in phrasings training never uses")
+
+    start = step("3. Prepare with Ray Data: validate, decode, tile, tokenize -> Parquet shards + manifest")
+    # With the dashboard: it serves Ray's State API, which Ray Train's placement-group cleaner polls every
+    # second (without it, a warning a second for the whole training), and a person can watch the jobs.
+    context = ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
+    if context.dashboard_url:
+        print(f"   Ray dashboard: http://{context.dashboard_url}")
+    datasets = prepare_datasets(config_path, corpora.raw, workdir, plan)
     timings["prepare"] = time.perf_counter() - start
 
     start = step(
@@ -191,11 +279,11 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
         "--model",
         trained["exports"]["instruct"],
         "--data",
-        str(heldout),
+        str(corpora.heldout),
         "--run-id",
         trained["mlflow_run_id"],
     ]
-    argv += ["--text", str(text.with_name("text.jsonl")), "--base", trained["exports"]["distill"]]
+    argv += ["--text", str(corpora.text), "--base", f"preset:{config_path}"]
     argv += ["--tracking-uri", tracking, "--output", str(workdir / "evaluation")]
     scores = run_evaluation(build_parser().parse_args(argv), workdir / "evaluation")
     timings["evaluate"] = time.perf_counter() - start
@@ -205,21 +293,26 @@ def story(preset: str, workdir: Path, steps: int | None, samples: int | None) ->
     numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     tags = {"hovle.source_commit": source_commit(), "hovle.run_name": "demo", "hovle.preset": preset}
     version = register(model_uri, "hovle", tags, numbers, tracking)
-    decision = promote(MlflowClient(tracking), "hovle", version, GateSettings(max_ppl_ratio=None))
+    decision = promote(MlflowClient(tracking), "hovle", version, GateSettings())
     print(f"   hovle v{version}: {'champion' if decision.champion else 'challenger'} ({decision.reason})")
     timings["register"] = time.perf_counter() - start
 
-    start = step("7. Ask models:/hovle@champion (pyfunc, as an application would) about a new image")
+    alias = "champion" if decision.champion else "challenger"
+    start = step(
+        f"7. Ask models:/hovle@{alias} (pyfunc, as an application would): a new image, then text only"
+    )
     image = workdir / "question.png"
     demo_image(plan["image_size"]).save(image)
-    alias = "champion" if decision.champion else "challenger"
-    question = "What colour is the square?"
-    reply = answer(f"models:/hovle@{alias}", question, str(image), max_new_tokens=12)
-    print(f"   Q: <image: a red square and a blue circle> {question}\n   A: {reply}")
+    questions = [(DEMO_QUESTION, str(image))] + [(q, None) for q in TEXT_QUESTIONS]
+    replies = dict(zip((q for q, _ in questions), answer_all(f"models:/hovle@{alias}", questions, 32)))
+    print(f"   Q: <image: a red square and a blue circle> {DEMO_QUESTION}\n   A: {replies[DEMO_QUESTION]}")
+    for question in TEXT_QUESTIONS:
+        print(f"   Q: {question}\n   A: {replies[question]}")
     timings["predict"] = time.perf_counter() - start
     ray.shutdown()
     return {
-        "trained": trained, "scores": numbers, "version": version, "alias": alias,
+        "trained": trained, "scores": numbers, "version": version, "alias": alias, "replies": replies,
+        "reason": decision.reason,
         "timings": timings, "tracking": tracking, "workdir": workdir,
     }  # fmt: skip
 
@@ -242,9 +335,19 @@ def summary_table(result: dict[str, Any]) -> None:
             f"{history[0].value:>9.3f} -> {history[-1].value:<8.3f} {speed:>9.0f}"
         )
     scores = result["scores"]
-    print(f"   held-out VQA accuracy {scores.get('vqa_accuracy', float('nan')):.3f}; "
-          f"perplexity ratio to the base {scores.get('ppl_ratio', float('nan')):.3f}")  # fmt: skip
-    print(f"   registered model hovle v{result['version']}, alias {result['alias']}")
+    skills = ", ".join(
+        f"{k.removeprefix('vqa_accuracy/')} {v:.2f}"
+        for k, v in scores.items()
+        if k.startswith("vqa_accuracy/")
+    )
+    print(f"   held-out VQA accuracy {scores.get('vqa_accuracy', float('nan')):.3f} ({skills})")
+    base_right = round(scores.get("base_text_accuracy", 0.0) * scores.get("text_questions", 0.0))
+    print(
+        f"   language kept: text_retained {scores.get('text_retained', float('nan')):.3f} (of {base_right} "
+        f"general questions the base LLM answers right), answer perplexity ratio "
+        f"{scores.get('answer_ppl_ratio', float('nan')):.3f}"
+    )
+    print(f"   registered model hovle v{result['version']}, alias {result['alias']} ({result['reason']})")
     print("   time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items()))
     print(f"\nOpen the MLflow UI on it (from {result['workdir']}):")
     print(f"   mlflow ui --backend-store-uri {result['tracking']}")
@@ -258,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=None, help="optimizer steps per stage (default: planned)"
     )
     parser.add_argument("--samples", type=int, default=None, help="samples per stage (default: planned)")
+    parser.add_argument("--seed", type=int, default=0, help="corpora and training seed (held out: +1000)")
     args = parser.parse_args(argv)
     setup_logging()
     for chatty in ("transformers", "ray", "ray.data", "ray.train", "mlflow", "py.warnings"):
@@ -265,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"HoVLE platform demo on the {args.preset} preset: the whole story on this machine")
     show_presets()
-    result = story(args.preset, args.workdir.resolve(), args.steps, args.samples)
+    result = story(args.preset, args.workdir.resolve(), args.steps, args.samples, args.seed)
     summary_table(result)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0

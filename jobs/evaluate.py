@@ -1,11 +1,13 @@
 """`hovle evaluate --model URI --data JSONL [--text JSONL] [--base URI]`: how good a model is, into MLflow.
 
     resolve_model(uri, tracking_uri) -> (model, processor)   a stage export, a Hugging Face folder, runs:/,
-                                                              models:/name@alias or models:/name/version
+                                                              models:/name@alias, models:/name/version, or
+                                                              preset:<name> (the untrained preset: its LLM)
     evaluate_vqa(model, processor, data)    greedy answers on a held-out conversation JSONL (`hovle synth`'s
                                             format), normalised exact match overall and per skill
-    preservation(model, processor, base, base_processor, texts)   perplexity ratio on held-out text and
-                                            answer agreement on a built-in text Q&A set, against the base
+    preservation(model, processor, base, base_processor, texts)   general language kept against the base
+                                            (jobs/language.py: keyed text-only questions never trained on),
+                                            and the perplexity ratio on held-out text (reported, not gated)
     render_gallery(report)                  an HTML page: images, question, expected and given answer
 
 Metrics, params and the artifacts (`gallery.html`, `eval_results.json`) go to `--run-id` or a new run named
@@ -39,7 +41,7 @@ from jobs.export import is_export, load_export, local_copy
 from jobs.logging_setup import setup_logging
 from jobs.tracking import KIND_TAG, log_params
 from jobs.tracking import tracking_uri as default_tracking_uri
-from model import HoVLEForConditionalGeneration, HoVLEProcessor
+from model import HoVLEForConditionalGeneration, HoVLEProcessor, load_pretrained
 from model.tokenizer import IMAGE_PLACEHOLDER
 from pipelines import storage
 
@@ -49,21 +51,7 @@ ROLES = {"human": "user", "gpt": "assistant"}
 NUMBER_WORDS = {
     word: str(n) for n, word in enumerate("zero one two three four five six seven eight nine ten".split())
 }
-# Short factual prompts: a language model that kept its text skills answers them as its base does.
-TEXT_QA: tuple[str, ...] = (
-    "What is the capital of France?",
-    "How many days are in a week?",
-    "What colour is the sky on a clear day?",
-    "What is two plus two?",
-    "Which planet do we live on?",
-    "What is the opposite of hot?",
-    "How many legs does a spider have?",
-    "What is frozen water called?",
-    "Which animal says meow?",
-    "What is the first letter of the English alphabet?",
-    "What do bees make?",
-    "How many hours are in a day?",
-)
+PRESET_SCHEME = "preset:"  # preset:<name or YAML>: the preset's untrained model (its LLM, identity module)
 GALLERY_MAX_RECORDS = 50
 THUMBNAIL_SIDE = 224
 TEXT_MAX_TOKENS = 256
@@ -90,7 +78,10 @@ class UnusableRecord(ValueError):
 
 
 def _load_hf_folder(folder: str) -> tuple[HoVLEForConditionalGeneration, HoVLEProcessor]:
-    model = HoVLEForConditionalGeneration.from_pretrained(folder)
+    try:
+        model = load_pretrained(folder)  # HoVLE or the compositional baseline, by its model_type
+    except ValueError as err:
+        raise ModelNotFound(str(err)) from err
     return model.eval(), HoVLEProcessor.from_pretrained(folder)
 
 
@@ -122,6 +113,14 @@ def resolve_model(
                     f'mlflow.pyfunc.log_model(..., artifacts={{"{HF_ARTIFACT}": <export folder>}})'
                 )
             return _load_hf_folder(str(folder))
+    if uri.startswith(PRESET_SCHEME):
+        from model import build_model, build_processor, load_preset
+
+        try:
+            config = load_preset(uri.removeprefix(PRESET_SCHEME))
+        except (FileNotFoundError, ValueError) as err:
+            raise ModelNotFound(f"{uri}: {err}") from err
+        return build_model(config).eval(), build_processor(config)
     if is_export(uri):
         model, processor = load_export(uri)
         return model.eval(), processor
@@ -348,19 +347,19 @@ def preservation(
     base: HoVLEForConditionalGeneration,
     base_processor: HoVLEProcessor,
     texts: list[str] | None = None,
-) -> dict[str, float]:
-    """Metrics against the base: `text_agreement` on TEXT_QA, and with `texts` also `text_ppl`,
-    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl; 1.0 = preserved)."""
-    chats = [([{"role": "user", "content": prompt}], []) for prompt in TEXT_QA]
-    ours, theirs = generate_answers(model, processor, chats), generate_answers(base, base_processor, chats)
-    agree = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(ours, theirs, strict=True))
-    metrics = {"text_agreement": agree / len(TEXT_QA)}
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-question records) against the base: the general-language metrics of jobs.language
+    (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...), and with `texts` also `text_ppl`,
+    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
+    from jobs.language import language_preservation
+
+    metrics, records = language_preservation(model, processor, base, base_processor)
     if texts:
         ppl, base_ppl = perplexity(model, processor, texts), perplexity(base, base_processor, texts)
         metrics.update(text_ppl=ppl, base_text_ppl=base_ppl, ppl_ratio=ppl / base_ppl)
     else:
         logger.info("no --text given: perplexity against the base is not measured")
-    return metrics
+    return metrics, records
 
 
 def read_texts(uri: str) -> list[str]:
@@ -429,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="export folder, HF folder, runs:/ or models:/ URI")
     parser.add_argument("--data", required=True, help="held-out conversation JSONL (hovle synth's format)")
     parser.add_argument("--text", help="held-out text JSONL ({id, text}) for perplexity")
-    parser.add_argument("--base", help="the base model, for language preservation")
+    parser.add_argument(
+        "--base", help="the base model, for language preservation (a model URI, or preset:<name>: its LLM)"
+    )
     parser.add_argument("--max-samples", type=positive_int, help="evaluate the first N records only")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length (default 16)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
@@ -469,16 +470,18 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     logger.info("evaluating %s on %s (max %s records)", args.model, args.data, args.max_samples or "all")
     report = evaluate_vqa(model, processor, args.data, args.max_samples, args.max_new_tokens)
     metrics = report.metrics()
+    language: list[dict] = []
     if base is None:
-        logger.info("no --base model given: language preservation (perplexity, text agreement) not measured")
+        logger.info("no --base model given: language preservation not measured (the gate refuses it)")
     else:
         texts = read_texts(args.text) if args.text else None
-        metrics.update(preservation(model, processor, *base, texts))
+        found, language = preservation(model, processor, *base, texts)
+        metrics.update(found)
 
     output.mkdir(parents=True, exist_ok=True)
     files = [output / "gallery.html", output / "eval_results.json"]
     files[0].write_text(render_gallery(report, f"HoVLE evaluation of {args.model}"), encoding="utf-8")
-    results = {"metrics": metrics, "records": [asdict(r) for r in report.results]}
+    results = {"metrics": metrics, "records": [asdict(r) for r in report.results], "language": language}
     files[1].write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
 
     run_id = args.run_id

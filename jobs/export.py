@@ -4,7 +4,9 @@
     is_export(uri)                                       True once `export.json` is there (complete)
     load_export(uri) -> (model, processor)               what the next stage, evaluation and registry use
 
-An export loads with `HoVLEForConditionalGeneration.from_pretrained(folder)` and nothing of Ray or DeepSpeed.
+An export loads with `HoVLEForConditionalGeneration.from_pretrained(folder)` (a compositional model's with
+`CompositionalVLM.from_pretrained`; `model.load_pretrained` picks by model_type) and nothing of Ray or
+DeepSpeed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from model import HoVLEForConditionalGeneration, HoVLEProcessor
+from model import HoVLEForConditionalGeneration, HoVLEProcessor, load_pretrained
 from pipelines import storage
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def local_copy(uri: str, scratch: str) -> str:
 
 
 def load_export(uri: str, dtype: torch.dtype = torch.float32) -> tuple[HoVLEForConditionalGeneration, Any]:
-    """(model, processor) from a complete export (local or s3://).
+    """(model, processor) from a complete export (local or s3://), HoVLE or compositional.
 
     Raises:
         ExportNotFound: no export.json at `uri`.
@@ -75,6 +77,6 @@ def load_export(uri: str, dtype: torch.dtype = torch.float32) -> tuple[HoVLEForC
     read_export_info(uri)
     with tempfile.TemporaryDirectory(prefix="hovle-export-") as scratch:
         folder = local_copy(uri, scratch)
-        model = HoVLEForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        model = load_pretrained(folder, dtype=dtype)
         processor = HoVLEProcessor.from_pretrained(folder)
     return model, processor

@@ -8,7 +8,8 @@ with packing the context is the sample, not the row, so the average sample lengt
     distill:  only the embedding module runs (the LLM is not called): 6 * N_embedding
     align:    all forward, backward through the LLM down to the embedding: 2N + 2N + 2 * N_embedding
     instruct: all train: 6N
-The vision teacher's forward (stage 1) is per tile, not per token, and is left out.
+The vision teacher's forward (stage 1) is per tile, not per token, and is left out; so is the compositional
+model's frozen vision encoder, whose projector plays the embedding module's part (no attention layers).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ def _count(module: nn.Module) -> int:
 def flops_per_token(model: nn.Module, stage: str, context: float) -> float:
     """Training FLOPs per token of `stage` for a HoVLE `model` at average sample length `context`."""
     config = model.config
-    embedding = _count(model.embedding)
+    front = getattr(model, "embedding", None)  # the compositional model: its projector instead
+    embedding = _count(front if front is not None else model.projector)
     llm = _count(model.language_model)
     if not getattr(config.text_config, "tie_word_embeddings", False):
         llm -= config.text_config.vocab_size * config.text_config.hidden_size  # a lookup, not a matmul
     hidden = config.text_config.hidden_size
-    emb_layers, llm_layers = config.embedding_num_layers, config.text_config.num_hidden_layers
+    emb_layers = config.embedding_num_layers if front is not None else 0
+    llm_layers = config.text_config.num_hidden_layers
     attention = 4 * hidden * context  # per layer, forward
     if stage == "distill":
         return 6 * embedding + 3 * attention * emb_layers

@@ -96,19 +96,20 @@ def inspect_config(config_path: Path, gpus_per_node: int = 8, nodes: int = 1) ->
     """Build the config's model on the meta device and report its size and ZeRO memory needs."""
     # The model package pulls in torch and transformers (seconds); importing it here keeps
     # `--help` and argument errors instant.
-    from model import STAGES, build_model, load_preset
+    from model import build_model, load_preset, stages_for
 
     config = load_preset(config_path)
     log.info("building %s on the meta device", config_path)
     model = build_model(config, device="meta")
 
     total = count_parameters(model.parameters())
-    embedding_ids = {id(p) for p in model.embedding.parameters()}
-    embedding = count_parameters(model.embedding.parameters())
+    front = getattr(model, "embedding", None) or model.projector  # the compositional model: its projector
+    embedding_ids = {id(p) for p in front.parameters()}
+    embedding = count_parameters(front.parameters())
     llm = count_parameters(p for p in model.language_model.parameters() if id(p) not in embedding_ids)
     trainable = {
         name: count_parameters(param for _, param in spec.trainable_parameters(model))
-        for name, spec in STAGES.items()
+        for name, spec in stages_for(config.model_type).items()
     }
     # The stage that trains the most parameters sets the memory a cluster must have
     # (instruct trains the whole model).

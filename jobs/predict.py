@@ -23,7 +23,14 @@ from jobs.logging_setup import setup_logging
 
 def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens: int = 32) -> str:
     """One answer from the model at `model_uri` (see the module docstring for the URI kinds)."""
-    row = {"prompt": prompt, "image": image or ""}
+    return answer_all(model_uri, [(prompt, image)], max_new_tokens)[0]
+
+
+def answer_all(
+    model_uri: str, questions: list[tuple[str, str | None]], max_new_tokens: int = 32
+) -> list[str]:
+    """Answers to (prompt, image path or None) pairs from the model at `model_uri`, loaded once."""
+    rows = [{"prompt": prompt, "image": image or ""} for prompt, image in questions]
     params = {"max_new_tokens": max_new_tokens}
     if model_uri.startswith(("models:/", "runs:/")):
         import mlflow
@@ -32,7 +39,7 @@ def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens
 
         with use_tracking_uri(tracking_uri()):
             model = mlflow.pyfunc.load_model(model_uri)
-        return str(model.predict([row], params=params)["answer"][0])
+        return [str(a) for a in model.predict(rows, params=params)["answer"]]
 
     from jobs.export import local_copy, read_export_info
     from jobs.serving import HoVLEPyfunc
@@ -41,7 +48,7 @@ def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens
     with tempfile.TemporaryDirectory(prefix="hovle-predict-") as scratch:
         local = HoVLEPyfunc()
         local.load_context(types.SimpleNamespace(artifacts={"hf_model": local_copy(model_uri, scratch)}))
-        return str(local.predict(None, [row], params)["answer"][0])
+        return [str(a) for a in local.predict(None, rows, params)["answer"]]
 
 
 def main(argv: list[str] | None = None) -> int:

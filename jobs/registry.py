@@ -5,15 +5,22 @@
     decision = promote(client, "hovle", version, scores, gate)  # challenger; champion only if it wins
 
 Promotion is decided here, from evaluation scores, never by hand: the new version always takes the
-`challenger` alias; it takes `champion` only if its `metric` beats the champion's by `min_improvement`
-and its language preservation (`ppl_ratio`: perplexity on held-out text relative to the base LLM, 1.0 =
-unchanged) is not worse than the champion's by more than `max_preservation_loss`. With no champion yet, it
-must clear the absolute floors. The reason is recorded on the version (`hovle.promotion` tag).
+`challenger` alias; it takes `champion` only if
+- it kept its LLM's language (jobs/language.py): of the general text-only questions the base answers right,
+  it still answers at least `min_text_retained`, and the base's own answers are not much less likely under
+  it (`answer_ppl_ratio` at most `max_answer_ppl_ratio`); a version evaluated without a base, or against a
+  base that answers none of them, has shown nothing and is refused;
+- with no champion yet: its `metric` reaches `floor`;
+- with a champion: its `metric` beats the champion's by `min_improvement`, and its `text_retained` is not
+  lower than the champion's by more than `max_text_retained_drop`.
+The perplexity of the training domain's own text (`ppl_ratio`) is reported but never decides: it improves
+as the LLM is overwritten by that text. The reason is recorded on the version (`hovle.promotion` tag).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import subprocess
 import tempfile
@@ -55,12 +62,17 @@ class GateSettings(BaseModel):
     name: str = Field("hovle", description="registered model name (one per model family)")
     metric: str = Field("vqa_accuracy", description="evaluation score that decides promotion (higher wins)")
     min_improvement: float = Field(0.0, ge=0, description="margin over the champion's metric")
-    max_preservation_loss: float = Field(
-        0.05, ge=0, description="how much higher ppl_ratio may be than the champion's"
+    floor: float = Field(0.3, ge=0, description="the first champion's metric must reach this")
+    min_text_retained: float | None = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="language kept: share of base-right text questions still right "
+        "(null: not checked, for models without language, e.g. tests' random ones)",
     )
-    floor: float = Field(0.0, ge=0, description="the first champion's metric must reach this")
-    max_ppl_ratio: float | None = Field(
-        1.5, gt=0, description="the first champion's ppl_ratio must stay under this (null: no bound)"
+    max_text_retained_drop: float = Field(0.05, ge=0, description="how much lower than the champion's")
+    max_answer_ppl_ratio: float | None = Field(
+        2.0, gt=0, description="perplexity of the base's answers, model / base (null: not checked)"
     )
 
 
@@ -247,14 +259,15 @@ def _verdict(
     scores: dict[str, float], held: dict[str, float] | None, champion: str | None, gate: GateSettings
 ) -> tuple[bool, str]:
     """(promote?, why) for a candidate's `scores` against the champion's (`held`; None: no champion)."""
-    metric, ratio = scores.get(gate.metric), scores.get("ppl_ratio")
+    metric = scores.get(gate.metric)
     if metric is None:
         return False, f"no {gate.metric} score on the version: evaluate before promoting"
+    language = _language_problem(scores, gate)
+    if language:
+        return False, f"language preservation: {language}"
     if held is None:
         if metric < gate.floor:
             return False, f"no champion yet and {gate.metric} {metric:.4f} is under the floor {gate.floor}"
-        if gate.max_ppl_ratio is not None and ratio is not None and ratio > gate.max_ppl_ratio:
-            return False, f"no champion yet and ppl_ratio {ratio:.4f} is over the floor {gate.max_ppl_ratio}"
         return True, f"first champion: {gate.metric} {metric:.4f} >= floor {gate.floor}"
     best = held.get(gate.metric, float("-inf"))
     if metric < best + gate.min_improvement:
@@ -262,12 +275,29 @@ def _verdict(
             f"{gate.metric} {metric:.4f} does not beat champion v{champion}'s {best:.4f} "
             f"by {gate.min_improvement}"
         )
-    limit = held.get("ppl_ratio", float("inf")) + gate.max_preservation_loss
-    if ratio is not None and ratio > limit:
-        return False, (
-            f"language preservation: ppl_ratio {ratio:.4f} exceeds champion v{champion}'s "
-            f"{held['ppl_ratio']:.4f} + {gate.max_preservation_loss}"
-        )
+    kept, held_kept = scores.get("text_retained"), held.get("text_retained")
+    if gate.min_text_retained is not None and held_kept is not None and not math.isnan(held_kept):
+        if kept < held_kept - gate.max_text_retained_drop:
+            return False, (
+                f"language preservation: text_retained {kept:.4f} is lower than champion v{champion}'s "
+                f"{held_kept:.4f} by more than {gate.max_text_retained_drop}"
+            )
     if metric == best:  # only with min_improvement 0: the newer version takes a tie
         return True, f"{gate.metric} {metric:.4f} ties champion v{champion}'s; the newer version wins a tie"
     return True, f"{gate.metric} {metric:.4f} beats champion v{champion}'s {best:.4f}"
+
+
+def _language_problem(scores: dict[str, float], gate: GateSettings) -> str | None:
+    """Why `scores` show a model that lost (or never showed) its LLM's language; None when it kept it."""
+    if gate.min_text_retained is not None:
+        kept = scores.get("text_retained")
+        if kept is None:
+            return "not measured (evaluate with --base, the untrained preset or the base LLM's model)"
+        if math.isnan(kept):
+            return "the base answers none of the general text questions right: nothing shows it was kept"
+        if kept < gate.min_text_retained:
+            return f"text_retained {kept:.4f} is under {gate.min_text_retained}"
+    ratio = scores.get("answer_ppl_ratio")
+    if gate.max_answer_ppl_ratio is not None and ratio is not None and ratio > gate.max_answer_ppl_ratio:
+        return f"answer_ppl_ratio {ratio:.4f} is over {gate.max_answer_ppl_ratio}"
+    return None

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc model of a HoVLE export: image + prompt -> answer.
+"""The MLflow pyfunc model of a HoVLE (or compositional baseline) export: image + prompt -> answer.
 
 Logged as "model from code" (`jobs.registry.log_hovle_model`): MLflow copies this file and the `model/`
 package into the logged model, and the Hugging Face folder into its artifacts (`hf_model`). Loading it
@@ -62,10 +62,11 @@ class HoVLEPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from model import HoVLEForConditionalGeneration, HoVLEProcessor
+        from model import HoVLEProcessor, load_pretrained
 
         folder = context.artifacts[HF_ARTIFACT]
-        self.model = HoVLEForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        # HoVLE or the compositional baseline, by the folder's model_type
+        self.model = load_pretrained(folder, dtype=torch.float32).eval()
         self.processor = HoVLEProcessor.from_pretrained(folder)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):

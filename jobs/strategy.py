@@ -1,7 +1,7 @@
 """`DeepSpeedStrategy`: everything about DeepSpeed in one object (config, engine, step, save/load, export).
 
     strategy = DeepSpeedStrategy(config, stage_settings, world_size)
-    strategy.setup(module, trainable_parameters)      # AdamW + warmup/cosine, deepspeed.initialize
+    strategy.setup(module, parameter_groups)          # AdamW + warmup/cosine, deepspeed.initialize
     loss, parts = strategy.forward(batch); strategy.backward(loss); strategy.step()
     strategy.save(dir, client_state) / strategy.load(dir) -> client_state
     strategy.full_state_dict()                        # consolidated weights on rank 0 (ZeRO-3 too)
@@ -76,13 +76,19 @@ class DeepSpeedStrategy:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
 
-    def setup(self, module: nn.Module, parameters: Iterable[nn.Parameter]) -> None:
-        """deepspeed.initialize over `module`, optimizing only `parameters` (AdamW, warmup + cosine)."""
+    def setup(self, module: nn.Module, groups: Iterable[dict[str, Any]]) -> None:
+        """deepspeed.initialize over `module`, optimizing only the parameters of `groups` (AdamW, warmup +
+        cosine): each group is `{"params": [...], "lr_ratio": r}` and trains at r x the stage's lr."""
         import deepspeed
 
-        parameters = list(parameters)
+        groups = [
+            {"params": list(g["params"]), "lr": self.stage.lr * g.get("lr_ratio", 1.0)}
+            for g in groups
+            if g["params"]
+        ]
+        parameters = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.AdamW(
-            parameters,
+            groups,
             lr=self.stage.lr,
             betas=self.stage.betas,
             weight_decay=self.stage.weight_decay,

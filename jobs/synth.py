@@ -2,9 +2,10 @@
 
 Sources: `shapes` (Pillow-drawn coloured shapes and rendered words, the default), `fashion-mnist` and
 `emoji` (real images from Debian packages). The same arguments write byte-identical files; another seed
-writes a held-out set. The last line of stdout is one JSON object:
-{"output": JSONL path, "records": n, "images": count, "stage": ..., "source": ...}, plus "text" (the
-text.jsonl path) for distill.
+writes a held-out set, and `--phrasing heldout` asks its questions in words training never uses (instruct
+only). `--skills colour shape count` (shapes only) asks those skills in turn: 300 records hold 100 of each.
+The last line of stdout is one JSON object: {"output": JSONL path, "records": n, "images": count,
+"stage": ..., "source": ..., "phrasing": ...}, plus "text" (the text.jsonl path) for distill.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from jobs.cli import positive_int
 from jobs.logging_setup import setup_logging
-from pipelines.synthetic import STAGES, MissingPackageError
+from pipelines.synthetic import INSTRUCT_SKILLS, PHRASINGS, STAGES, MissingPackageError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)"
     )
+    parser.add_argument(
+        "--phrasing",
+        choices=PHRASINGS,
+        default="train",
+        help="question wording: train (default) or heldout, paraphrases training never uses (instruct only)",
+    )
+    parser.add_argument(
+        "--skills",
+        nargs="+",
+        choices=INSTRUCT_SKILLS,
+        default=None,
+        help="shapes instruct only: ask these skills in turn, e.g. `colour shape count` (default: at random)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -48,12 +62,16 @@ def write(args: argparse.Namespace) -> Path:
     if args.source == "shapes":
         from pipelines.synthetic import generate
 
-        return generate(args.stage, args.n, args.seed, args.output, image_size)
+        return generate(args.stage, args.n, args.seed, args.output, image_size, args.phrasing, args.skills)
+    if args.skills:
+        raise ValueError(f"--skills chooses among the shapes source's skills, not {args.source}'s")
     from pipelines.importers import import_emoji, import_fashion_mnist
 
     if args.source == "fashion-mnist":
-        return import_fashion_mnist(args.output, args.n, args.seed, args.split, args.stage, image_size)
-    return import_emoji(args.output, args.n, args.seed, args.stage, image_size)
+        return import_fashion_mnist(
+            args.output, args.n, args.seed, args.split, args.stage, image_size, args.phrasing
+        )
+    return import_emoji(args.output, args.n, args.seed, args.stage, image_size, args.phrasing)
 
 
 def count_records_and_images(jsonl: Path) -> tuple[int, int]:
@@ -76,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except MissingPackageError as err:
         log.error("%s", err)
         return 1
-    except ValueError as err:  # a bad size or a request larger than the dataset
+    except ValueError as err:  # a bad size, a request larger than the dataset, an option the stage lacks
         log.error("%s", err)
         return 2
     records, images = count_records_and_images(jsonl)
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": images,
         "stage": args.stage,
         "source": args.source,
+        "phrasing": args.phrasing,
     }
     text = jsonl.with_name("text.jsonl")
     if args.stage == "distill" and text.is_file():

@@ -3,17 +3,21 @@
     python -m jobs.train --config configs/tiny.yaml --stage all --run-name nightly \\
         --set data.distill=data/distill --set data.align=data/align --set data.instruct=data/instruct
 
-`all` runs distill -> align -> instruct, each starting from the previous stage's export. One stage at a
-time: `--stage align --init <distill export> --data <prepared dataset>`. Rerunning the same command with
-the same run name resumes: finished stages (a complete export) are skipped, an interrupted one continues
-from its last checkpoint, and MLflow logging goes on in the same runs.
+`all` runs distill -> align -> instruct, each starting from the previous stage's export (for the
+compositional model, `model.architecture: compositional`: align -> instruct; it has no distill stage).
+One stage at a time: `--stage align --init <distill export> --data <prepared dataset>`. Rerunning the same
+command with the same run name resumes: finished stages (a complete export) are skipped, an interrupted
+one continues from its last checkpoint, and MLflow logging goes on in the same runs.
 
 Where things go (storage_path: a folder or s3://):
     <storage_path>/<run_name>-<stage>/checkpoint_<step>/   Ray Train checkpoints (the last K kept)
     <output or storage_path/run_name/exports>/<stage>/     the stage's Hugging Face export
 
 The last line of output is one JSON object: run_name, the exports per stage, the MLflow parent run id.
-A bad config or a missing dataset fails here, before any worker starts (exit 2).
+A bad config, a stage the model does not have, a missing dataset or distill teacher fails here, before any
+worker starts (exit 2). A compositional distill teacher given as an MLflow model
+(`teacher: compositional:models:/name@alias`) is downloaded here and put on the run's storage
+(<storage_path>/<run_name>/teacher), where every worker can read it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +51,49 @@ def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def stage_plan(config: TrainConfig, stage: str, data: str | None, init: str | None, output: str | None):
-    """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
+def start_config(config_source: str, init: str | None) -> dict[str, Any]:
+    """The config (a dict: model_type, text_config, ...) of the model a run starts from: the `--init`
+    export's, else the run config's preset's (validated here: a bad `model:` section fails before any
+    worker starts).
 
     Raises:
-        ConfigError: a stage without data, or data that is not a prepared dataset.
+        ConfigError: `init` is not a complete stage export.
     """
+    from jobs.export import is_export
+
+    if init is None:
+        from model import load_preset
+
+        return load_preset(config_source).to_dict()
+    if not is_export(init):
+        raise ConfigError(f"--init {init}: not a complete stage export (no export.json)")
+    return json.loads(storage.read_text(storage.join(init, "config.json")))
+
+
+def stage_plan(
+    config: TrainConfig,
+    stage: str,
+    data: str | None,
+    init: str | None,
+    output: str | None,
+    model_type: str = "hovle",
+):
+    """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
+
+    `all` is every stage of the model's architecture (`model.stages.stages_for(model_type)`).
+
+    Raises:
+        ConfigError: a stage the model does not have, a stage without data, or data that is not a prepared
+            dataset.
+    """
+    from model import stage_spec, stages_for
     from pipelines.manifest import DatasetNotFound, ManifestError, read_manifest
 
-    stages = list(STAGE_ORDER) if stage == "all" else [stage]
+    if stage == "all":
+        stages = [name for name in STAGE_ORDER if name in stages_for(model_type)]
+    else:
+        stage_spec(model_type, stage)  # raises for a stage this architecture does not have
+        stages = [stage]
     if data is not None and len(stages) > 1:
         raise ConfigError("--data names one dataset: use it with one --stage, or set train.data.<stage>")
     exports = output or storage.join(resolve_storage(config.storage_path), config.run_name, "exports")
@@ -124,13 +163,12 @@ def train(
     from jobs.tracking import RunTracker
     from jobs.train_loop import StageJob
 
-    plan, init = stage_plan(config, stage, data, init, output)
-    if init is None:
-        from model import load_preset
-
-        load_preset(config_source)  # a bad model: section fails here, not in every worker
-    elif not is_export(init):
-        raise ConfigError(f"--init {init}: not a complete stage export (no export.json)")
+    start = start_config(config_source, init)
+    plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
+    # what the workers get: `config` with the distill teacher where they can read it (MLflow logs `config`)
+    job_config = config
+    if any(name == "distill" for name, *_ in plan):
+        job_config = resolve_teacher(config, (start.get("text_config") or {}).get("hidden_size"))
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
     tracker = RunTracker(config.tracking_uri, config.tracking.experiment)
@@ -147,7 +185,7 @@ def train(
             tracker.log_dict(child, config.model_dump(mode="json"), "config.json")
             tracker.log_dict(child, json.loads(manifest.to_json()), "data_manifest.json")
             job = StageJob(
-                config=config.model_dump(mode="json"),
+                config=job_config.model_dump(mode="json"),
                 config_source=config_source,
                 stage=name,
                 data_uri=data_uri,
@@ -167,6 +205,59 @@ def train(
         exports[name] = init = export_uri
     tracker.finish(parent)
     return {"run_name": config.run_name, "exports": exports, "mlflow_run_id": parent}
+
+
+def resolve_teacher(config: TrainConfig, student_hidden: int | None = None) -> TrainConfig:
+    """`config` with a `compositional:` distill teacher checked and readable by every worker.
+
+    A local folder or an s3:// export stays where it is; an MLflow model (`models:/...`, `runs:/...`) is
+    downloaded and copied to <storage_path>/<run_name>/teacher. Other teachers are returned unchanged.
+
+    Raises:
+        ConfigError: the teacher cannot be downloaded, is not a compositional model, or its image tokens
+            are not `student_hidden` wide (another LLM's input space).
+    """
+    from model.compositional import MODEL_TYPE
+    from model.teachers import COMPOSITIONAL_PREFIX
+
+    settings = config.stages["distill"]
+    if not settings.teacher.startswith(COMPOSITIONAL_PREFIX):
+        return config
+    field, uri = "train.stages.distill.teacher", settings.teacher.removeprefix(COMPOSITIONAL_PREFIX)
+    if uri.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+
+        from jobs.registry import download_hf_folder
+
+        target = storage.join(resolve_storage(config.storage_path), config.run_name, "teacher")
+        with tempfile.TemporaryDirectory(prefix="hovle-teacher-") as scratch:
+            try:
+                folder = download_hf_folder(uri, config.tracking_uri, scratch)
+            except (MlflowException, OSError) as err:
+                raise ConfigError(f"{field}: cannot download {uri}: {err}") from None
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"{field}: {uri} holds no Hugging Face model folder")
+            storage.put_directory(str(folder), target)
+        logger.info("distill teacher %s copied to %s", uri, target)
+        uri = target
+    try:
+        teacher = json.loads(storage.read_text(storage.join(uri, "config.json")))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{field}: no model at {uri} (no config.json); expected {COMPOSITIONAL_PREFIX}<a compositional "
+            "export, save_pretrained folder or MLflow model URI>"
+        ) from None
+    if teacher.get("model_type") != MODEL_TYPE:
+        kind = teacher.get("model_type")
+        raise ConfigError(f"{field}: {uri} holds a {kind!r} model, not a {MODEL_TYPE!r} one")
+    width = (teacher.get("text_config") or {}).get("hidden_size")
+    if None not in (width, student_hidden) and width != student_hidden:
+        raise ConfigError(
+            f"{field}: the teacher's image tokens are {width} wide, the student's LLM takes "
+            f"{student_hidden}: train the compositional teacher on the student's LLM"
+        )
+    distill = settings.model_copy(update={"teacher": COMPOSITIONAL_PREFIX + uri})
+    return config.model_copy(update={"stages": {**config.stages, "distill": distill}})
 
 
 def main(argv: list[str] | None = None) -> int:

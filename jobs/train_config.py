@@ -11,10 +11,11 @@
       max_failures: 1
       tracking: {uri: null, experiment: hovle}       # null: sqlite:///<working folder>/mlflow.db
       log_every_n_steps: 10
+      recipe: project                 # or paper: HoVLE's recipe as published (see TrainConfig.recipe)
       stages:
         distill: {steps: 200, lr: 1.0e-4, micro_batch_size: 4, max_tokens: 2048, teacher: mobilenet_v2}
         align: {steps: 200, lr: 5.0e-5}
-        instruct: {steps: 200, lr: 2.0e-5}
+        instruct: {steps: 200, lr: 2.0e-5, llm_lr_ratio: 0.1}
 
 Every field has a default; a wrong or unknown field fails with its dotted name (`train.stages.align.lr`).
 """
@@ -53,7 +54,14 @@ class StageSettings(_Strict):
     text_preservation_weight: float | None = Field(
         None, ge=0, description="next-token stages: weight of the text-preservation term (null: the stage's)"
     )
-    teacher: str = Field("mobilenet_v2", description="distill: vision teacher (packaged name or HF folder)")
+    llm_lr_ratio: float = Field(
+        1.0, ge=0, description="stages that train the LLM: its learning rate as a share of lr (0 freezes it)"
+    )
+    teacher: str = Field(
+        "mobilenet_v2",
+        description="distill: vision teacher: mobilenet_v2, a local HF vision folder, or compositional:<a "
+        "compositional model's export, save_pretrained folder or models:/ URI> (the paper's teacher)",
+    )
     teacher_input_size: int | None = Field(224, ge=16, description="distill: tiles resized for the teacher")
 
 
@@ -121,6 +129,11 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage; -1: unlimited")
     tracking: TrackingSettings = TrackingSettings()
     log_every_n_steps: int = Field(10, ge=1)
+    recipe: Literal["project", "paper"] = Field(
+        "project",
+        description="paper: HoVLE's own recipe (no norm-matching or text-preservation term, random init of "
+        "the embedding layers); project: this platform's defaults (both terms, the preset's init)",
+    )
     stages: dict[Literal["distill", "align", "instruct"], StageSettings] = Field(
         default_factory=lambda: {name: StageSettings() for name in STAGE_ORDER}
     )

@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs.export import load_export, write_export
+from jobs.export import load_export, local_copy, write_export
 from jobs.flops import flops_per_token, peak_flops
 from jobs.strategy import DeepSpeedStrategy
 from jobs.tracking import StageLogger
 from jobs.train_config import StageSettings, TrainConfig
-from model import STAGES, StageSpec, apply_stage, build_model, build_processor, load_preset, stage_loss
+from model import StageSpec, apply_stage, build_model, build_processor, load_preset, stage_loss, stage_spec
 from pipelines.ingest import ShardSource
 from pipelines.stream import TrainingStream
 
@@ -44,6 +44,7 @@ logger = logging.getLogger("jobs.train")
 
 # What the stream adds to a batch for bookkeeping; the model never sees these.
 _BOOKKEEPING = ("ids", "num_samples", "num_tokens")
+LLM_PREFIX = "language_model."
 
 
 @dataclass
@@ -65,7 +66,8 @@ class StageJob:
 
 
 class StageModule(nn.Module):
-    """What the engine trains: the HoVLE model (+ the distill teacher's head); forward = the stage's loss.
+    """What the engine trains: the model (HoVLE or compositional) (+ the distill teacher's head, if any);
+    forward = the stage's loss.
 
     The teacher's frozen backbone is deliberately not a submodule: it stays outside the engine (no ZeRO
     partitioning, no optimizer state), a plain module on each worker.
@@ -91,7 +93,11 @@ class StageModule(nn.Module):
         config = self.model.config
         ids = torch.full((1, config.image_tokens_per_tile), config.img_context_token_id, device=device)
         pixels = torch.zeros(1, 3, config.tile_size, config.tile_size, device=device)
-        states = self.model.embedding(ids, pixels)  # through forward, so ZeRO-3 gathers its parameters
+        # through forward, so ZeRO-3 gathers its parameters
+        embedding = getattr(self.model, "embedding", None)
+        if embedding is None:  # the compositional model: the encoder + projector path
+            return self.model.embed_inputs(ids, pixels)
+        states = embedding(ids, pixels)
         return self.head(states) if self.head is not None else states
 
 
@@ -109,11 +115,12 @@ def train_stage(job_config: dict[str, Any]) -> None:
 
     # ---- build ------------------------------------------------------------------------------------------
     model, processor = _start_model(job, config)
-    spec = _stage_spec(job.stage, settings)
+    spec = _stage_spec(job.stage, settings, config.recipe, model.config.model_type)
     teacher = _teacher(model, settings) if spec.needs_teacher else None
-    parameters = apply_stage(model, spec)
+    apply_stage(model, spec)
+    parameters = _parameter_groups(model, spec, settings)
     if teacher is not None:
-        parameters += list(teacher.trainable_parameters())
+        parameters.append({"params": list(teacher.trainable_parameters()), "lr_ratio": 1.0})
     module = StageModule(model, spec, teacher)
     strategy = DeepSpeedStrategy(config, settings, world)
     strategy.setup(module, parameters)
@@ -164,6 +171,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
     accumulation = config.deepspeed.gradient_accumulation_steps
     with tracker as log:
         while step < settings.steps:
+            advance_drop_path(model, step, settings.steps)  # first at the resumed step, before any update
             meter.start_step()
             for _ in range(accumulation):
                 batch = meter.timed_next(batches)
@@ -201,13 +209,28 @@ def train_stage(job_config: dict[str, Any]) -> None:
     dist.barrier()
 
 
+def advance_drop_path(model: nn.Module, step: int, total_steps: int) -> float | None:
+    """De-focus attention: set the embedding's drop-path rates for training progress step / total_steps.
+
+    Returns the deepest layer's (largest) rate, or None when the model uses standard attention.
+    """
+    embedding = getattr(model, "embedding", None)  # the compositional model has none
+    if embedding is None or not embedding.defocus:
+        return None
+    embedding.set_drop_path_progress(step / total_steps)
+    return max(embedding.drop_path_rates)
+
+
 # ---- build helpers ---------------------------------------------------------------------------------------
 def _start_model(job: StageJob, config: TrainConfig):
-    """(model, processor): the previous stage's export, else the run config's preset, in fp32 on CPU."""
+    """(model, processor): the previous stage's export, else the run config's preset, in fp32 on CPU
+    (the paper's recipe starts the embedding layers at random)."""
     if job.init_uri:
         model, processor = load_export(job.init_uri)
     else:
         hovle_config = load_preset(job.config_source)
+        if config.recipe == "paper":
+            hovle_config.embedding_init = "random"
         model, processor = build_model(hovle_config), build_processor(hovle_config)
     attn = config.deepspeed.attn_implementation
     if attn != "auto":
@@ -216,17 +239,43 @@ def _start_model(job: StageJob, config: TrainConfig):
     return model.train(), processor
 
 
-def _stage_spec(stage: str, settings: StageSettings) -> StageSpec:
-    spec = STAGES[stage]
+def _stage_spec(
+    stage: str, settings: StageSettings, recipe: str = "project", model_type: str = "hovle"
+) -> StageSpec:
+    """The stage's spec for the model's architecture (`model.stages.STAGES_BY_MODEL_TYPE`) with the run
+    config's choices: the paper's recipe has neither the norm-matching nor the text-preservation term;
+    `llm_lr_ratio` 0 freezes the LLM."""
+    spec = stage_spec(model_type, stage)
     if settings.text_preservation_weight is not None and spec.loss == "next_token":
         spec = spec.with_options(text_preservation_weight=settings.text_preservation_weight)
+    if recipe == "paper":
+        spec = spec.with_options(text_preservation_weight=0.0, norm_weight=0.0)
+    if settings.llm_lr_ratio == 0:
+        spec = spec.with_options(trainable=tuple(p for p in spec.trainable if p != LLM_PREFIX))
     return spec
 
 
-def _teacher(model: nn.Module, settings: StageSettings):
-    from model.teachers import build_teacher
+def _parameter_groups(model: nn.Module, spec: StageSpec, settings: StageSettings) -> list[dict[str, Any]]:
+    """The stage's trainable parameters as optimizer groups: the LLM's at `llm_lr_ratio` of the stage's
+    lr (keeping what the LLM knows while the rest learns), everything else at the stage's lr."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in spec.trainable_parameters(model):
+        ratio = settings.llm_lr_ratio if name.startswith(LLM_PREFIX) else 1.0
+        groups.setdefault(ratio, []).append(param)
+    return [{"params": params, "lr_ratio": ratio} for ratio, params in groups.items()]
 
-    return build_teacher(settings.teacher, model.config.text_config.hidden_size, settings.teacher_input_size)
+
+def _teacher(model: nn.Module, settings: StageSettings):
+    """The distill teacher; a compositional teacher at a remote URI (jobs.train puts models:/ ones on the
+    run's storage) is copied here first."""
+    from model.teachers import COMPOSITIONAL_PREFIX, build_teacher
+
+    hidden, spec = model.config.text_config.hidden_size, settings.teacher
+    if not spec.startswith(COMPOSITIONAL_PREFIX):
+        return build_teacher(spec, hidden, settings.teacher_input_size)
+    with tempfile.TemporaryDirectory(prefix="hovle-teacher-") as scratch:
+        folder = local_copy(spec.removeprefix(COMPOSITIONAL_PREFIX), scratch)
+        return build_teacher(COMPOSITIONAL_PREFIX + folder, hidden)
 
 
 def _seed_everything(seed: int) -> None:
@@ -366,6 +415,9 @@ class _Meter:
             context = tokens / max(samples, 1)
             per_token = flops_per_token(self.model, self.stage, context)
             metrics["mfu"] = per_token * metrics["tokens_per_s"] / (self.peak * world)
+        embedding = getattr(self.model, "embedding", None)
+        if embedding is not None and embedding.defocus:
+            metrics["drop_path_rate"] = max(embedding.drop_path_rates)
         self.seconds_per_step = seconds / self.steps
         self._reset()
         return metrics

@@ -2,19 +2,25 @@
 
 - `ImageDecayBias`: a learnable per-head decay lambda = -exp(lambda_hat) among image tokens, added to the
   attention logits as lambda * (t - s) before the softmax (a low-pass filter per head).
-- `LearnableRotaryEmbedding`: RoPE whose frequencies are parameters, so that together with the decay
-  each layer forms its own band-pass. The reused transformers attention applies one (cos, sin) pair to
-  all heads of a layer, so the frequencies are learned per layer (the decay is per head).
-- `drop_path`: stochastic depth on a whole layer's residual update, with a rate schedule that rises
-  linearly over training and is spread linearly over depth.
+- `LearnableRotaryEmbedding`: RoPE whose frequencies are parameters, one set per KV-head group: query head
+  h and the KV head it reads (h // (heads / kv_heads)) rotate with the same frequencies, so together with
+  the decay each head forms its own band-pass.
+- `decoder_layer_forward`: a Llama decoder layer's step on its own submodules (same weights and parameter
+  names), needed because transformers' attention applies one (cos, sin) to all heads; it applies the
+  per-head rotary and drop path on each residual branch.
+- `drop_path`: stochastic depth on a residual branch, with a rate schedule that rises linearly over
+  training and is spread linearly over depth.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 
 class ImageDecayBias(nn.Module):
@@ -45,28 +51,106 @@ class ImageDecayBias(nn.Module):
 
 
 class LearnableRotaryEmbedding(nn.Module):
-    """RoPE with learnable inverse frequencies, initialised from `theta` as in standard RoPE."""
+    """RoPE with learnable inverse frequencies per KV-head group, initialised from `theta` as standard RoPE.
 
-    def __init__(self, head_dim: int, theta: float):
+    `log_inv_freq` is [num_groups, head_dim / 2]; group g serves KV head g and the query heads that read it.
+    """
+
+    def __init__(self, head_dim: int, theta: float, num_groups: int = 1):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.log_inv_freq = nn.Parameter(torch.empty(head_dim // 2))
+        self.log_inv_freq = nn.Parameter(torch.empty(num_groups, head_dim // 2))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        self.log_inv_freq.copy_(-exponents * math.log(self.theta))
+        self.log_inv_freq.copy_((-exponents * math.log(self.theta)).expand_as(self.log_inv_freq))
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [b, L] -> (cos, sin) each [b, L, head_dim], in `hidden`'s dtype."""
-        freqs = position_ids[..., None].float() * self.log_inv_freq.exp()
+        """position_ids [b, L] -> (cos, sin) each [b, groups, L, head_dim], in `hidden`'s dtype."""
+        inv_freq = self.log_inv_freq.float().exp()  # [groups, head_dim / 2]
+        freqs = position_ids[:, None, :, None].float() * inv_freq[None, :, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(hidden.dtype), emb.sin().to(hidden.dtype)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [b, heads, L, d] by cos/sin [b, L, d] (one set for all heads) or [b, groups, L, d]
+    (one set per KV-head group; head h uses group h // (heads / groups))."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    elif cos.shape[1] != x.shape[1]:
+        repeat = x.shape[1] // cos.shape[1]
+        cos, sin = cos.repeat_interleave(repeat, dim=1), sin.repeat_interleave(repeat, dim=1)
+    return x * cos + rotate_half(x) * sin
+
+
+def decoder_layer_forward(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_key_values=None,
+    drop_rate: float = 0.0,
+    **kwargs,
+) -> torch.Tensor:
+    """A `LlamaDecoderLayer` step on its own submodules: hidden [b, L, hidden] -> [b, L, hidden].
+
+    Mirrors `LlamaDecoderLayer.forward` + `LlamaAttention.forward` (transformers 5.x), except that the
+    rotary (`apply_rotary`) may differ per head and each residual branch (attention, MLP) is dropped with
+    `drop_rate` in training. `attention_mask` is the additive or boolean 4D mask (with any per-head bias).
+    """
+    if layer.gradient_checkpointing and layer.training:
+        # as GradientCheckpointingLayer does: recompute in backward, and no cache writes to replay
+        step = partial(
+            _layer_step,
+            layer,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            past_key_values=None,
+            drop_rate=drop_rate,
+            **kwargs,
+        )
+        return layer._gradient_checkpointing_func(step, hidden)
+    return _layer_step(
+        layer, hidden, attention_mask, position_embeddings, past_key_values, drop_rate, **kwargs
+    )
+
+
+def _layer_step(layer, hidden, attention_mask, position_embeddings, past_key_values, drop_rate, **kwargs):
+    attn = layer.self_attn
+    residual = hidden
+    states = layer.input_layernorm(hidden)
+    shape = (*states.shape[:-1], -1, attn.head_dim)
+    query = attn.q_proj(states).view(shape).transpose(1, 2)
+    key = attn.k_proj(states).view(shape).transpose(1, 2)
+    value = attn.v_proj(states).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, attn.layer_idx)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, eager_attention_forward
+    )
+    out, _ = attention(
+        attn,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=attn.attention_dropout if attn.training else 0.0,
+        scaling=attn.scaling,
+        **kwargs,
+    )
+    out = attn.o_proj(out.reshape(*states.shape[:-1], -1).contiguous())
+    hidden = residual + drop_path(out, drop_rate, layer.training)
+    out = layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden + drop_path(out, drop_rate, layer.training)
+
+
 def drop_path(update: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Drop a layer's residual update [b, ...] per sample with probability `rate`; rescale the rest."""
+    """Drop a residual branch's output [b, ...] per sample with probability `rate`; rescale the rest."""
     if not training or rate <= 0.0:
         return update
     keep = torch.empty(update.shape[0], *([1] * (update.dim() - 1)), device=update.device)

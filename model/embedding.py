@@ -21,7 +21,7 @@ from model.config import HoVLEConfig
 from model.defocus import (
     ImageDecayBias,
     LearnableRotaryEmbedding,
-    drop_path,
+    decoder_layer_forward,
     layer_drop_rates,
     scheduled_rate,
 )
@@ -75,9 +75,11 @@ class HolisticEmbedding(nn.Module):
         )
         self.defocus = config.attention == "defocus"
         if self.defocus:
-            head_dim = self.layer_config.head_dim
+            head_dim, groups = self.layer_config.head_dim, self.layer_config.num_key_value_heads
             theta = self.layer_config.rope_parameters["rope_theta"]
-            self.rotary = nn.ModuleList(LearnableRotaryEmbedding(head_dim, theta) for _ in self.layers)
+            self.rotary = nn.ModuleList(
+                LearnableRotaryEmbedding(head_dim, theta, groups) for _ in self.layers
+            )
             self.decay = nn.ModuleList(
                 ImageDecayBias(self.layer_config.num_attention_heads) for _ in self.layers
             )
@@ -268,7 +270,21 @@ class HolisticEmbedding(nn.Module):
             if needs_bias:
                 bias = self.decay[i](image_mask).to(mask.dtype)
                 layer_mask = (mask + bias).clamp(min=torch.finfo(mask.dtype).min)
-            out = layer(
+            rate = self.drop_path_rates[i]
+            if self.defocus or rate > 0:
+                # per-head rotary / per-branch drop path: the layer's own submodules, stepped here
+                hidden = decoder_layer_forward(
+                    layer,
+                    hidden,
+                    layer_mask,
+                    rotary,
+                    cache,
+                    rate,
+                    position_ids=position_ids,
+                    use_cache=use_cache,
+                )
+                continue
+            hidden = layer(
                 hidden,
                 attention_mask=layer_mask,
                 position_ids=position_ids,
@@ -276,7 +292,6 @@ class HolisticEmbedding(nn.Module):
                 use_cache=use_cache,
                 position_embeddings=rotary,
             )
-            hidden = hidden + drop_path(out - hidden, self.drop_path_rates[i], self.training)
         return hidden
 
 

@@ -1,5 +1,9 @@
 """Model presets: the `model:` section of a YAML run config -> `HoVLEConfig`, model and processor.
 
+`model.architecture` picks the network: `hovle` (default; the monolithic model, `model.embedding`) or
+`compositional` (the LLaVA-style baseline and stage-1 teacher, `model.vision`: a frozen encoder + projector
+in front of the same LLM, with the same image geometry, tokens and processor).
+
 A preset names its LLM either by a Hugging Face config (random weights, for tests and for counting
 parameters at paper scale) or by a local checkpoint, optionally a GGUF file; `package://NAME/...` points
 inside an installed Python package (how the offline SmolLM2 asset ships). Fields are validated once, here:
@@ -71,10 +75,34 @@ class ImageSpec(_Strict):
     use_thumbnail: bool = True
 
 
+class VisionSpec(_Strict):
+    """The compositional model's frozen vision encoder."""
+
+    encoder: str = "mobilenet_v2"  # the packaged ImageNet MobileNetV2, or a local HF vision model folder
+    input_size: int | None = Field(224, ge=16)  # tiles resized to this square size for the encoder
+    weights: str | None = None  # mobilenet_v2: a state dict file instead of the packaged one
+
+
 class ModelSpec(_Strict):
+    architecture: Literal["hovle", "compositional"] = "hovle"
     llm: LLMSpec
     embedding: EmbeddingSpec = EmbeddingSpec()
     image: ImageSpec = ImageSpec()
+    vision: VisionSpec | None = None
+
+    @model_validator(mode="after")
+    def _architecture_sections(self) -> ModelSpec:
+        if self.architecture == "compositional":
+            if "embedding" in self.model_fields_set:
+                raise ValueError(
+                    "model.embedding: the compositional architecture has no embedding module "
+                    "(drop the section)"
+                )
+            if self.vision is None:
+                self.vision = VisionSpec()
+        elif self.vision is not None:
+            raise ValueError("model.vision: only for `model.architecture: compositional`")
+        return self
 
 
 def resolve_path(path: str) -> str:
@@ -95,7 +123,7 @@ def parse_model_spec(raw: dict[str, Any], source: str = "config") -> ModelSpec:
     try:
         return ModelSpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"{'.'.join(('model', *map(str, e['loc'])))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{source}: {problems}") from None
 
 
@@ -147,20 +175,8 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
         token_ids = {t: first + HOVLE_SPECIAL_TOKENS.index(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
 
     emb, image = spec.embedding, spec.image
-    return HoVLEConfig(
+    shared = dict(
         text_config=text_config,
-        embedding_num_layers=emb.num_layers,
-        embedding_num_heads=emb.num_heads,
-        embedding_num_kv_heads=emb.num_kv_heads,
-        embedding_intermediate_size=emb.intermediate_size,
-        embedding_rope_theta=emb.rope_theta,
-        embedding_init=emb.init,
-        attention=emb.attention,
-        drop_path_rate=emb.drop_path_rate,
-        defocus_drop_path_start=emb.defocus_drop_path_start,
-        defocus_drop_path_end=emb.defocus_drop_path_end,
-        defocus_aux_loss=emb.defocus_aux_loss,
-        shuffle_location=emb.shuffle_location,
         tile_size=image.tile_size,
         patch_size=image.patch_size,
         pixel_shuffle_ratio=image.pixel_shuffle_ratio,
@@ -174,6 +190,56 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
         llm_name_or_path=llm.path,
         llm_gguf_file=llm.gguf_file,
         tokenizer_name_or_path=tokenizer_source,
+    )
+    if spec.architecture == "compositional":
+        return _compositional_config(spec.vision, shared)
+    return HoVLEConfig(
+        **shared,
+        embedding_num_layers=emb.num_layers,
+        embedding_num_heads=emb.num_heads,
+        embedding_num_kv_heads=emb.num_kv_heads,
+        embedding_intermediate_size=emb.intermediate_size,
+        embedding_rope_theta=emb.rope_theta,
+        embedding_init=emb.init,
+        attention=emb.attention,
+        drop_path_rate=emb.drop_path_rate,
+        defocus_drop_path_start=emb.defocus_drop_path_start,
+        defocus_drop_path_end=emb.defocus_drop_path_end,
+        defocus_aux_loss=emb.defocus_aux_loss,
+        shuffle_location=emb.shuffle_location,
+    )
+
+
+def _compositional_config(vision: VisionSpec, shared: dict[str, Any]) -> HoVLEConfig:
+    """`CompositionalConfig` for `model.vision`; an HF encoder's config and normalisation are read here."""
+    from model.compositional import CompositionalConfig
+    from model.teachers import MOBILENET_V2_SPEC, read_processor_normalisation
+
+    if vision.encoder == MOBILENET_V2_SPEC:
+        return CompositionalConfig(
+            **shared,
+            vision_input_size=vision.input_size,
+            vision_name_or_path=resolve_path(vision.weights) if vision.weights else None,
+        )
+    if vision.weights is not None:
+        raise ConfigError("model.vision.weights: only for encoder mobilenet_v2 (an HF folder holds its own)")
+    folder = Path(resolve_path(vision.encoder))
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.vision.encoder={vision.encoder!r}: expected 'mobilenet_v2' or a local Hugging Face "
+            "vision model folder (with config.json)"
+        )
+    loaded = AutoConfig.from_pretrained(folder, local_files_only=True)
+    tower = getattr(loaded, "vision_config", None) or loaded  # CLIP / SigLIP: the vision tower's config
+    mean, std = read_processor_normalisation(folder, None, None)
+    return CompositionalConfig(
+        **shared,
+        vision_encoder="hf",
+        vision_config=tower,
+        vision_input_size=vision.input_size,
+        vision_image_mean=[float(v) for v in mean] if mean else None,
+        vision_image_std=[float(v) for v in std] if std else None,
+        vision_name_or_path=str(folder),
     )
 
 
@@ -207,13 +273,21 @@ def build_processor(config: HoVLEConfig) -> HoVLEProcessor:
 
 
 def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVLEForConditionalGeneration:
-    """Build the model. On "meta" nothing is allocated or loaded (for counting); otherwise the LLM's
-    weights are loaded from `config.llm_name_or_path` when it names a checkpoint, its vocabulary grown
-    for the added tokens, and the embedding module initialised from it (`config.embedding_init`)."""
+    """Build the model `config` describes (HoVLE, or the compositional model for a `CompositionalConfig`).
+
+    On "meta" nothing is allocated or loaded (for counting); otherwise the LLM's weights are loaded from
+    `config.llm_name_or_path` when it names a checkpoint, its vocabulary grown for the added tokens, and
+    then HoVLE's embedding module is initialised from it (`config.embedding_init`), or the compositional
+    model's vision encoder loads its pre-trained weights (its projector starts at random).
+    """
+    from model.compositional import MODEL_TYPE, CompositionalVLM
+
+    compositional = config.model_type == MODEL_TYPE
+    model_class = CompositionalVLM if compositional else HoVLEForConditionalGeneration
     if torch.device(device).type == "meta":
         with torch.device("meta"):
-            return HoVLEForConditionalGeneration(config)
-    model = HoVLEForConditionalGeneration(config)
+            return model_class(config)
+    model = model_class(config)
     if config.llm_name_or_path is not None:
         logger.info("loading LLM weights from %s", config.llm_name_or_path)
         llm = AutoModelForCausalLM.from_pretrained(
@@ -223,7 +297,10 @@ def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVL
             llm.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
         model.language_model.load_state_dict(llm.state_dict())
         del llm
-    model.initialize_embedding_from_llm()
+    if compositional:
+        model.load_vision_weights()
+    else:
+        model.initialize_embedding_from_llm()
     if config.tokenizer_name_or_path is not None:
         model.generation_config = generation_config_for(build_processor(config).tokenizer)
     return model.to(device)

@@ -9,6 +9,11 @@
 
 The text-preservation term is the stage-1 text distillation loss on the text positions: trained on
 answers alone the embedding module wrecks the text path to the LLM (HOVLE.md, "Measured").
+
+The compositional baseline (model/compositional.py) trains LLaVA's way, with the same losses:
+| align    | projector                | next-token cross-entropy on captions                            |
+| instruct | projector + LLM          | next-token cross-entropy on assistant tokens                    |
+It has no distill stage: its vision encoder is pre-trained and stays frozen.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import ConfigError
 from model.modeling import HoVLEForConditionalGeneration
 
 
@@ -66,6 +72,49 @@ STAGES: dict[str, StageSpec] = {
         text_preservation_weight=0.1,
     ),
 }
+
+
+COMPOSITIONAL_STAGES: dict[str, StageSpec] = {
+    # the text-preservation term is 0 here (text positions are the LLM's own embeddings): off by default
+    "align": StageSpec("align", trainable=("projector.",), loss="next_token"),
+    "instruct": StageSpec("instruct", trainable=("projector.", "language_model."), loss="next_token"),
+}
+
+# model_type (the model config's) -> its stages
+STAGES_BY_MODEL_TYPE: dict[str, dict[str, StageSpec]] = {
+    "hovle": STAGES,
+    "hovle-compositional": COMPOSITIONAL_STAGES,
+}
+
+
+def stages_for(model_type: str) -> dict[str, StageSpec]:
+    """The stages a model of `model_type` trains through, by name.
+
+    Raises:
+        ConfigError: a model type this package does not train.
+    """
+    if model_type not in STAGES_BY_MODEL_TYPE:
+        raise ConfigError(f"model_type {model_type!r}: expected one of {sorted(STAGES_BY_MODEL_TYPE)}")
+    return STAGES_BY_MODEL_TYPE[model_type]
+
+
+def stage_spec(model_type: str, stage: str) -> StageSpec:
+    """The `StageSpec` of `stage` for a model of `model_type`.
+
+    Raises:
+        ConfigError: the stage does not apply to that model (e.g. distill for the compositional model).
+    """
+    stages = stages_for(model_type)
+    if stage not in stages:
+        if model_type == "hovle-compositional" and stage == "distill":
+            raise ConfigError(
+                "stage distill: the compositional model (model.architecture: compositional) has no distill "
+                "stage, its vision encoder is pre-trained and frozen; train it with align (projector) and "
+                "instruct (projector + LLM), then use its export as a HoVLE model's distill teacher "
+                "(train.stages.distill.teacher: compositional:<export>)"
+            )
+        raise ConfigError(f"stage {stage}: a {model_type!r} model trains only {', '.join(stages)}")
+    return stages[stage]
 
 
 def apply_stage(model: nn.Module, spec: StageSpec) -> list[nn.Parameter]:
@@ -125,7 +174,7 @@ def stage_loss(
     if spec.loss == "distill":
         states = model.embedding(input_ids, pixel_values, attention_mask, batch.get("position_ids"))
         text = text_distillation(states[text_mask], text_targets[text_mask], spec.norm_weight)
-        image = _image_distillation(model, states, image_mask, pixel_values, teacher)
+        image = _image_distillation(model, states, image_mask, pixel_values, teacher, spec.norm_weight)
         loss = text + image
         return StageLoss(
             loss, {"loss": loss.item(), "text_distill": text.item(), "image_distill": image.item()}
@@ -149,8 +198,13 @@ def stage_loss(
     return StageLoss(loss, parts)
 
 
-def _image_distillation(model, states, image_mask, pixel_values, teacher) -> torch.Tensor:
-    """Image tokens against the teacher's features on the student's token grid (+ de-focus pooled term)."""
+def _image_distillation(model, states, image_mask, pixel_values, teacher, norm_weight) -> torch.Tensor:
+    """Image tokens against the teacher's features on the student's token grid (+ de-focus pooled term).
+
+    A teacher whose targets live in the LLM's input space (a compositional VLM's projected tokens) is
+    matched like the text positions, by direction and by size (`text_distillation`); a plain vision
+    backbone's features only by direction, through the teacher's head.
+    """
     if pixel_values is None or not image_mask.any():
         return states.sum() * 0.0
     if teacher is None:
@@ -159,7 +213,10 @@ def _image_distillation(model, states, image_mask, pixel_values, teacher) -> tor
     grid = (config.image_grid, config.image_grid)
     targets = teacher.targets(pixel_values, grid)  # [tiles, tokens, C]
     student = teacher.project(states[image_mask].reshape(targets.shape[0], targets.shape[1], -1))
-    loss = negative_cosine(student, targets).mean()
+    if getattr(teacher, "in_input_space", False):
+        loss = text_distillation(student.flatten(0, 1), targets.flatten(0, 1), norm_weight)
+    else:
+        loss = negative_cosine(student, targets).mean()
     if config.attention == "defocus" and config.defocus_aux_loss:
         pooled = negative_cosine(student.mean(dim=1), targets.mean(dim=1)).mean()
         loss = (loss + pooled) / 2

@@ -11,6 +11,9 @@ token, the LLM's input embeddings). This module provides the image side:
 - ``VisionTeacher``: a frozen backbone giving per-token targets on the student's
   token grid, plus the small trainable head that maps student tokens into the
   teacher's feature space;
+- ``CompositionalTeacher``: the paper's teacher, a trained compositional VLM's
+  vision encoder + projector (model/compositional.py), whose targets already live
+  in the LLM's input space: no head, the student's tokens are compared directly;
 - ``build_teacher``: builds one from a spec string.
 """
 
@@ -31,6 +34,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 MOBILENET_V2_SPEC = "mobilenet_v2"
+COMPOSITIONAL_PREFIX = "compositional:"  # compositional:<folder of a compositional VLM>
 MOBILENET_V2_FEATURE_DIM = 1280
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -222,7 +226,7 @@ class HFVisionBackbone(nn.Module):
             model_dir = Path(model)
             if not model_dir.is_dir():
                 raise TeacherUnavailable(f"vision teacher directory {model_dir} does not exist")
-            image_mean, image_std = _read_processor_normalisation(model_dir, image_mean, image_std)
+            image_mean, image_std = read_processor_normalisation(model_dir, image_mean, image_std)
             from transformers import AutoModel  # deferred: transformers is heavy to import
 
             model = AutoModel.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
@@ -241,12 +245,18 @@ class HFVisionBackbone(nn.Module):
         if self.image_size is not None and patch_size is not None:
             ph, pw = _as_pair(patch_size)
             self.patch_grid = (self.image_size[0] // ph, self.image_size[1] // pw)
-        # Affine map ImageNet-normalised -> model-normalised: x_model = x * scale + shift.
-        mean = torch.tensor(image_mean if image_mean is not None else IMAGENET_MEAN)
-        std = torch.tensor(image_std if image_std is not None else IMAGENET_STD)
+        self.image_mean = tuple(image_mean if image_mean is not None else IMAGENET_MEAN)
+        self.image_std = tuple(image_std if image_std is not None else IMAGENET_STD)
+        scale, shift = self.normalisation()
+        self.register_buffer("_scale", scale, persistent=False)
+        self.register_buffer("_shift", shift, persistent=False)
+
+    def normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine map ImageNet-normalised -> model-normalised, x_model = x * scale + shift, as
+        (scale, shift), each [1, 3, 1, 1]."""
+        mean, std = torch.tensor(self.image_mean), torch.tensor(self.image_std)
         imagenet_mean, imagenet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        self.register_buffer("_scale", (imagenet_std / std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", ((imagenet_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
+        return (imagenet_std / std).view(1, 3, 1, 1), ((imagenet_mean - mean) / std).view(1, 3, 1, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised images [n, 3, H, W] -> feature map [n, C, s, s] (C = hidden size)."""
@@ -272,10 +282,11 @@ class HFVisionBackbone(nn.Module):
         raise ValueError(f"cannot find a square patch grid in {length} tokens")
 
 
-def _read_processor_normalisation(
+def read_processor_normalisation(
     model_dir: Path, image_mean: Sequence[float] | None, image_std: Sequence[float] | None
 ) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    """Fill mean/std not given explicitly from ``preprocessor_config.json`` when it has them."""
+    """Fill mean/std not given explicitly from ``preprocessor_config.json`` when it has them (the model
+    folder's own pixel normalisation)."""
     config_path = model_dir / "preprocessor_config.json"
     if (image_mean is not None and image_std is not None) or not config_path.is_file():
         return image_mean, image_std
@@ -295,6 +306,28 @@ def _freeze(module: nn.Module) -> None:
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize [n, C, H, W] -> [n, C, *size]; antialiased so downscaling does not alias."""
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def grid_features(
+    backbone: nn.Module, pixel_values: torch.Tensor, grid: tuple[int, int], input_size: int | None = None
+) -> torch.Tensor:
+    """A backbone's feature map on a token grid.
+
+    Args:
+        backbone: ImageNet-normalised images [n, 3, H, W] -> feature map [n, C, h, w].
+        pixel_values: ImageNet-normalised tiles [n, 3, T, T] (any float dtype).
+        grid: the (gh, gw) token grid per tile.
+        input_size: resize the tiles to this square size first (None: as given).
+
+    Returns:
+        [n, gh * gw, C] float32, raster order (see :func:`resample_to_grid`).
+    """
+    if input_size is not None and tuple(pixel_values.shape[-2:]) != (input_size, input_size):
+        pixel_values = _resize(pixel_values.float(), (input_size, input_size))
+    parameter = next(backbone.parameters(), None)
+    if parameter is not None:
+        pixel_values = pixel_values.to(parameter.dtype)
+    return resample_to_grid(backbone(pixel_values).float(), grid)
 
 
 def resample_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -332,6 +365,8 @@ class VisionTeacher(nn.Module):
     a shared trivial direction (a trainable map on the target side could do that).
     """
 
+    in_input_space = False  # targets are the backbone's features, not LLM input embeddings
+
     def __init__(
         self, backbone: nn.Module, feature_dim: int, student_hidden: int, input_size: int | None = None
     ) -> None:
@@ -362,13 +397,7 @@ class VisionTeacher(nn.Module):
         Returns:
             [n, gh * gw, feature_dim] float32, detached, raster order.
         """
-        if self.input_size is not None and tuple(pixel_values.shape[-2:]) != (self.input_size,) * 2:
-            pixel_values = _resize(pixel_values.float(), (self.input_size, self.input_size))
-        parameter = next(self.backbone.parameters(), None)
-        if parameter is not None:
-            pixel_values = pixel_values.to(parameter.dtype)
-        features = self.backbone(pixel_values).float()
-        return resample_to_grid(features, grid).detach()
+        return grid_features(self.backbone, pixel_values, grid, self.input_size).detach()
 
     def project(self, student_tokens: torch.Tensor) -> torch.Tensor:
         """Student image tokens [..., student_hidden] -> teacher space [..., feature_dim]."""
@@ -383,24 +412,99 @@ class VisionTeacher(nn.Module):
         return self.head.parameters()
 
 
-def build_teacher(spec: str, student_hidden: int, input_size: int | None = None) -> VisionTeacher:
+class CompositionalTeacher(nn.Module):
+    """A compositional VLM's frozen vision encoder + projector: targets in the LLM's input space.
+
+    The paper's stage-1 teacher. Its projected image tokens already are what the LLM reads, so the
+    student's image tokens are compared with them directly (`in_input_space`: negative cosine plus norm
+    matching, like the text positions): no head, nothing trainable between the student and the LLM.
+    """
+
+    in_input_space = True
+
+    def __init__(self, vision_encoder: nn.Module, projector: nn.Module, student_hidden: int) -> None:
+        super().__init__()
+        width = projector[-1].out_features
+        if width != student_hidden:
+            raise ValueError(
+                f"the compositional teacher's tokens are {width} wide but the student's are "
+                f"{student_hidden}: train the teacher on the student's LLM"
+            )
+        self.vision_encoder, self.projector = vision_encoder, projector
+        self.head = None  # StageModule and its blank-image pass take the student's tokens as they are
+        _freeze(self)
+
+    def train(self, mode: bool = True) -> CompositionalTeacher:
+        """Always eval: nothing here trains."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def targets(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tiles [n, 3, T, T] -> the projected image tokens [n, gh * gw, hidden] float32, detached."""
+        features = self.vision_encoder(pixel_values, grid)
+        return self.projector(features.to(self.projector[0].weight.dtype)).float()
+
+    def project(self, student_tokens: torch.Tensor) -> torch.Tensor:
+        """The identity: the student's image tokens are already in the targets' space."""
+        return student_tokens
+
+    def forward(self, student_tokens: torch.Tensor) -> torch.Tensor:
+        return self.project(student_tokens)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """None: the teacher is fixed and there is no head."""
+        return iter(())
+
+
+def load_compositional_teacher(folder: str | os.PathLike[str], student_hidden: int) -> CompositionalTeacher:
+    """The teacher of a compositional VLM saved at `folder` (a stage export or `save_pretrained` folder).
+
+    Raises:
+        TeacherUnavailable: no such folder, or it holds another kind of model.
+    """
+    path = Path(folder)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise TeacherUnavailable(
+            f"compositional teacher: no model at {path} (no config.json); expected a compositional VLM's "
+            "export or save_pretrained folder (models:/ and s3:// URIs are fetched by jobs.train)"
+        )
+    from model.compositional import MODEL_TYPE, CompositionalVLM  # deferred: it imports this module
+
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise TeacherUnavailable(
+            f"compositional teacher: {path} holds a {model_type!r} model, not a {MODEL_TYPE!r} one "
+            "(train one with `model.architecture: compositional`)"
+        )
+    vlm = CompositionalVLM.from_pretrained(path, dtype=torch.float32)
+    logger.info("loaded the compositional teacher from %s", path)
+    return CompositionalTeacher(vlm.vision_encoder, vlm.projector, student_hidden)
+
+
+def build_teacher(
+    spec: str, student_hidden: int, input_size: int | None = None
+) -> VisionTeacher | CompositionalTeacher:
     """Build a stage-1 vision teacher.
 
     Args:
-        spec: ``"mobilenet_v2"`` for the packaged ImageNet MobileNetV2 (1280 features), or a
-            local Hugging Face vision model directory.
+        spec: ``"mobilenet_v2"`` for the packaged ImageNet MobileNetV2 (1280 features), a local Hugging
+            Face vision model directory, or ``"compositional:<folder>"`` for a trained compositional VLM
+            (its own encoder input size applies; ``input_size`` is not used).
         student_hidden: width of the student's image tokens.
         input_size: resize tiles to this square size before the backbone (None: as given).
 
     Raises:
         TeacherUnavailable: the packaged weights or the directory are missing.
     """
+    if spec.startswith(COMPOSITIONAL_PREFIX):
+        return load_compositional_teacher(spec.removeprefix(COMPOSITIONAL_PREFIX), student_hidden)
     if spec == MOBILENET_V2_SPEC:
         return VisionTeacher(load_mobilenet_v2(), MOBILENET_V2_FEATURE_DIM, student_hidden, input_size)
     if not Path(spec).is_dir():
         raise TeacherUnavailable(
-            f"unknown vision teacher {spec!r}: expected {MOBILENET_V2_SPEC!r} or a local Hugging Face "
-            f"vision model directory"
+            f"unknown vision teacher {spec!r}: expected {MOBILENET_V2_SPEC!r}, a local Hugging Face "
+            f"vision model directory or {COMPOSITIONAL_PREFIX}<compositional VLM folder>"
         )
     backbone = HFVisionBackbone(spec)
     return VisionTeacher(backbone, backbone.feature_dim, student_hidden, input_size)

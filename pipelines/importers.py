@@ -6,6 +6,7 @@
   labelled with the lowercased Unicode name of each code point it renders ("grinning face").
 
 Captions and questions come from templates over the true label; `answer`/`skill` are the ground truth.
+`phrasing="heldout"` asks with each source's evaluation-only paraphrases instead (see `pipelines.synthetic`).
 A missing package raises `MissingPackageError` naming the apt-get command.
 """
 
@@ -25,12 +26,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.synthetic import (
+    ANSWER_FORMS,
     BACKGROUNDS,
     MIN_IMAGE_SIZE,
     ORDINALS,
+    HeldoutPhrasing,
     MissingPackageError,
+    Phrasing,
     Sample,
     Turn,
+    ask,
     write_corpus,
 )
 
@@ -53,6 +58,7 @@ FASHION_CLASSES = (
     "bag",
     "ankle boot",
 )
+FEET_QUESTION = "Is this item worn on the feet?"
 
 EMOJI_PACKAGE = "fonts-noto-color-emoji"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -68,6 +74,9 @@ EMOJI_RANGES = (
 
 COMPARE_PROBABILITY = 0.15
 MULTI_TURN_PROBABILITY = 0.25
+# Answer-form instructions of held-out questions (see pipelines.synthetic.ANSWER_FORMS), by skill.
+YES_NO_FORMS = ("Answer yes or no.", "Reply with yes or no only.")
+LABEL_ANSWER_FORMS = {"verify": YES_NO_FORMS, "category": YES_NO_FORMS, "compare": ANSWER_FORMS["compare"]}
 
 
 class EmojiRenderError(RuntimeError):
@@ -97,6 +106,7 @@ class LabelledImageSource(ABC):
 
     name: str
     templates: LabelTemplates
+    heldout: HeldoutPhrasing  # paraphrases of every template in `templates` that asks a question
     labels: tuple[str, ...]
 
     @abstractmethod
@@ -106,16 +116,19 @@ class LabelledImageSource(ABC):
     def _fill(self, template: str, label: str) -> str:
         return template.format(label=label, a_label=_article(label))
 
+    def _ask(self, template: str, label: str, answer: str, skill: str) -> Turn:
+        return ask(template, answer, skill, label=label, a_label=_article(label))
+
     def _questions(self, rng: random.Random, label: str) -> list[Turn]:
         """The "what is this?" question, then the yes/no ones in random order."""
         other = rng.choice([name for name in self.labels if name != label])
         asked = rng.choice([label, other])
         turns = [
-            Turn(self._fill(rng.choice(self.templates.questions), label), label, self.templates.skill),
-            Turn(self._fill(self.templates.verify, asked), "yes" if asked == label else "no", "verify"),
+            self._ask(rng.choice(self.templates.questions), label, label, self.templates.skill),
+            self._ask(self.templates.verify, asked, "yes" if asked == label else "no", "verify"),
         ]
         extra = [
-            Turn(q, "yes" if label in yes else "no", "category") for q, yes in self.templates.groups.items()
+            ask(q, "yes" if label in yes else "no", "category") for q, yes in self.templates.groups.items()
         ]
         return turns[:1] + rng.sample(turns[1:] + extra, len(turns) - 1 + len(extra))
 
@@ -132,9 +145,9 @@ class LabelledImageSource(ABC):
             else:
                 raise ValueError(f"{self.name}: could not draw two images with different labels")
             target = rng.randrange(2)
-            question = self._fill(self.templates.compare, (label, second_label)[target])
-            meta = {"images": [meta, second_meta]}
-            return Sample([image, second], caption, [Turn(question, ORDINALS[target], "compare")], meta)
+            shown = (label, second_label)[target]
+            turn = self._ask(self.templates.compare, shown, ORDINALS[target], "compare")
+            return Sample([image, second], caption, [turn], {"images": [meta, second_meta]})
         questions = self._questions(rng, label)
         if rng.random() < MULTI_TURN_PROBABILITY:
             turns = questions[: rng.randint(2, len(questions))]
@@ -212,7 +225,34 @@ class FashionMnistSource(LabelledImageSource):
             "a shop sells the {label}, the {other} and the {third}.",
             "sandals, sneakers and ankle boots are worn on the feet.",
         ),
-        groups={"Is this item worn on the feet?": frozenset({"sandal", "sneaker", "ankle boot"})},
+        groups={FEET_QUESTION: frozenset({"sandal", "sneaker", "ankle boot"})},
+    )
+    heldout = HeldoutPhrasing(
+        questions={
+            **dict.fromkeys(
+                templates.questions,
+                (
+                    "Which item of clothing is this?",
+                    "Name the fashion item in the picture.",
+                    "What is this garment or accessory called?",
+                    "Tell me which clothing class the photo shows.",
+                ),
+            ),
+            templates.verify: (
+                "Does the picture show {a_label}?",
+                "Is the item in the photo {a_label}?",
+                "Would you call this item {a_label}?",
+            ),
+            templates.compare: (
+                "In which picture can you see {a_label}?",
+                "Which of the two photos has {a_label}?",
+            ),
+            FEET_QUESTION: ("Would someone wear this on their feet?", "Is this a kind of footwear?"),
+        },
+        answer_forms={
+            **LABEL_ANSWER_FORMS,
+            "class": ("Answer with the name of the item only.", "Give the item's class in capital letters."),
+        },
     )
 
     def __init__(self, seed: int, split: str = "train", image_size: int = 112) -> None:
@@ -248,12 +288,15 @@ def import_fashion_mnist(
     split: str = "train",
     stage: str = "instruct",
     image_size: int = 112,
+    phrasing: Phrasing = "train",
 ) -> Path:
     """`n` Fashion-MNIST records of `split` for `stage` as images + `data.jsonl`; returns the JSONL path.
 
-    Images are drawn without repeats in an order fixed by `seed`; evaluate on `split="test"`.
+    Images are drawn without repeats in an order fixed by `seed`; evaluate on `split="test"`, and with
+    `phrasing="heldout"` on questions worded as training never words them.
     """
-    return write_corpus(FashionMnistSource(seed, split, image_size), stage, n, seed, Path(output_dir))
+    source = FashionMnistSource(seed, split, image_size)
+    return write_corpus(source, stage, n, seed, Path(output_dir), phrasing)
 
 
 # ---- colour emoji -----------------------------------------------------------------------------------
@@ -304,6 +347,20 @@ class EmojiSource(LabelledImageSource):
             "the {label} emoji sits next to the {third} emoji on the keyboard.",
         ),
     )
+    heldout = HeldoutPhrasing(
+        questions={
+            **dict.fromkeys(
+                templates.questions,
+                ("Which emoji is this?", "Tell me the name of this emoji.", "What is this emoji called?"),
+            ),
+            templates.verify: ("Does the picture show the {label} emoji?", "Is this emoji the {label} one?"),
+            templates.compare: (
+                "In which picture can you see the {label} emoji?",
+                "Which of the two pictures has the {label} emoji?",
+            ),
+        },
+        answer_forms={**LABEL_ANSWER_FORMS, "emoji": ("Answer with the emoji's name only.",)},
+    )
 
     def __init__(self, image_size: int = 112) -> None:
         if image_size < MIN_IMAGE_SIZE:
@@ -336,9 +393,17 @@ class EmojiSource(LabelledImageSource):
         )
 
 
-def import_emoji(output_dir: Path, n: int, seed: int, stage: str = "instruct", image_size: int = 112) -> Path:
+def import_emoji(
+    output_dir: Path,
+    n: int,
+    seed: int,
+    stage: str = "instruct",
+    image_size: int = 112,
+    phrasing: Phrasing = "train",
+) -> Path:
     """`n` colour-emoji records for `stage` as images + `data.jsonl`; returns the JSONL path.
 
     Labels are lowercased Unicode names ("grinning face"); only code points the font draws are used.
+    `phrasing="heldout"` asks with paraphrases training never uses.
     """
-    return write_corpus(EmojiSource(image_size), stage, n, seed, Path(output_dir))
+    return write_corpus(EmojiSource(image_size), stage, n, seed, Path(output_dir), phrasing)

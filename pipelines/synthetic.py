@@ -15,6 +15,13 @@ Records are LLaVA/InternVL conversation JSONL lines, image paths relative to the
 
 Record `i` of a corpus draws from its own RNG seeded by (source, stage, seed, i): the same arguments give
 byte-identical files, a corpus of n records is a prefix of one of n+k, and another seed gives a held-out set.
+
+Another seed only gives new images; `phrasing="heldout"` also asks in words training never uses: every
+question is reworded from its source's `heldout` paraphrases (`HeldoutPhrasing`), sometimes followed by an
+answer-form instruction ("Reply in one word.") that the evaluator's normalisation still scores by exact
+match. Rewording draws from a second RNG, so record `i` shows the same images and has the same answers as
+record `i` of the train-phrasing corpus; its `meta` gains "phrasing": "heldout". `skills=` balances an
+instruct corpus: record `i` asks `skills[i % len(skills)]`, so a few hundred records hold 100 of each.
 """
 
 from __future__ import annotations
@@ -25,16 +32,20 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import cycle
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from PIL import Image, ImageDraw, ImageFont
 
 log = logging.getLogger(__name__)
 
 STAGES = ("distill", "align", "instruct")
+PHRASINGS = ("train", "heldout")
+Phrasing = Literal["train", "heldout"]
 MIN_IMAGE_SIZE = 48  # below this the longest word no longer fits at a legible font size
 DESCRIBE_PROMPT = "Describe the image."
 
@@ -105,6 +116,32 @@ class Turn:
     question: str
     answer: str
     skill: str
+    template: str = ""  # the training template `question` was filled from: held-out sets reword by it
+    slots: tuple[tuple[str, str], ...] = ()  # what filled it, e.g. (("colour", "red"),)
+
+
+def ask(template: str, answer: str, skill: str, **slots: str) -> Turn:
+    """A turn whose question is `template` filled with `slots`, remembering both for rewording."""
+    return Turn(template.format(**slots), answer, skill, template, tuple(sorted(slots.items())))
+
+
+@dataclass(frozen=True)
+class HeldoutPhrasing:
+    """A source's evaluation-only wording: paraphrases of each training template (same placeholders, never
+    a training question) and answer-form instructions by skill that leave the normalised answer as it is."""
+
+    questions: Mapping[str, tuple[str, ...]]
+    answer_forms: Mapping[str, tuple[str, ...]]
+
+    def reword(self, turn: Turn, rng: random.Random) -> Turn:
+        """`turn` asked by a random paraphrase, half the time followed by an answer-form instruction."""
+        if turn.template not in self.questions:
+            raise ValueError(f"no held-out paraphrase of the training question template {turn.template!r}")
+        question = rng.choice(self.questions[turn.template]).format(**dict(turn.slots))
+        forms = self.answer_forms.get(turn.skill, ())
+        if forms and rng.random() < ANSWER_FORM_PROBABILITY:
+            question = f"{question} {rng.choice(forms)}"
+        return Turn(question, turn.answer, turn.skill, turn.template, turn.slots)
 
 
 @dataclass
@@ -121,6 +158,7 @@ class CorpusSource(Protocol):
     """A generator of samples and unpaired text; `write_corpus` turns it into a corpus for any stage."""
 
     name: str
+    heldout: HeldoutPhrasing  # how `phrasing="heldout"` rewords the questions of `sample`
 
     def sample(self, rng: random.Random, stage: str) -> Sample:
         """One sample; for `distill` and `align` a single image, for `instruct` one or two."""
@@ -216,6 +254,16 @@ def describe_scene(scene: Scene) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# The training templates of scene questions (and, below, of text and two-image questions).
+COUNT_ALL = "How many shapes are there?"
+COUNT_COLOUR = "How many {colour} shapes are there?"
+COUNT_KIND = "How many {kind}s are there?"
+COLOUR_OF_KIND = "What colour is the {kind}?"
+WHERE_KIND = "Where is the {kind}?"
+WHERE_PAIR = "Where is the {colour} {kind}?"
+SHAPE_OF_COLOUR = "What shape is the {colour} object?"
+
+
 def scene_questions(scene: Scene, rng: random.Random) -> dict[str, list[Turn]]:
     """Every unambiguous question about `scene`, by skill (colour, shape, count, position).
 
@@ -227,19 +275,20 @@ def scene_questions(scene: Scene, rng: random.Random) -> dict[str, list[Turn]]:
     pairs = Counter((s.colour, s.shape) for s in scene.shapes)
     absent = [c for c in PALETTE if c not in colours]
     questions: dict[str, list[Turn]] = {"colour": [], "shape": [], "count": [], "position": []}
-    questions["count"].append(Turn("How many shapes are there?", str(len(scene.shapes)), "count"))
+    questions["count"].append(ask(COUNT_ALL, str(len(scene.shapes)), "count"))
     for colour in sorted(colours) + ([rng.choice(absent)] if absent else []):
-        questions["count"].append(Turn(f"How many {colour} shapes are there?", str(colours[colour]), "count"))
+        questions["count"].append(ask(COUNT_COLOUR, str(colours[colour]), "count", colour=colour))
     for kind in sorted(kinds):
-        questions["count"].append(Turn(f"How many {kind}s are there?", str(kinds[kind]), "count"))
+        questions["count"].append(ask(COUNT_KIND, str(kinds[kind]), "count", kind=kind))
     for s in scene.shapes:
         if kinds[s.shape] == 1:
-            questions["colour"].append(Turn(f"What colour is the {s.shape}?", s.colour, "colour"))
-            questions["position"].append(Turn(f"Where is the {s.shape}?", s.position, "position"))
+            questions["colour"].append(ask(COLOUR_OF_KIND, s.colour, "colour", kind=s.shape))
+            questions["position"].append(ask(WHERE_KIND, s.position, "position", kind=s.shape))
         elif pairs[(s.colour, s.shape)] == 1:
-            questions["position"].append(Turn(f"Where is the {s.colour} {s.shape}?", s.position, "position"))
+            where = ask(WHERE_PAIR, s.position, "position", colour=s.colour, kind=s.shape)
+            questions["position"].append(where)
         if colours[s.colour] == 1:
-            questions["shape"].append(Turn(f"What shape is the {s.colour} object?", s.shape, "shape"))
+            questions["shape"].append(ask(SHAPE_OF_COLOUR, s.shape, "shape", colour=s.colour))
     return {skill: turns for skill, turns in questions.items() if turns}
 
 
@@ -279,8 +328,65 @@ INSTRUCT_SKILLS = ("colour", "shape", "count", "position", "ocr", "compare")
 MULTI_TURN_PROBABILITY = 0.25
 OCR_PROBABILITY = 0.2  # share of OCR images in the distill and align stages
 OCR_QUESTION = "What word is written in the image?"
+TEXT_COLOUR_QUESTION = "What colour is the text?"
 COMPARE_QUESTION = "Which image has more shapes?"
 ORDINALS = ("the first", "the second")
+ANSWER_FORM_PROBABILITY = 0.5
+# Answer-form instructions by skill, for held-out questions only. Each asks for a form that the evaluator's
+# normalisation (case, outer punctuation, number words to digits) maps back to the record's answer.
+ANSWER_FORMS: dict[str, tuple[str, ...]] = {
+    "colour": ("Answer with a single word.", "Reply in one word.", "Give the colour in capital letters."),
+    "shape": ("Answer with a single word.", "Reply in one word.", "Give the shape in capital letters."),
+    "count": ("Answer with a number.", "Reply with digits only.", "Spell the number out as a word."),
+    "position": ("Answer with the position only.", "Reply with just the part of the image, in capitals."),
+    "ocr": ("Reply with the word only.", "Answer with a single word.", "Write the word in capital letters."),
+    "compare": ("Answer with the first or the second.", "Reply with just the first or the second."),
+}
+SHAPES_HELDOUT = HeldoutPhrasing(
+    questions={
+        COUNT_ALL: (
+            "What is the number of shapes in the picture?", "Count the shapes.",
+            "How many objects can you see in the image?", "Tell me how many shapes the image contains.",
+        ),
+        COUNT_COLOUR: (
+            "What is the number of {colour} shapes in the picture?", "Count the {colour} shapes.",
+            "How many of the shapes are {colour}?",
+        ),
+        COUNT_KIND: (
+            "What is the number of {kind}s in the picture?", "Count the {kind}s.",
+            "How many {kind}s can you see in the image?",
+        ),
+        COLOUR_OF_KIND: (
+            "Which colour does the {kind} have?", "Tell me the colour of the {kind}.",
+            "What is the colour of the {kind}?", "The {kind} is painted in which colour?",
+        ),
+        SHAPE_OF_COLOUR: (
+            "Which kind of shape is {colour}?", "Name the shape that is {colour}.",
+            "The {colour} object has what shape?", "Which shape is coloured {colour}?",
+        ),
+        WHERE_KIND: (
+            "In what part of the image is the {kind}?", "Tell me the position of the {kind}.",
+            "Where in the picture can the {kind} be found?", "Which cell of the grid holds the {kind}?",
+        ),
+        WHERE_PAIR: (
+            "In what part of the image is the {colour} {kind}?",
+            "Tell me the position of the {colour} {kind}.", "Where in the picture is the {colour} {kind}?",
+        ),
+        OCR_QUESTION: (
+            "Read the word in the picture.", "Which word does the image show?",
+            "What does the text in the image say?", "Transcribe the word that is shown.",
+        ),
+        TEXT_COLOUR_QUESTION: (
+            "Which colour is the word written in?", "Tell me the colour of the lettering.",
+            "In what colour is the word printed?",
+        ),
+        COMPARE_QUESTION: (
+            "Which of the two pictures contains more shapes?", "In which image are there more shapes?",
+            "Which picture shows a larger number of objects?",
+        ),
+    },
+    answer_forms=ANSWER_FORMS,
+)  # fmt: skip
 TEXT_TEMPLATES = (
     "The {colour} {shape} is at the {position}.",
     "There are {count} {shape}s in the picture.",
@@ -294,11 +400,17 @@ class ShapesSource:
     """Coloured-shape scenes and rendered words, drawn with Pillow at `image_size` pixels."""
 
     name = "shapes"
+    heldout = SHAPES_HELDOUT
 
-    def __init__(self, image_size: int = 224) -> None:
+    def __init__(self, image_size: int = 224, skills: Sequence[str] | None = None) -> None:
+        """`skills`: the instruct skills to ask in turn (record i asks skills[i % len]); None: at random."""
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+        if skills is not None and (not skills or not set(skills) <= set(INSTRUCT_SKILLS)):
+            raise ValueError(f"skills must be some of {', '.join(INSTRUCT_SKILLS)}, got {skills!r}")
         self.image_size = image_size
+        self.balanced = skills is not None
+        self._skills = cycle(skills or ())
 
     def _scene_sample(self, rng: random.Random) -> tuple[Scene, Sample]:
         scene = sample_scene(rng, self.image_size)
@@ -308,17 +420,23 @@ class ShapesSource:
     def _word_sample(self, rng: random.Random) -> Sample:
         image, facts = render_word(rng.choice(WORDS), self.image_size, rng)
         caption = f'the word "{facts["word"]}" written in {facts["colour"]}'
-        turns = [Turn(OCR_QUESTION, facts["word"], "ocr")]
+        turns = [ask(OCR_QUESTION, facts["word"], "ocr")]
         return Sample([image], caption, turns, {"ocr": facts})
 
     def sample(self, rng: random.Random, stage: str) -> Sample:
         if stage != "instruct":
             return self._word_sample(rng) if rng.random() < OCR_PROBABILITY else self._scene_sample(rng)[1]
-        skill = rng.choice(INSTRUCT_SKILLS)
+        skill = next(self._skills) if self.balanced else rng.choice(INSTRUCT_SKILLS)
+        sample = self._instruct_sample(rng, skill)
+        if self.balanced:  # the record's skill is its last turn's: the asked skill goes last
+            sample.turns.sort(key=lambda turn: turn.skill == skill)
+        return sample
+
+    def _instruct_sample(self, rng: random.Random, skill: str) -> Sample:
         if skill == "ocr":
             sample = self._word_sample(rng)
             if rng.random() < MULTI_TURN_PROBABILITY:
-                sample.turns.append(Turn("What colour is the text?", sample.meta["ocr"]["colour"], "colour"))
+                sample.turns.append(ask(TEXT_COLOUR_QUESTION, sample.meta["ocr"]["colour"], "colour"))
             return sample
         if skill == "compare":
             counts = rng.sample(range(1, MAX_SHAPES + 1), 2)
@@ -327,11 +445,14 @@ class ShapesSource:
             return Sample(
                 [draw_scene(scene, self.image_size) for scene in scenes],
                 describe_scene(scenes[0]),
-                [Turn(COMPARE_QUESTION, answer, "compare")],
+                [ask(COMPARE_QUESTION, answer, "compare")],
                 {"scenes": [scene.as_dict() for scene in scenes]},
             )
         scene, sample = self._scene_sample(rng)
         questions = scene_questions(scene, rng)
+        while self.balanced and skill not in questions:  # redraw; any one-shape scene has every skill
+            scene, sample = self._scene_sample(rng)
+            questions = scene_questions(scene, rng)
         pool = questions.get(skill) or questions["count"]  # e.g. no colour is unique: ask a count
         sample.turns.append(rng.choice(pool))
         if rng.random() < MULTI_TURN_PROBABILITY:
@@ -384,13 +505,20 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def write_corpus(source: CorpusSource, stage: str, n: int, seed: int, output_dir: Path) -> Path:
+def write_corpus(
+    source: CorpusSource, stage: str, n: int, seed: int, output_dir: Path, phrasing: Phrasing = "train"
+) -> Path:
     """Draw `n` records from `source` for `stage` and write images + `data.jsonl` under `output_dir`.
 
     Returns the JSONL path. `distill` also writes `text.jsonl` ({"id", "text"}, n documents).
+    `phrasing="heldout"` (instruct only) rewords every question with `source.heldout`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
+    if phrasing == "heldout" and stage != "instruct":
+        raise ValueError(f"phrasing 'heldout' needs questions: use it for instruct, not {stage}")
     if n < 1:
         raise ValueError(f"n must be a positive number of records, got {n}")
     output_dir = Path(output_dir)
@@ -413,6 +541,10 @@ def write_corpus(source: CorpusSource, stage: str, n: int, seed: int, output_dir
             record["conversations"] = _conversation([Turn(DESCRIBE_PROMPT, sample.caption, "caption")], 1)
             record.update(caption=sample.caption, answer=sample.caption, skill="caption", meta=sample.meta)
         else:
+            if phrasing == "heldout":  # its own RNG: the images and answers stay those of phrasing="train"
+                reword = random.Random(f"{source.name}/{stage}/{seed}/{i}/heldout")
+                sample.turns = [source.heldout.reword(turn, reword) for turn in sample.turns]
+                sample.meta = {**sample.meta, "phrasing": "heldout"}
             record["conversations"] = _conversation(sample.turns, len(paths))
             record.update(answer=sample.turns[-1].answer, skill=sample.turns[-1].skill, meta=sample.meta)
         records.append(record)
@@ -424,6 +556,21 @@ def write_corpus(source: CorpusSource, stage: str, n: int, seed: int, output_dir
     return jsonl
 
 
-def generate(stage: str, n: int, seed: int, output_dir: Path, image_size: int = 224) -> Path:
-    """A shapes + rendered-words corpus of `n` records for `stage`; returns the path of its `data.jsonl`."""
-    return write_corpus(ShapesSource(image_size), stage, n, seed, Path(output_dir))
+def generate(
+    stage: str,
+    n: int,
+    seed: int,
+    output_dir: Path,
+    image_size: int = 224,
+    phrasing: Phrasing = "train",
+    skills: Sequence[str] | None = None,
+) -> Path:
+    """A shapes + rendered-words corpus of `n` records for `stage`; returns the path of its `data.jsonl`.
+
+    `phrasing="heldout"`: questions worded as training never words them (instruct only). `skills`: record
+    `i` asks `skills[i % len(skills)]` (instruct only), e.g. ("colour", "shape", "count") with n=300 gives
+    exactly 100 records of each skill; None draws each record's skill at random.
+    """
+    if skills is not None and stage != "instruct":
+        raise ValueError(f"skills chooses instruct questions: the {stage} stage has none")
+    return write_corpus(ShapesSource(image_size, skills), stage, n, seed, Path(output_dir), phrasing)

@@ -34,6 +34,27 @@ def tiny_model(seed: int = 0, init_std: float | None = None, **embedding):
     return build_model(config), build_processor(config)
 
 
+@cache
+def _tiny_compositional_spec() -> dict:
+    return yaml.safe_load((CONFIG_DIR / "tiny-compositional.yaml").read_text())["model"]
+
+
+def tiny_compositional_config(init_std: float | None = None, **vision):
+    """The tiny compositional preset (the tiny LLM and geometry behind a frozen vision encoder) with
+    `model.vision` fields overridden."""
+    spec = copy.deepcopy(_tiny_compositional_spec())
+    spec["vision"].update(vision)
+    if init_std is not None:
+        spec["llm"]["config"]["initializer_range"] = init_std
+    return config_from_spec(parse_model_spec(spec))
+
+
+def tiny_compositional_model(seed: int = 0, init_std: float | None = None, **vision):
+    torch.manual_seed(seed)
+    config = tiny_compositional_config(init_std, **vision)
+    return build_model(config), build_processor(config)
+
+
 def shapes_image(width: int = 56, height: int = 28, seed: int = 0) -> Image.Image:
     """A deterministic picture: coloured rectangles and an ellipse on a grey background."""
     g = torch.Generator().manual_seed(seed)

@@ -115,10 +115,14 @@ def test_demo_tells_the_whole_story_on_the_tiny_preset(tmp_path):
     out = done.stdout
     assert "hovle-2.6b" in out and "2606.3M" in out
     real = 1 if "+ 1 Fashion-MNIST photos per stage" in out else 0  # 12 // 8, where the package is installed
-    for stage, records in (("distill", 24), ("align", 12 + real), ("instruct", 12 + real)):
+    chats = 8  # the tiny plan's general text-only conversations, in align and instruct
+    for stage, records in (("distill", 24), ("align", 12 + real + chats), ("instruct", 12 + real + chats)):
         assert f"   {stage:<9} read {records:>4}  written {records:>4}  rejected 0" in out
         assert f"   {stage:<9}     2" in out  # the summary: the stage's last logged step
-    assert "held-out VQA accuracy" in out and "registered model hovle v1, alias champion" in out
+    assert "held-out VQA accuracy" in out and "language kept: text_retained" in out
+    # a random tiny model has no language to keep: the gate's default floors leave it a challenger
+    assert "registered model hovle v1, alias challenger (language preservation" in out
+    assert "Q: Who wrote Romeo and Juliet?" in out
     assert "A: " in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert (tmp_path / "demo" / "mlflow.db").is_file()
     # Ray Train's placement-group cleaner finds the State API (the dashboard) and stays quiet

@@ -100,6 +100,8 @@ def test_cli_prints_metrics_and_logs_the_run(
     results = json.loads((output / "eval_results.json").read_text())
     assert [r["id"] for r in results["records"]] == [r["id"] for r in records(heldout)]
     assert set(results["records"][0]) == {"id", "skill", "question", "expected", "given", "correct"}
+    language_fields = {"id", "question", "keys", "answer", "base_answer", "correct", "base_correct"}
+    assert set(results["language"][0]) == language_fields
     assert (output / "gallery.html").read_text().count('src="data:image/png;base64,') == 8 + sum(
         isinstance(r["image"], list) for r in records(heldout)
     )
@@ -200,13 +202,16 @@ def test_records_without_skill_count_only_overall(loaded, heldout, tmp_path):
 def test_preservation_is_exact_against_itself_and_not_against_another_model(loaded, text_jsonl):
     model, processor = loaded
     texts = ev.read_texts(str(text_jsonl))
-    same = ev.preservation(model, processor, model, processor, texts)
+    same, records = ev.preservation(model, processor, model, processor, texts)
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["text_agreement"] == 1.0
+    assert same["answer_ppl_ratio"] == pytest.approx(1.0)
     assert same["text_ppl"] == pytest.approx(same["base_text_ppl"]) and same["text_ppl"] > 1.0
+    assert len(records) == same["text_questions"] >= 50
 
     other_model, other_processor = tiny_model(seed=1, init_std=0.3)
-    other = ev.preservation(model, processor, other_model.eval(), other_processor, texts)
+    other, _ = ev.preservation(model, processor, other_model.eval(), other_processor, texts)
     assert other["ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
+    assert other["answer_ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert other["text_ppl"] == pytest.approx(same["text_ppl"])  # the evaluated model's own number
 
 

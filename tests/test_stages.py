@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from transformers import LlamaConfig
 
-from model import STAGES, apply_stage, stage_loss
+from jobs.train_loop import advance_drop_path
+from model import STAGES, HoVLEConfig, apply_stage, stage_loss
 from model.defocus import layer_drop_rates
+from model.embedding import HolisticEmbedding
 from model.stages import text_distillation
 from model.teachers import build_teacher
 from tests.helpers import chat_batch, distill_batch, tiny_model
@@ -157,4 +162,120 @@ def test_drop_path_is_stochastic_in_training_and_off_in_eval():
     assert torch.equal(model.embedding(**inputs), model.embedding(**inputs))
     model.train()
     outs = [model.embedding(**inputs) for _ in range(6)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+
+
+def test_train_loop_sets_the_scheduled_drop_path_rate_before_each_step():
+    model, _ = tiny_model(attention="defocus")  # 2 layers, rate 0.1 -> 0.7 over training
+    rates = {step: advance_drop_path(model, step, 10) for step in (0, 5, 9)}
+    assert rates == pytest.approx({0: 0.1, 5: 0.4, 9: 0.64})
+    assert model.embedding.drop_path_rates == pytest.approx([0.32, 0.64])  # the last step's, over depth
+    advance_drop_path(model, 5, 10)  # a run resumed at step 5 continues at step 5's rate
+    assert model.embedding.drop_path_rates == pytest.approx([0.2, 0.4])
+    standard, _ = tiny_model(drop_path_rate=0.2)
+    assert advance_drop_path(standard, 5, 10) is None
+    assert standard.embedding.drop_path_rates == pytest.approx(layer_drop_rates(0.2, 2))
+
+
+def _one_layer_defocus(heads: int, kv_heads: int, attn: str) -> HolisticEmbedding:
+    text = LlamaConfig(
+        vocab_size=16,
+        hidden_size=4 * heads,  # head_dim 4
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+    text._attn_implementation = attn
+    config = HoVLEConfig(
+        text_config=text,
+        embedding_num_layers=1,
+        attention="defocus",
+        tile_size=28,
+        patch_size=7,
+        img_context_token_id=15,
+    )
+    torch.manual_seed(0)
+    return HolisticEmbedding(config).eval()
+
+
+def _hand_worked_layer(x, layer, log_inv_freq, log_rate, image):
+    """One decoder layer on x [L, hidden] with plain torch: each head rotates with its KV group's own
+    frequencies, the decay lambda_h * (t - s) between image tokens, causal softmax."""
+    attn = layer.self_attn
+    length, heads, groups, d = x.shape[0], len(log_rate), log_inv_freq.shape[0], attn.head_dim
+    normed = layer.input_layernorm(x)
+    q = (normed @ attn.q_proj.weight.T).view(length, heads, d)
+    k = (normed @ attn.k_proj.weight.T).view(length, groups, d)
+    v = (normed @ attn.v_proj.weight.T).view(length, groups, d)
+    positions = torch.arange(length, dtype=torch.float32)
+
+    def rotate(vectors, log_freq):  # pairs (i, i + d/2) rotated by position * theta_i
+        angle = positions[:, None] * log_freq.exp()[None, :]
+        a, b = vectors[:, : d // 2], vectors[:, d // 2 :]
+        return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+
+    heads_out = []
+    for h in range(heads):
+        g = h // (heads // groups)
+        scores = rotate(q[:, h], log_inv_freq[g]) @ rotate(k[:, g], log_inv_freq[g]).T / math.sqrt(d)
+        for t in range(length):
+            for s in range(length):
+                if s > t:
+                    scores[t, s] = -math.inf
+                elif image[t] and image[s]:
+                    scores[t, s] = scores[t, s] - log_rate[h].exp() * (t - s)
+        heads_out.append(scores.softmax(-1) @ v[:, g])
+    x = x + torch.cat(heads_out, dim=-1) @ attn.o_proj.weight.T
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (4, 2)])
+def test_defocus_layer_matches_hand_worked_attention(heads, kv_heads, attn):
+    embedding = _one_layer_defocus(heads, kv_heads, attn)
+    with torch.no_grad():  # every KV group its own frequencies, every head its own decay
+        embedding.rotary[0].log_inv_freq.copy_(torch.tensor([[0.0, -1.0], [-0.5, -2.5]]))
+        embedding.decay[0].log_rate.copy_(torch.linspace(-0.5, -3.0, heads))
+    img = embedding.config.img_context_token_id
+    ids = torch.tensor([[3, 4, img, img, img, img, 5]])
+    seen = []
+    embedding.layers[0].input_layernorm.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        out = embedding(ids, pixel_values=torch.randn(1, 3, 28, 28))
+        expected = _hand_worked_layer(
+            seen[0][0],
+            embedding.layers[0],
+            embedding.rotary[0].log_inv_freq,
+            embedding.decay[0].log_rate,
+            (ids[0] == img).tolist(),
+        )
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_defocus_rotary_frequencies_are_learned_per_kv_head_group():
+    model, processor = tiny_model(attention="defocus", init="random")  # 4 heads reading 2 KV heads
+    rotary = model.embedding.rotary[0]
+    head_dim = model.embedding.layer_config.head_dim
+    assert rotary.log_inv_freq.shape == (2, head_dim // 2)
+    assert torch.equal(rotary.log_inv_freq[0], rotary.log_inv_freq[1])  # both start at standard RoPE
+
+    apply_stage(model, STAGES["align"])
+    optimizer = torch.optim.SGD([rotary.log_inv_freq], lr=1.0)
+    stage_loss(model, chat_batch(processor), STAGES["align"], None).loss.backward()
+    optimizer.step()
+    assert not torch.allclose(rotary.log_inv_freq[0], rotary.log_inv_freq[1])
+
+
+def test_standard_drop_path_steps_the_llama_layer_with_the_same_numerics():
+    plain, processor = tiny_model(init="random")
+    dropping, _ = tiny_model(init="random", drop_path_rate=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    batch = chat_batch(processor, n=1)
+    inputs = dict(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+    torch.testing.assert_close(
+        dropping.eval().embedding(**inputs), plain.eval().embedding(**inputs), atol=1e-6, rtol=1e-6
+    )
+    dropping.train()
+    outs = [dropping.embedding(**inputs) for _ in range(6)]
     assert any(not torch.allclose(outs[0], o) for o in outs[1:])

@@ -1,13 +1,20 @@
 """Synthetic and imported corpora: determinism by seed, record format per stage, answers that the pixels bear
-out, the Debian-package importers, and `python -m jobs.synth` end to end."""
+out, held-out phrasing (never a training question, same ground truth), balanced skills, the Debian-package
+importers, and `python -m jobs.synth` end to end."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import string
+import struct
 import subprocess
 import sys
 import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +27,10 @@ from pipelines.synthetic import (
     DESCRIBE_PROMPT,
     PALETTE,
     POSITIONS,
+    SHAPES,
     TEXT_COLOURS,
     MissingPackageError,
+    ShapesSource,
     generate,
 )
 
@@ -41,6 +50,11 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
 def image_paths(record: dict) -> list[str]:
     refs = record.get("image", [])
     return [refs] if isinstance(refs, str) else refs
+
+
+def questions_of(record: dict) -> list[str]:
+    """The human turns of a record without their image placeholders."""
+    return [t["value"].split("\n")[-1] for t in record["conversations"] if t["from"] == "human"]
 
 
 # ---- reading a scene back from pixels alone ---------------------------------------------------------
@@ -168,7 +182,19 @@ def test_distill_writes_image_only_records_and_an_unpaired_text_corpus(tmp_path)
     assert len(texts) == 10 and all(set(t) == {"id", "text"} and len(t["text"]) > 20 for t in texts)
 
 
-@pytest.mark.parametrize("bad", [{"stage": "pretrain"}, {"n": 0}, {"image_size": 8}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"stage": "pretrain"},
+        {"n": 0},
+        {"image_size": 8},
+        {"phrasing": "heldout"},  # align has no questions to reword
+        {"phrasing": "paraphrased"},
+        {"skills": ("count",)},  # align asks no skills
+        {"skills": ("colour", "smell"), "stage": "instruct"},
+        {"skills": (), "stage": "instruct"},
+    ],
+)
 def test_bad_arguments_are_refused_by_name(tmp_path, bad):
     args = {"stage": "align", "n": 2, "seed": 0, "output_dir": tmp_path, "image_size": 64} | bad
 
@@ -227,6 +253,157 @@ def test_ocr_images_show_the_word_in_the_named_colour(tmp_path):
         x0, y0, x1, y1 = facts["box"]
         assert text.sum() > 20, "the word image is blank"
         assert text[y0:y1, x0:x1].sum() == text.sum(), "text pixels outside the word's box"
+
+
+# ---- held-out phrasing ------------------------------------------------------------------------------
+
+# Every value a template's placeholder can take, over all sources.
+EMOJI_NAMES = {
+    unicodedata.name(chr(cp), "").lower()
+    for low, high in importers.EMOJI_RANGES
+    for cp in range(low, high + 1)
+} - {""}  # a superset of the emoji labels, found without the font
+LABELS = set(importers.FASHION_CLASSES) | EMOJI_NAMES
+SLOT_VALUES = {
+    "colour": set(PALETTE) | set(TEXT_COLOURS),
+    "kind": set(SHAPES),
+    "label": LABELS,
+    "a_label": {importers._article(label) for label in LABELS},
+}
+LABELLED_SOURCES = (importers.FashionMnistSource, importers.EmojiSource)
+HELDOUT_TABLES = (ShapesSource.heldout, *(source.heldout for source in LABELLED_SOURCES))
+
+
+def fill_all(template: str) -> set[str]:
+    """`template` filled with every combination of its placeholders' values."""
+    fields = sorted({name for _, name, _, _ in string.Formatter().parse(template) if name})
+    combos = product(*(SLOT_VALUES[name] for name in fields))
+    return {template.format(**dict(zip(fields, values))) for values in combos}
+
+
+def all_questions(templates: Iterable[str], suffixes: Iterable[str] = ("",)) -> set[str]:
+    return {f"{q} {suffix}".strip() for t in templates for q in fill_all(t) for suffix in suffixes}
+
+
+def train_questions() -> set[str]:
+    """Every question training phrasing can ask: the templates the held-out tables paraphrase (the tests
+    below check that the generators ask nothing else) and the align prompt."""
+    return all_questions(t for table in HELDOUT_TABLES for t in table.questions) | {DESCRIBE_PROMPT}
+
+
+def paraphrases() -> set[str]:
+    return {p for table in HELDOUT_TABLES for templates in table.questions.values() for p in templates}
+
+
+def heldout_questions() -> set[str]:
+    """Every held-out question: each paraphrase alone or followed by any answer-form instruction."""
+    forms = {
+        f for table in HELDOUT_TABLES for skill_forms in table.answer_forms.values() for f in skill_forms
+    }
+    return all_questions(paraphrases(), {""} | forms)
+
+
+def normalise(question: str) -> str:
+    return " ".join(question.lower().strip(string.punctuation + string.whitespace).split())
+
+
+def test_no_heldout_question_is_a_question_training_can_ask():
+    train, heldout = train_questions(), heldout_questions()
+
+    assert len(train) > 5_000 and len(heldout) > 200_000  # the label templates over ~1,300 emoji names
+    assert not train & heldout
+    assert not {normalise(q) for q in train} & {normalise(q) for q in heldout}, "equal up to case/punctuation"
+    for source in LABELLED_SOURCES:  # every question template of the labelled sources has paraphrases
+        t = source.templates
+        asked = {*t.questions, t.verify, t.compare, *t.groups}
+        assert asked <= set(source.heldout.questions), source.name
+
+
+def test_generated_questions_are_the_enumerated_ones_train_or_heldout(tmp_path):
+    train = read_jsonl(generate("instruct", 300, seed=6, output_dir=tmp_path / "train", image_size=48))
+    heldout = read_jsonl(
+        generate("instruct", 300, seed=6, output_dir=tmp_path / "heldout", image_size=48, phrasing="heldout")
+    )
+    train_set, heldout_set = train_questions(), heldout_questions()
+
+    assert {q for r in train for q in questions_of(r)} <= train_set
+    asked = [q for r in heldout for q in questions_of(r)]
+    assert set(asked) <= heldout_set
+    assert {r["skill"] for r in heldout} == {"colour", "shape", "count", "position", "ocr", "compare"}
+    bare = all_questions(paraphrases())
+    with_form = [q for q in asked if q not in bare]
+    assert 0.3 < len(with_form) / len(asked) < 0.7, "about half the held-out questions say the answer's form"
+
+
+def test_heldout_records_show_the_same_scene_and_answer_the_same_as_train_ones(tmp_path):
+    train_jsonl = generate("instruct", 120, seed=4, output_dir=tmp_path / "train", image_size=48)
+    heldout_jsonl = generate(
+        "instruct", 120, seed=4, output_dir=tmp_path / "heldout", image_size=48, phrasing="heldout"
+    )
+    again = generate(
+        "instruct", 120, seed=4, output_dir=tmp_path / "again", image_size=48, phrasing="heldout"
+    )
+
+    assert tree_bytes(heldout_jsonl.parent) == tree_bytes(again.parent), "held-out phrasing is deterministic"
+    assert tree_bytes(heldout_jsonl.parent / "images") == tree_bytes(train_jsonl.parent / "images")
+    for ours, theirs in zip(read_jsonl(heldout_jsonl), read_jsonl(train_jsonl), strict=True):
+        assert (ours["id"], ours["image"], ours["skill"], ours["answer"]) == (
+            theirs["id"], theirs["image"], theirs["skill"], theirs["answer"]
+        )  # fmt: skip
+        assert ours["meta"] == theirs["meta"] | {"phrasing": "heldout"}
+        assert ours["conversations"][1::2] == theirs["conversations"][1::2]  # the answers, turn by turn
+        assert all(a != b for a, b in zip(questions_of(ours), questions_of(theirs), strict=True))
+        assert ours["conversations"][0]["value"].count("<image>") == len(image_paths(ours))
+
+
+def test_balanced_skills_give_a_hundred_records_of_each(tmp_path):
+    skills = ("colour", "shape", "count")
+    jsonl = generate(
+        "instruct", 300, seed=0, output_dir=tmp_path, image_size=48, phrasing="heldout", skills=skills
+    )
+    records = read_jsonl(jsonl)
+
+    assert Counter(r["skill"] for r in records) == {"colour": 100, "shape": 100, "count": 100}
+    assert [r["skill"] for r in records[:6]] == list(skills) * 2
+
+
+def test_balanced_records_still_answer_what_the_pixels_show(tmp_path):
+    skills = ("colour", "shape", "position", "count")
+    jsonl = generate("instruct", 60, seed=9, output_dir=tmp_path, image_size=SIZE, skills=skills)
+    for record in read_jsonl(jsonl):
+        scene = read_scene(Image.open(jsonl.parent / record["image"]))
+        for question, answer in zip(questions_of(record), record["conversations"][1::2]):
+            assert answer["value"] == answer_from_pixels(question, scene), f"{record['id']}: {question}"
+
+
+def write_fake_fashion_mnist(folder: Path, n: int = 300) -> None:
+    """Gzipped IDX files of the Fashion-MNIST test split: noise images, labels cycling through the classes."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % len(importers.FASHION_CLASSES)
+    image_file, label_file = importers.FASHION_MNIST_FILES["test"]
+    header = struct.pack(">HBB3I", 0, 8, 3, n, 28, 28)
+    (folder / image_file).write_bytes(gzip.compress(header + images.tobytes()))
+    (folder / label_file).write_bytes(gzip.compress(struct.pack(">HBBI", 0, 8, 1, n) + labels.tobytes()))
+
+
+def test_fashion_mnist_heldout_phrasing_rewords_every_question_of_the_same_records(
+    tmp_path, monkeypatch, fresh_asset_caches
+):
+    monkeypatch.setattr(importers, "FASHION_MNIST_DIR", tmp_path / "fashion-mnist")
+    write_fake_fashion_mnist(importers.FASHION_MNIST_DIR)
+    args = {"n": 60, "seed": 2, "split": "test", "stage": "instruct", "image_size": 48}
+    train = read_jsonl(importers.import_fashion_mnist(tmp_path / "train", **args))
+    heldout = read_jsonl(importers.import_fashion_mnist(tmp_path / "heldout", **args, phrasing="heldout"))
+    train_set, heldout_set = train_questions(), heldout_questions()
+
+    assert {"class", "verify", "category", "compare"} <= {r["skill"] for r in heldout}
+    for ours, theirs in zip(heldout, train, strict=True):
+        assert (ours["skill"], ours["answer"]) == (theirs["skill"], theirs["answer"])
+        assert ours["meta"] == theirs["meta"] | {"phrasing": "heldout"}
+        assert ours["conversations"][1::2] == theirs["conversations"][1::2]
+        assert set(questions_of(theirs)) <= train_set and set(questions_of(ours)) <= heldout_set
 
 
 # ---- importers (Debian packages) --------------------------------------------------------------------
@@ -311,6 +488,19 @@ def test_emoji_records_are_named_by_unicode_and_drawn(tmp_path):
             assert record["answer"] == facts[0]["name"]
 
 
+@needs_emoji_font
+def test_emoji_heldout_phrasing_asks_the_same_records_in_other_words(tmp_path):
+    train = read_jsonl(importers.import_emoji(tmp_path / "train", 30, seed=1, image_size=48))
+    heldout = read_jsonl(
+        importers.import_emoji(tmp_path / "heldout", 30, seed=1, image_size=48, phrasing="heldout")
+    )
+
+    for ours, theirs in zip(heldout, train, strict=True):
+        assert ours["conversations"][1::2] == theirs["conversations"][1::2]
+        assert ours["meta"] == theirs["meta"] | {"phrasing": "heldout"}
+        assert not set(questions_of(ours)) & set(questions_of(theirs))
+
+
 def test_missing_debian_packages_name_the_apt_get_command(tmp_path, monkeypatch, fresh_asset_caches):
     monkeypatch.setattr(importers, "FASHION_MNIST_DIR", tmp_path / "no-fashion-mnist")
     monkeypatch.setattr(importers, "EMOJI_FONT", tmp_path / "NoEmoji.ttf")
@@ -344,6 +534,7 @@ def test_python_m_jobs_synth_writes_the_corpus_and_ends_with_a_json_summary(tmp_
         "images": n_images,
         "stage": "instruct",
         "source": "shapes",
+        "phrasing": "train",
     }
     assert n_images == len(list((tmp_path / "images").glob("*.png")))
 
@@ -357,3 +548,22 @@ def test_synth_job_reports_the_distill_text_corpus_and_refuses_bad_sizes(tmp_pat
 
     assert synth.main(["--stage", "align", "--n", "2", "--output", str(tmp_path), "--image-size", "8"]) == 2
     assert "image_size must be at least" in capsys.readouterr().err
+
+
+def test_synth_job_writes_a_balanced_heldout_phrasing_set_and_refuses_it_where_it_cannot(tmp_path, capsys):
+    common = ["--n", "4", "--output", str(tmp_path), "--image-size", "48"]
+    assert (
+        synth.main(["--stage", "instruct", *common, "--phrasing", "heldout", "--skills", "count", "ocr"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = read_jsonl(Path(summary["output"]))
+
+    assert summary["phrasing"] == "heldout"
+    assert [r["skill"] for r in records] == ["count", "ocr"] * 2
+    assert all(r["meta"]["phrasing"] == "heldout" for r in records)
+    assert not {q for r in records for q in questions_of(r)} & train_questions()
+
+    assert synth.main(["--stage", "align", *common, "--phrasing", "heldout"]) == 2
+    assert "phrasing 'heldout'" in capsys.readouterr().err
+    assert synth.main(["--stage", "instruct", *common, "--source", "emoji", "--skills", "count"]) == 2
+    assert "--skills" in capsys.readouterr().err

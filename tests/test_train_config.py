@@ -123,3 +123,42 @@ def test_runs_are_found_again_by_name_and_stage(tmp_workdir):
     stored = runs.client.get_run(child)
     assert stored.data.tags["mlflow.parentRunId"] == parent
     assert runs.client.get_run(parent).data.params == {"a.b": "1", "c": "x"}
+
+
+def test_the_paper_recipe_drops_the_project_terms_and_starts_the_embedding_layers_at_random():
+    from jobs.train_loop import StageJob, _stage_spec, _start_model
+
+    project, paper = parse_train_config({}), parse_train_config({"recipe": "paper"})
+    for stage in ("align", "instruct"):
+        ours = _stage_spec(stage, project.stages[stage], project.recipe)
+        theirs = _stage_spec(stage, paper.stages[stage], paper.recipe)
+        assert ours.text_preservation_weight > 0 and ours.norm_weight > 0
+        assert theirs.text_preservation_weight == 0 and theirs.norm_weight == 0
+    assert _stage_spec("distill", paper.stages["distill"], "paper").norm_weight == 0
+
+    def first_layer_out(config):
+        job = StageJob(config=config.model_dump(mode="json"), config_source="tiny", stage="distill",
+                       data_uri="unused", export_uri="unused")  # fmt: skip
+        model, _ = _start_model(job, config)
+        return model.embedding.layers[0].self_attn.o_proj.weight
+
+    assert not first_layer_out(project).any()  # the tiny preset's identity init: zeroed output projections
+    assert first_layer_out(paper).abs().sum() > 0  # the paper's: random layers
+
+
+def test_llm_lr_ratio_puts_the_llm_in_its_own_optimizer_group_and_zero_freezes_it():
+    from jobs.train_loop import _parameter_groups, _stage_spec
+
+    model, _ = tiny_model()
+    llm = {id(p) for p in model.language_model.parameters()}
+    settings = StageSettings(llm_lr_ratio=0.1)
+    groups = _parameter_groups(model, _stage_spec("instruct", settings), settings)
+    by_ratio = {g["lr_ratio"]: {id(p) for p in g["params"]} for g in groups}
+    assert set(by_ratio) == {1.0, 0.1} and by_ratio[0.1] == llm and not by_ratio[1.0] & llm
+
+    frozen = StageSettings(llm_lr_ratio=0)
+    spec = _stage_spec("instruct", frozen)
+    [group] = _parameter_groups(model, spec, frozen)
+    assert group["lr_ratio"] == 1.0 and not {id(p) for p in group["params"]} & llm
+    names = [n for n, _ in model.language_model.named_parameters(prefix="language_model")]
+    assert names and not any(spec.is_trainable(n) for n in names)

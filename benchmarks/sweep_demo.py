@@ -1,0 +1,217 @@
+"""A small, logged sweep over what `make demo` spends its budget on: which knobs make the model learn, and
+which keep its LLM's language.
+
+    .venv/bin/python benchmarks/sweep_demo.py [--only december,mix,...] [--workdir outputs/sweep]
+
+The demo's corpora are made and prepared once (Ray Data), with and without the general text-only
+conversations; each variant then trains align and instruct (Ray Train + DeepSpeed) from a stage-1 export
+shared by every variant with the same distill settings, and is evaluated like the demo's champion: held-out
+questions on new images in phrasings training never uses, and general text-only questions against the base
+LLM (jobs/language.py). MLflow: one parent run `demo-sweep`; each variant's pipeline run (its stage runs
+below it) is nested under it and holds the variant's scores. The table goes to docs/results/demo_sweep.md
+and results/demo_sweep.json; every figure in it comes from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.demo import PLANS, make_corpora, prepare_datasets, run_config  # noqa: E402
+from jobs.logging_setup import setup_logging  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "smollm2-135m"
+# name -> (what it tests, changes to the demo's plan). `general_text: False` trains without the general
+# text-only conversations; stage entries override StageSettings fields; `distill: None` skips stage 1.
+FULL_LLM = {"instruct": {"llm_lr_ratio": 1.0}}
+NO_PRESERVATION = {"text_preservation_weight": 0.0}
+# The plan the sweep first ran as its default: its distill stage already wrecked the text path.
+FIRST_PLAN = {
+    "distill": {"lr": 1e-3},
+    "align": {"text_preservation_weight": 0.1},
+    "instruct": {"text_preservation_weight": 0.1},
+}
+DECEMBER = {**FIRST_PLAN, "instruct": {**FIRST_PLAN["instruct"], **FULL_LLM["instruct"]}}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "first-plan": (
+        "distill lr 1e-3, text-preservation weight 0.1 (the first default)",
+        {"stages": FIRST_PLAN},
+    ),
+    "december": (
+        "the December demo: the first plan, the LLM at the full instruct LR, no general text",
+        {"general_text": False, "stages": DECEMBER},
+    ),
+    "mix": ("the default with the LLM at the full instruct LR", {"stages": FULL_LLM}),
+    "default": (
+        "the demo's plan: distill lr 3e-4, text preservation 1.0, general text, LLM at 0.1x instruct LR",
+        {},
+    ),
+    "frozen-llm": ("general text, the LLM frozen in instruct", {"stages": {"instruct": {"llm_lr_ratio": 0}}}),
+    "no-preservation": (
+        "the default without the text-preservation term",
+        {"stages": {"align": NO_PRESERVATION, "instruct": NO_PRESERVATION}},
+    ),
+    "align-lr-2e-3": ("the default with a 4x align learning rate", {"stages": {"align": {"lr": 2e-3}}}),
+    "no-distill": ("the default without stage 1 (align starts from the identity module)", {"distill": None}),
+    "long-align": (
+        "the default with the steps moved from instruct to align",
+        {"stages": {"align": {"steps": 100}, "instruct": {"steps": 20}}},
+    ),
+}
+
+
+def variant_plan(changes: dict[str, Any]) -> dict[str, Any]:
+    plan = copy.deepcopy(PLANS[PRESET])
+    for stage, fields in changes.get("stages", {}).items():
+        plan["stages"][stage].update(fields)
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "sweep")
+    parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    setup_logging()
+    for chatty in ("transformers", "ray", "ray.data", "ray.train", "mlflow", "py.warnings"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+
+    import ray
+    from mlflow import MlflowClient
+
+    from jobs.evaluate import build_parser
+    from jobs.evaluate import evaluate as run_evaluation
+    from jobs.train import train
+    from jobs.train_config import load_train_config
+
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    plan = PLANS[PRESET]
+
+    # ---- data, once: with and without the general text-only conversations ------------------------------
+    corpora = make_corpora(plan, workdir / "data", plan["samples"], args.seed)
+    ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
+    base_config = run_config(PRESET, plan, workdir / "data", None, args.seed)
+    datasets = {True: prepare_datasets(base_config, corpora.raw, workdir / "data", plan)}
+    no_general = {s: [p for p in paths if "general-text" not in p] for s, paths in corpora.raw.items()}
+    datasets[False] = prepare_datasets(base_config, no_general, workdir / "data-no-general", plan)
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("hovle") or client.get_experiment(
+        client.create_experiment("hovle")
+    )
+    # one parent run for the sweep, found again by a later invocation that adds or reruns variants
+    found = client.search_runs([experiment.experiment_id], "tags.`hovle.kind` = 'sweep'", max_results=1)
+    tags = {"hovle.kind": "sweep"}
+    if not found:
+        found = [client.create_run(experiment.experiment_id, run_name="demo-sweep", tags=tags)]
+    parent = found[0].info
+    results_path = REPO / "results" / "demo_sweep.json"
+    earlier = json.loads(results_path.read_text()) if results_path.is_file() else []
+    rows, distilled = [r for r in earlier if r["variant"] not in names], {}
+    for name in names:
+        what, changes = VARIANTS[name]
+        vplan = variant_plan(changes)
+        folder = workdir / name
+        folder.mkdir(exist_ok=True)
+        config_path = run_config(PRESET, vplan, folder, None, args.seed, run_name=f"sweep-{name}")
+        data = datasets[changes.get("general_text", True)]
+        config = load_train_config(str(config_path), {f"data.{s}": uri for s, uri in data.items()})
+        started = time.perf_counter()
+        init, seconds = None, {}
+        if changes.get("distill", "yes") is not None:
+            key = json.dumps(vplan["stages"]["distill"], sort_keys=True)
+            if key not in distilled:
+                t0 = time.perf_counter()
+                report = train(str(config_path), config, "distill")
+                distilled[key] = (report["exports"]["distill"], time.perf_counter() - t0)
+            init, seconds["distill"] = distilled[key]
+        for stage in ("align", "instruct"):
+            t0 = time.perf_counter()
+            report = train(str(config_path), config, stage, init=init)
+            init, seconds[stage] = report["exports"][stage], time.perf_counter() - t0
+        run_id = report["mlflow_run_id"]
+        client.set_tag(run_id, "mlflow.parentRunId", parent.run_id)
+        argv = [
+            "--model",
+            init,
+            "--data",
+            str(corpora.heldout),
+            "--run-id",
+            run_id,
+            "--tracking-uri",
+            tracking,
+        ]
+        argv += [
+            "--text",
+            str(corpora.text),
+            "--base",
+            f"preset:{config_path}",
+            "--output",
+            str(folder / "eval"),
+        ]
+        scores = run_evaluation(build_parser().parse_args(argv), folder / "eval")
+        row = {
+            "variant": name, "what": what, "train_s": sum(seconds.values()), "stage_s": seconds,
+            "wall_s": time.perf_counter() - started,
+            **{k: v for k, v in scores.items() if isinstance(v, float)},
+        }  # fmt: skip
+        rows.append(row)
+        client.log_metric(parent.run_id, f"{name}/vqa_accuracy", row["vqa_accuracy"])
+        client.log_metric(parent.run_id, f"{name}/text_retained", row.get("text_retained", float("nan")))
+        results_path.parent.mkdir(exist_ok=True)
+        results_path.write_text(json.dumps(rows, indent=2))
+        write_table(rows, REPO / "docs" / "results" / "demo_sweep.md")
+        print(json.dumps(row), flush=True)
+    client.log_artifact(parent.run_id, str(REPO / "docs" / "results" / "demo_sweep.md"))
+    client.set_terminated(parent.run_id)
+    ray.shutdown()
+    return 0
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    """The sweep's markdown table (generated from the run's figures, never typed)."""
+    skills = sorted({k for row in rows for k in row if k.startswith("vqa_accuracy/")})
+    head = ["variant", "VQA", *(s.removeprefix("vqa_accuracy/") for s in skills)]
+    head += ["text kept", "text acc", "answer ppl ratio", "train s", "what"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            row["variant"],
+            f"{row['vqa_accuracy']:.3f}",
+            *(f"{row.get(s, float('nan')):.2f}" for s in skills),
+        ]
+        cells += [
+            f"{row.get('text_retained', float('nan')):.3f}",
+            f"{row.get('text_accuracy', float('nan')):.3f}",
+        ]
+        cells += [f"{row.get('answer_ppl_ratio', float('nan')):.2f}", f"{row['train_s']:.0f}", row["what"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# Demo sweep\n\nGenerated by `benchmarks/sweep_demo.py` (smollm2-135m preset, the demo's corpora; "
+        "held-out questions on new images in unseen phrasings; language kept against the base LLM on "
+        f"general text-only questions). {len(rows)} variants.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
