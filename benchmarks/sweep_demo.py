@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "sweep")
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--import-demo", type=Path, metavar="WORKDIR", help="add a finished demo run's figures as a row"
+    )
+    parser.add_argument("--as", dest="row_name", default="demo", help="with --import-demo: the row's name")
+    parser.add_argument("--what", default="the demo's plan, run by make demo", help="with --import-demo")
     args = parser.parse_args(argv)
+    if args.import_demo:
+        return import_demo(args.import_demo, args.row_name, args.what)
     setup_logging()
     for chatty in ("transformers", "ray", "ray.data", "ray.train", "mlflow", "py.warnings"):
         logging.getLogger(chatty).setLevel(logging.ERROR)
@@ -208,6 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     client.log_artifact(parent.run_id, str(REPO / "docs" / "results" / "demo_sweep.md"))
     client.set_terminated(parent.run_id)
     ray.shutdown()
+    return 0
+
+
+def import_demo(workdir: Path, name: str, what: str) -> int:
+    """A `make demo` run (its summary.json and MLflow store) as a row of the table: its scores, and its
+    training time from the stage runs' wall clock."""
+    from mlflow import MlflowClient
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    client = MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    stages = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`hovle.kind` = 'stage'"
+    )
+    seconds = {r.data.tags["hovle.stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in stages}
+    row = {
+        "variant": name, "what": what, "train_s": sum(seconds.values()), "stage_s": seconds,
+        "wall_s": summary["seconds"], **{k: v for k, v in summary["scores"].items() if isinstance(v, float)},
+    }  # fmt: skip
+    results_path = REPO / "results" / "demo_sweep.json"
+    earlier = json.loads(results_path.read_text()) if results_path.is_file() else []
+    rows = [r for r in earlier if r["variant"] != name]
+    rows.append(row)
+    results_path.write_text(json.dumps(rows, indent=2))
+    write_table(rows, REPO / "docs" / "results" / "demo_sweep.md")
+    print(json.dumps(row))
     return 0
 
 

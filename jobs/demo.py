@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     result = story(args.preset, args.workdir.resolve(), args.steps, args.samples, args.seed)
     summary_table(result)
     summary = {
-        "preset": args.preset, "seed": args.seed, "scores": result["scores"], "replies": result["replies"],
+        "preset": args.preset, "seed": args.seed, "plan": PLANS.get(args.preset, PLANS["smollm2-135m"]),
+        "scores": result["scores"], "replies": result["replies"],
         "version": result["version"], "alias": result["alias"], "reason": result["reason"],
         "timings": result["timings"], "seconds": time.perf_counter() - started,
     }  # fmt: skip
