@@ -39,15 +39,15 @@ PLANS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
         # 112 px tiles (16 image tokens) and packs of 256 tokens: more samples per CPU-second than 224 px
         # tiles; align learns from questions about images as well as captions; the LLM stays frozen (it kept
-        # the most language of the plans measured, docs/results/) while the embedding module learns. Steps
-        # sized for about 15 minutes on 2 cores.
+        # the most language of the plans measured, docs/results/) while the embedding module learns. About
+        # 24 minutes on 2 cores: half the steps fits 15 minutes but kept almost none of the LLM's language.
         "samples": 320, "heldout": 40, "image_size": 112, "tile_size": 112, "max_tokens": 256,
         "general_text": None, "skills": ("colour", "shape", "count"), "align_questions": 640,
         "stages": {
-            "distill": {"steps": 30, "micro_batch_size": 8, "lr": 3e-4},
-            "align": {"steps": 50, "micro_batch_size": 4, "lr": 5e-4, "text_preservation_weight": 1.0},
+            "distill": {"steps": 40, "micro_batch_size": 8, "lr": 3e-4},
+            "align": {"steps": 100, "micro_batch_size": 4, "lr": 5e-4, "text_preservation_weight": 1.0},
             "instruct": {
-                "steps": 20, "micro_batch_size": 4, "lr": 2e-4, "llm_lr_ratio": 0,
+                "steps": 40, "micro_batch_size": 4, "lr": 2e-4, "llm_lr_ratio": 0,
                 "text_preservation_weight": 1.0,
             },
         },

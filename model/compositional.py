@@ -26,7 +26,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from model.config import ConfigError, HoVLEConfig
 from model.embedding import ImageTokenMismatch, default_position_ids
-from model.modeling import HoVLEOutput
+from model.modeling import HoVLEOutput, language_model_output
 from model.teachers import (
     MOBILENET_V2_FEATURE_DIM,
     MOBILENET_V2_SPEC,
@@ -227,22 +227,10 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, past_key_values)
         embeds = self.embed_inputs(input_ids, pixel_values)
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        return HoVLEOutput(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values if use_cache else None,
-            embedding_states=embeds if output_embedding_states else None,
-        )
+        return language_model_output(
+            self.language_model, embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+            logits_to_keep, output_embedding_states, **kwargs,
+        )  # fmt: skip
 
     # ---- pretrained encoder ------------------------------------------------------------------------------
     @torch.no_grad()

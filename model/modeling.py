@@ -70,6 +70,37 @@ class HoVLEOutput(ModelOutput):
     embedding_states: torch.Tensor | None = None
 
 
+def language_model_output(
+    language_model: nn.Module,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor,
+    past_key_values: DynamicCache | None,
+    labels: torch.LongTensor | None,
+    use_cache: bool,
+    logits_to_keep: int | torch.Tensor,
+    output_embedding_states: bool,
+    **kwargs,
+) -> HoVLEOutput:
+    """The LLM on input embeddings [b, L, hidden] (a monolithic or a compositional model's) -> HoVLEOutput."""
+    out = language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        labels=labels,
+        use_cache=use_cache,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
+    return HoVLEOutput(
+        loss=out.loss,
+        logits=out.logits,
+        past_key_values=out.past_key_values if use_cache else None,
+        embedding_states=embeds if output_embedding_states else None,
+    )
+
+
 class HoVLEPreTrainedModel(PreTrainedModel):
     config: HoVLEConfig
     config_class = HoVLEConfig
@@ -130,22 +161,10 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         embeds = self.embedding(
             input_ids, pixel_values, attention_mask, position_ids, past_key_values, bool(use_cache)
         )
-        out = self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        return HoVLEOutput(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values if use_cache else None,
-            embedding_states=embeds if output_embedding_states else None,
-        )
+        return language_model_output(
+            self.language_model, embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+            logits_to_keep, output_embedding_states, **kwargs,
+        )  # fmt: skip
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The cache must hold the embedding module's layers too, which a cache sized from the LLM's config
