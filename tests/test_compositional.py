@@ -402,11 +402,13 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
     uri = log_hovle_model(report["exports"]["instruct"], report["mlflow_run_id"], tracking)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking)
+    from jobs.tracking import use_tracking_uri
+
     shapes_image().save(root / "question.png")
-    answers = mlflow.pyfunc.load_model(uri).predict(
-        [{"prompt": "What is it?", "image": str(root / "question.png")}], params={"max_new_tokens": 2}
-    )
+    with use_tracking_uri(tracking):  # not process-wide: later tests' MLflow stores stay their own
+        answers = mlflow.pyfunc.load_model(uri).predict(
+            [{"prompt": "What is it?", "image": str(root / "question.png")}], params={"max_new_tokens": 2}
+        )
     assert list(answers.columns) == ["answer"] and len(answers) == 1
     distilled = run(
         "tiny", "--stage", "distill", "--run-name", "hovle", "--data", data["distill"],
