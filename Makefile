@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench clean distclean system-deps
+.PHONY: venv test demo lint bench clean distclean system-deps reproduce
 
 venv: $(STAMP)
 
@@ -44,13 +44,19 @@ test: venv system-deps
 demo: venv system-deps
 	$(PY) -m jobs.demo
 
+# Issue 11's reproduction study (about an hour on 2 cores): rows a-f at equal training CPU-seconds on the
+# smollm2 preset -> docs/results/reproduce.md, results/reproduce.json, plots; MLflow in outputs/reproduce.
+# A rerun skips finished rows; REPRODUCE_ARGS="--only a,c", "--fresh", "--cpu-seconds N" as needed.
+reproduce: venv system-deps
+	$(PY) benchmarks/reproduce.py $(REPRODUCE_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Every benchmarks/bench_*.py (alternating repeats, spread reported), then docs/benchmarks.md from the run.
+# BENCH_ARGS=--quick: the smoke sizes (the document says which mode it holds); --only NAME...: a subset.
 bench: venv
-	@set -e; benches="$(wildcard benchmarks/bench_*.py)"; \
-	if [ -z "$$benches" ]; then echo "no benchmarks/bench_*.py yet"; exit 0; fi; \
-	for bench in $$benches; do echo "== $$bench"; $(PY) $$bench; done
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache results runs outputs mlruns mlflow.db *.egg-info

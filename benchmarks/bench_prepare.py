@@ -1,21 +1,25 @@
-"""Images/s of `prepare` (Ray Data) vs a plain single-process Python loop doing the same work.
+"""Samples/s of `prepare` (Ray Data) vs a plain single-process loop vs `datasets.Dataset.map(num_proc=N)`.
 
-Both read the same synthetic instruct corpus, validate and decode every image, tile it, tokenize the
-conversation and write Parquet shards. The loop calls the very functions the pipeline's actors call
-(`read_unit`, `preprocess_row`), one record after another, in this process.
+All three read the same synthetic instruct corpus, validate and decode every image, tile it, tokenize the
+conversation with the same processor (built from the same config) and write zstd Parquet shards of the
+same size. The loop and the `datasets` map call the very functions the pipeline's actors call
+(`read_unit`, `preprocess_row`); the map runs them in N processes, N = the cores Ray sees (the pipeline's
+actor count), so both parallel sides have the same workers.
 
-What is outside the timings, as it is in normal use: Ray starting (a cluster is already running) and
-the one-time GGUF conversion (model.gguf_cache keeps it). The first prepare in a driver also pays for
-Ray's worker processes starting and importing Ray Data, which a pipeline that prepares several datasets
-(retrain's three stages) pays once: a small corpus is prepared twice before the timings, and
-`cold_start_s`, the difference, is what a one-off `hovle prepare` job adds. Everything else is timed,
-each run's own preprocessing actors starting, building the processor and writing the manifest included.
-Each side runs `--repeats` times per size (alternating) and the fastest counts.
+Per corpus size the three sides run in rounds (loop, ray, datasets, loop, ray, datasets, ...) and every
+ratio is taken within a round; the report gives the median and range over the rounds. Steady state is
+the per-sample cost (the slope of seconds over corpus size, fitted per round), which leaves out what a
+run pays once (actors or processes starting, building the processor, the manifest).
 
-    python benchmarks/bench_prepare.py [--sizes 1000 4000 16000] [--repeats 2] [--image-size 448]
+Outside the timings, as in normal use: Ray starting (a cluster is already running) and the one-time GGUF
+conversion (model.gguf_cache keeps it). A small corpus goes through every side first: the first prepare
+in a driver also starts Ray's worker processes and imports Ray Data, which a pipeline preparing several
+datasets pays once; `cold_start_s` (first minus second probe run) is what a one-off `hovle prepare` adds.
 
-Prints a table and writes results/bench_prepare.json. Target: >= 1.7x the loop on 2 cores, with time
-growing linearly in the corpus size.
+    python benchmarks/bench_prepare.py [--sizes 1000 4000 16000] [--rounds 3] [--image-size 448] [--quick]
+
+Prints tables and writes results/bench_prepare.json. Targets: >= 1.7x the loop at >= 16k samples and in
+steady state; at least on par with `datasets` (ratio >= 1).
 """
 
 from __future__ import annotations
@@ -32,169 +36,331 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import default_output, save  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    Report,
+    Spread,
+    Table,
+    Target,
+    alternate,
+    command_line,
+    default_output,
+    parse_args,
+    ratios,
+    save,
+)
 from pipelines.prepare import parquet_bytes, prepare  # noqa: E402
-from pipelines.preprocess import PrepareContext, preprocess_row  # noqa: E402
+from pipelines.preprocess import PrepareContext, preprocess_batch, preprocess_row  # noqa: E402
 from pipelines.readers import read_unit  # noqa: E402
 from pipelines.schema import SHARD_SCHEMA  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.sources import discover_units  # noqa: E402
 from pipelines.synthetic import generate  # noqa: E402
 
+SPEEDUP_TARGET = 1.7
+TARGET_SAMPLES = 16_000
+SIDES = ("loop", "ray", "datasets")
+LABELS = {
+    "loop": "plain loop (1 process)",
+    "ray": "prepare (Ray Data)",
+    "datasets": "datasets.Dataset.map",
+}
+QUICK = {"sizes": [128, 512], "rounds": 2, "probe": 32}
 
-def plain_loop(config: str, corpus: Path, output: Path, settings: PrepareSettings) -> tuple[int, int]:
-    """The same work, one record at a time in this process. Returns (samples written, images)."""
+
+def raw_records(corpus: Path) -> list[dict]:
+    return [raw for unit in discover_units(str(corpus)) for raw in read_unit(unit)]
+
+
+def plain_loop(config: str, corpus: Path, output: Path, settings: PrepareSettings) -> int:
+    """The same work, one record at a time in this process, a shard written every `shard_max_rows` rows.
+    Returns the samples written."""
     ctx = PrepareContext.build(config, "instruct", settings)
-    rows, images, shard = [], 0, 0
     output.mkdir(parents=True, exist_ok=True)
-
-    def flush() -> None:
-        nonlocal rows, shard
-        if rows:
-            data = parquet_bytes(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))  # as prepare writes
-            (output / f"shard-{shard:05d}.parquet").write_bytes(data)
+    rows, shard, written = [], 0, 0
+    for raw in raw_records(corpus):
+        row, _ = preprocess_row(raw, ctx)
+        if row is not None:
+            rows.append(row)
+            written += 1
+        if len(rows) == settings.shard_max_rows:
+            _write_shard(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), output, shard)
             rows, shard = [], shard + 1
-
-    written = 0
-    for unit in discover_units(str(corpus)):
-        for raw in read_unit(unit):
-            images += len(raw["image_refs"])
-            row, _ = preprocess_row(raw, ctx)
-            if row is not None:
-                rows.append(row)
-                written += 1
-                if len(rows) >= settings.shard_max_rows:
-                    flush()
-    flush()
-    return written, images
+    if rows:
+        _write_shard(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), output, shard)
+    return written
 
 
-def linear_fit(sizes: list[int], seconds: list[float]) -> dict[str, float]:
-    """Least-squares seconds = fixed + per_sample * size: how time grows with the corpus size."""
+def _write_shard(table: pa.Table, output: Path, index: int) -> None:
+    (output / f"shard-{index:05d}.parquet").write_bytes(parquet_bytes(table))  # as prepare writes them
+
+
+def _preprocess_columns(batch: dict[str, list], ctx: PrepareContext) -> dict[str, list]:
+    """A `datasets` batched map function: raw columns in, shard columns out (rejects dropped)."""
+    shards, _ = preprocess_batch(batch, ctx)
+    return {name: [row[name] for row in shards] for name in SHARD_SCHEMA.names}
+
+
+def datasets_map(
+    config: str, corpus: Path, output: Path, settings: PrepareSettings, num_proc: int, cache: Path
+) -> int:
+    """The same work with Hugging Face `datasets`: `Dataset.map(batched, num_proc=N)`, then the shards."""
+    from datasets import Dataset, Features, disable_progress_bars
+
+    disable_progress_bars()  # one line per run is printed instead
+    ctx = PrepareContext.build(config, "instruct", settings)
+    raw = Dataset.from_list(raw_records(corpus))
+    mapped = raw.map(
+        _preprocess_columns,
+        fn_kwargs={"ctx": ctx},
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc,
+        remove_columns=raw.column_names,
+        features=Features.from_arrow_schema(SHARD_SCHEMA),
+        # the map's Arrow files land in `cache`; a fresh fingerprint per run, so nothing is reused
+        cache_file_name=str(cache / "map.arrow"),
+        new_fingerprint=cache.name,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    table = mapped.with_format("arrow")  # slices of the memory-mapped map output
+    for index, start in enumerate(range(0, mapped.num_rows, settings.shard_max_rows)):
+        _write_shard(table[start : start + settings.shard_max_rows], output, index)
+    return mapped.num_rows
+
+
+def per_sample_seconds(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares seconds = fixed + slope * size: (fixed seconds, seconds per sample)."""
     n = len(sizes)
     mean_x, mean_y = sum(sizes) / n, sum(seconds) / n
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, seconds)) / sum(
         (x - mean_x) ** 2 for x in sizes
     )
-    fixed = mean_y - slope * mean_x
-    deviation = max(abs(y - (fixed + slope * x)) / y for x, y in zip(sizes, seconds))
-    return {
-        "fixed_s": round(fixed, 2),
-        "ms_per_sample": round(1000 * slope, 3),
-        "max_deviation": round(deviation, 3),
-    }
+    return mean_y - slope * mean_x, slope
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 4000, 16000])
-    parser.add_argument("--repeats", type=int, default=2, help="runs per side and size; the fastest counts")
-    parser.add_argument("--probe", type=int, default=256, help="samples of the cold-start probe")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 4000, TARGET_SAMPLES])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every side per size, alternating")
+    parser.add_argument("--probe", type=int, default=256, help="samples of the warm-up / cold-start probe")
     parser.add_argument("--config", default="configs/smollm2-135m.yaml")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--output", type=Path, default=default_output("bench_prepare"))
-    args = parser.parse_args(argv)
+    args = parse_args(parser, QUICK, argv)
+    sizes = sorted(set(args.sizes))
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    workers = int(ray.cluster_resources().get("CPU", 1))  # prepare's actor count, the map's processes
     settings = PrepareSettings(shard_max_rows=1024)
     PrepareContext.build(args.config, "instruct", settings)  # fills the GGUF conversion cache
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     runs = itertools.count()  # a fresh output folder for every run
 
-    def timed_prepare(corpus: Path) -> tuple[float, dict]:
-        start = time.perf_counter()
-        report = prepare(args.config, "instruct", [str(corpus)], str(work / f"ray-{next(runs)}"), settings)
-        return time.perf_counter() - start, report
+    def side(name: str, corpus: Path):
+        def run() -> tuple[float, int]:
+            index = next(runs)
+            output, cache = work / f"{name}-{index}", work / f"datasets-cache-{index}"
+            start = time.perf_counter()
+            if name == "loop":
+                written = plain_loop(args.config, corpus, output, settings)
+            elif name == "ray":
+                written = prepare(args.config, "instruct", [str(corpus)], str(output), settings)["written"]
+            else:
+                written = datasets_map(args.config, corpus, output, settings, workers, cache)
+            seconds = time.perf_counter() - start
+            for folder in (output, cache):  # outside the timing: no side's clean-up counts
+                shutil.rmtree(folder, ignore_errors=True)
+            return seconds, written
 
-    rows = []
+        return run
+
+    def progress(size: int):
+        return lambda r, name, out: print(
+            f"  n={size:6d} round {r + 1}: {name:<8} {out[0]:7.1f} s  {size / out[0]:7.1f} samples/s",
+            flush=True,
+        )
+
+    measured: dict[int, dict[str, list[tuple[float, int]]]] = {}
     try:
         probe = generate(
             "instruct", args.probe, seed=5, output_dir=work / "probe", image_size=args.image_size
         )
-        cold_s, _ = timed_prepare(probe)
-        warm_s, _ = timed_prepare(probe)
+        warm = alternate(
+            {name: side(name, probe) for name in SIDES}, rounds=2, on_result=progress(args.probe)
+        )
+        cold_s, warm_s = warm["ray"][0][0], warm["ray"][1][0]
         startup = {
             "samples": args.probe,
             "first_s": round(cold_s, 2),
             "second_s": round(warm_s, 2),
             "cold_start_s": round(cold_s - warm_s, 2),
         }
-        print(
-            f"start-up probe ({args.probe} samples): first prepare in this driver {cold_s:.1f} s, "
-            f"second {warm_s:.1f} s -> a one-off job adds {cold_s - warm_s:.1f} s",
-            flush=True,
-        )
-        for n in args.sizes:
+        print(f"start-up probe: first prepare {cold_s:.1f} s, second {warm_s:.1f} s", flush=True)
+        for n in sizes:
             corpus = generate(
                 "instruct", n, seed=7, output_dir=work / f"corpus-{n}", image_size=args.image_size
             )
-            loop_times, ray_times = [], []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                written_loop, images = plain_loop(args.config, corpus, work / f"loop-{n}", settings)
-                loop_times.append(time.perf_counter() - start)
-                seconds, report = timed_prepare(corpus)
-                ray_times.append(seconds)
-                assert report["written"] == written_loop, (report["written"], written_loop)
-            loop_s, ray_s = min(loop_times), min(ray_times)
-            row = {
-                "samples": n,
-                "images": images,
-                "written": written_loop,
-                "loop_s": round(loop_s, 2),
-                "ray_s": round(ray_s, 2),
-                "loop_runs_s": [round(t, 2) for t in loop_times],
-                "ray_runs_s": [round(t, 2) for t in ray_times],
-                "loop_images_s": round(images / loop_s, 1),
-                "ray_images_s": round(images / ray_s, 1),
-                "speedup": round(loop_s / ray_s, 2),
-                "speedup_one_off_job": round(loop_s / (ray_s + startup["cold_start_s"]), 2),
-                "ray_ms_per_sample": round(1000 * ray_s / n, 2),
-                "loop_ms_per_sample": round(1000 * loop_s / n, 2),
-            }
-            rows.append(row)
-            print(
-                f"n={n:6d} images={images:6d}  loop {row['loop_images_s']:8.1f} img/s ({loop_s:7.1f} s)  "
-                f"ray {row['ray_images_s']:8.1f} img/s ({ray_s:7.1f} s)  speed-up {row['speedup']:.2f}x "
-                f"(one-off job {row['speedup_one_off_job']:.2f}x)",
-                flush=True,
-            )
+            measured[n] = alternate({name: side(name, corpus) for name in SIDES}, args.rounds, progress(n))
+            written = {out[1] for outs in measured[n].values() for out in outs}
+            if len(written) != 1:
+                raise RuntimeError(f"the sides wrote different sample counts at n={n}: {measured[n]}")
+            shutil.rmtree(corpus.parent, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()
 
-    growth = (
-        {
-            name: linear_fit([r["samples"] for r in rows], [r[f"{name}_s"] for r in rows])
-            for name in ("loop", "ray")
-        }
-        if len(rows) >= 2
-        else {}
+    seconds = {
+        n: {name: [s for s, _ in outs] for name, outs in by_side.items()} for n, by_side in measured.items()
+    }
+    rows, throughput = (
+        [],
+        Table(
+            "Throughput per corpus size (samples/s: median, min–max over the rounds; ratios per round)",
+            ["samples", "side", "samples/s", "seconds", "ratio to the loop", "ray / datasets"],
+        ),
     )
-    for name, fit in growth.items():
-        print(
-            f"{name:4s} time = {fit['fixed_s']:6.1f} s + {fit['ms_per_sample']:.2f} ms x samples "
-            f"(worst deviation from the line {fit['max_deviation']:.1%})"
+    for n in sizes:
+        s = seconds[n]
+        rate = {name: Spread.of([n / t for t in s[name]]) for name in SIDES}
+        over_loop = {name: Spread.of(ratios(s["loop"], s[name])) for name in SIDES}
+        ray_over_ds = Spread.of(ratios(s["datasets"], s["ray"]))
+        for name in SIDES:
+            throughput.add(
+                n,
+                LABELS[name],
+                rate[name].text(1),
+                Spread.of(s[name]).text(1),
+                "1 (baseline)" if name == "loop" else over_loop[name].text(2, unit="x"),
+                ray_over_ds.text(2, unit="x") if name == "ray" else "",
+            )
+        rows.append(
+            {
+                "samples": n,
+                "written": measured[n]["loop"][0][1],
+                "seconds": {name: [round(t, 3) for t in s[name]] for name in SIDES},
+                "samples_per_s": {name: rate[name].to_dict() for name in SIDES},
+                "ratio_to_loop": {name: over_loop[name].to_dict() for name in ("ray", "datasets")},
+                "ray_over_datasets": ray_over_ds.to_dict(),
+            }
         )
-    if growth:
-        steady = growth["loop"]["ms_per_sample"] / growth["ray"]["ms_per_sample"]
-        print(f"steady-state speed-up (ratio of slopes): {steady:.2f}x")
-        growth["steady_speedup"] = round(steady, 2)
 
+    largest = sizes[-1]
+    short = largest < TARGET_SAMPLES
+    size_note = f"measured at {largest} samples, below the target's {TARGET_SAMPLES}" if short else ""
+    targets = [
+        Target(
+            f"prepare vs the plain loop at {largest} samples",
+            ">=",
+            SPEEDUP_TARGET,
+            ratios(seconds[largest]["loop"], seconds[largest]["ray"]),
+            unit="x",
+            note=size_note,
+        ),
+        Target(
+            f"prepare vs datasets.Dataset.map(num_proc={workers}) at {largest} samples",
+            ">=",
+            1.0,
+            ratios(seconds[largest]["datasets"], seconds[largest]["ray"]),
+            unit="x",
+            note=size_note,
+        ),
+    ]
+    steady: dict[str, object] = {}
+    notes = []
+    if len(sizes) >= 2:
+        fits = {
+            name: [
+                per_sample_seconds(sizes, [seconds[n][name][r] for n in sizes]) for r in range(args.rounds)
+            ]
+            for name in SIDES
+        }
+        slope = {name: [per_sample for _, per_sample in fits[name]] for name in SIDES}
+        if any(k <= 0 for name in SIDES for k in slope[name]):
+            notes.append(
+                f"A fitted per-sample time is not positive: between {sizes} the timing noise exceeds the "
+                "work added, so the steady-state rows are not meaningful at these sizes."
+            )
+        steady_table = Table(
+            f"Steady state: seconds = fixed + per-sample x samples, fitted per round over {sizes}",
+            ["side", "steady samples/s", "fixed seconds", "ratio to the loop", "ray / datasets"],
+        )
+        for name in SIDES:
+            steady_table.add(
+                LABELS[name],
+                Spread.of([1 / k for k in slope[name]]).text(1),
+                Spread.of([fixed for fixed, _ in fits[name]]).text(1),
+                "1 (baseline)"
+                if name == "loop"
+                else Spread.of(ratios(slope["loop"], slope[name])).text(2, unit="x"),
+                Spread.of(ratios(slope["datasets"], slope["ray"])).text(2, unit="x") if name == "ray" else "",
+            )
+        steady = {
+            "sizes": sizes,
+            "samples_per_s": {name: Spread.of([1 / k for k in slope[name]]).to_dict() for name in SIDES},
+            "fixed_s": {name: Spread.of([f for f, _ in fits[name]]).to_dict() for name in SIDES},
+            "ray_over_loop": Spread.of(ratios(slope["loop"], slope["ray"])).to_dict(),
+            "ray_over_datasets": Spread.of(ratios(slope["datasets"], slope["ray"])).to_dict(),
+        }
+        targets += [
+            Target(
+                "prepare vs the plain loop, steady state",
+                ">=",
+                SPEEDUP_TARGET,
+                ratios(slope["loop"], slope["ray"]),
+                unit="x",
+            ),
+            Target(
+                "prepare vs datasets, steady state",
+                ">=",
+                1.0,
+                ratios(slope["datasets"], slope["ray"]),
+                unit="x",
+            ),
+        ]
+
+    for table in [throughput] + ([steady_table] if steady else []):
+        print(f"\n{table.title}")
+        print(" | ".join(table.columns))
+        for row in table.rows:
+            print(" | ".join(row))
+    for target in targets:
+        print(
+            f"{target.name}: {target.spread.text(2, unit='x')} (target {target.threshold_text()}): "
+            f"{'met' if target.met else 'NOT met'}"
+        )
+
+    report = Report(
+        title="prepare: Ray Data vs a plain loop vs datasets.map",
+        description=(
+            f"Synthetic instruct corpus at {args.image_size} px, smollm2-135m processor: read, validate, "
+            f"decode, tile, tokenize, write zstd Parquet shards. `datasets` maps with num_proc={workers}, "
+            f"prepare runs {workers} actors. Sides alternate (loop, ray, datasets) x {args.rounds} rounds "
+            "per size; ratios per round. Outside the timings: Ray's start and its first-run warm-up "
+            f"({startup['cold_start_s']} s, measured on {args.probe} samples)."
+        ),
+        command=command_line("bench_prepare.py", argv),
+        quick=args.quick,
+        duration_s=time.perf_counter() - started,
+        tables=[throughput] + ([steady_table] if steady else []),
+        targets=targets,
+        notes=notes,
+    )
     result = {
         "benchmark": "prepare",
-        "growth": growth,
         "config": args.config,
         "image_size": args.image_size,
-        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "workers": workers,
         "startup": startup,
         "rows": rows,
+        "steady": steady,
     }
-    save(args.output, result)
+    save(args.output, result, report)
     return 0
 
 

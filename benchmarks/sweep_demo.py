@@ -79,6 +79,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "no-distill": ("the default without stage 1 (align starts from the identity module)", {"distill": None}),
     "captions-only": ("the default, align on captions only", {"align_questions": 0}),
+    "preservation-1": (
+        "the default with text preservation 1.0 in align and instruct (the plan before preservation 10)",
+        on({}, align={"text_preservation_weight": 1.0}, instruct={"text_preservation_weight": 1.0}),
+    ),
 }
 
 def variant_plan(changes: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@
                                                               preset:<name> (the untrained preset: its LLM)
     evaluate_vqa(model, processor, data)    greedy answers on a held-out conversation JSONL (`hovle synth`'s
                                             format), normalised exact match overall and per skill
-    preservation(model, processor, base, base_processor, texts)   general language kept against the base
+    preservation(model, processor, base, texts)   general language kept against the base (a BaseReference)
                                             (jobs/language.py: keyed text-only questions never trained on),
                                             and the perplexity ratio on held-out text (reported, not gated)
     render_gallery(report)                  an HTML page: images, question, expected and given answer
@@ -349,20 +349,19 @@ def perplexity(
 def preservation(
     model: HoVLEForConditionalGeneration,
     processor: HoVLEProcessor,
-    base: HoVLEForConditionalGeneration,
-    base_processor: HoVLEProcessor,
+    base,
     texts: list[str] | None = None,
     questions: list | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, per-question records) against the base: the general-language metrics of jobs.language
-    (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...) on `questions` (default: the package's
-    keyed general questions), and with `texts` also `text_ppl`, `base_text_ppl` and `ppl_ratio`
-    (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
+    """(metrics, per-question records) against the base (a `jobs.language.BaseReference`): the
+    general-language metrics of jobs.language (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...)
+    on `questions` (default: the package's keyed general questions), and with `texts` also `text_ppl`,
+    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
     from jobs.language import language_preservation
 
-    metrics, records = language_preservation(model, processor, base, base_processor, questions)
+    metrics, records = language_preservation(model, processor, base, questions)
     if texts:
-        ppl, base_ppl = perplexity(model, processor, texts), perplexity(base, base_processor, texts)
+        ppl, base_ppl = perplexity(model, processor, texts), base.perplexity(texts)
         metrics.update(text_ppl=ppl, base_text_ppl=base_ppl, ppl_ratio=ppl / base_ppl)
     else:
         logger.info("no --text given: perplexity against the base is not measured")
@@ -484,9 +483,14 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = resolve_model(args.model, tracking_uri)
     model.to(device)
-    base = resolve_model(args.base, tracking_uri) if args.base else None
-    if base is not None:
-        base[0].to(device)
+    if args.base:
+        from jobs.language import BaseReference
+
+        base = BaseReference.from_uri(args.base, tracking_uri, device)
+        if base.key is None:
+            base.loaded()  # fails now, not after the evaluation
+    else:
+        base = None
     logger.info("evaluating %s on %s (max %s records)", args.model, args.data, args.max_samples or "all")
     report = evaluate_vqa(model, processor, args.data, args.max_samples, args.max_new_tokens)
     metrics = report.metrics()
@@ -495,7 +499,7 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
         logger.info("no --base model given: language preservation not measured (the gate refuses it)")
     else:
         texts = read_texts(args.text) if args.text else None
-        found, language = preservation(model, processor, *base, texts, questions)
+        found, language = preservation(model, processor, base, texts, questions)
         metrics.update(found)
 
     output.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,12 @@ embedding module, or any model URI):
 
 Never the perplexity of the training domain's own text: it improves as the LLM is overwritten by it.
 
+The base is a `BaseReference`: loaded only when needed. When it is a preset whose LLM weights are files on
+disk (`preset:smollm2-135m`), its answers and likelihoods are deterministic (greedy decoding of fixed
+weights), so they are kept under ``$HOVLE_CACHE_DIR/language``, keyed by the preset file, the weight files
+(path, size, modification time), the model package's source, the torch and transformers versions and the
+exact inputs: every evaluation after the first skips loading the base and ~2 minutes of its generation.
+
 `python -m jobs.language write-chat` writes `pipelines/data/general_chat.jsonl` (the base's answers to the
 training prompts of `pipelines.general_text`), once; its output is committed data.
 """
@@ -22,16 +28,23 @@ training prompts of `pipelines.general_text`), once; its output is committed dat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
+import yaml
 
-from jobs.evaluate import NUMBER_WORDS, generate_answers
+from jobs.evaluate import NUMBER_WORDS, PRESET_SCHEME, generate_answers, perplexity, resolve_model
 from jobs.logging_setup import setup_logging
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
 from pipelines.general_text import CHAT_FILE, SKILL, KeyedQuestion, general_prompts, language_eval_questions
@@ -99,11 +112,121 @@ def answer_nll(
     return total / tokens if tokens else float("nan")
 
 
+# ---- the base, its answers cached when its weights are known ----------------------------------------
+
+_CACHE_FORMAT = 1  # bump when what an entry holds changes
+Loaded = tuple[HoVLEForConditionalGeneration, HoVLEProcessor]
+
+
+class BaseReference:
+    """The model a trained one is compared against: loaded on first use, its results cached on disk under
+    `key` (None: never cached, e.g. a model held in memory or one whose weights cannot be fingerprinted)."""
+
+    def __init__(self, load: Callable[[], Loaded], key: str | None = None, name: str = "base") -> None:
+        self._load, self._loaded, self.key, self.name = load, None, key, name
+
+    @classmethod
+    def of(cls, model: HoVLEForConditionalGeneration, processor: HoVLEProcessor) -> BaseReference:
+        """A base already in memory (no cache)."""
+        return cls(lambda: (model, processor), None, "in-memory model")
+
+    @classmethod
+    def from_uri(cls, uri: str, tracking_uri: str | None = None, device: str = "cpu") -> BaseReference:
+        """The base at `uri` (anything `jobs.evaluate.resolve_model` takes); cached when it is a preset whose
+        LLM weights are files on disk."""
+
+        def load() -> Loaded:
+            model, processor = resolve_model(uri, tracking_uri)
+            return model.to(device), processor
+
+        key = preset_fingerprint(uri.removeprefix(PRESET_SCHEME)) if uri.startswith(PRESET_SCHEME) else None
+        return cls(load, key and f"{key}-{device}", uri)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def loaded(self) -> Loaded:
+        if self._loaded is None:
+            logger.info("loading the base %s", self.name)
+            self._loaded = self._load()
+        return self._loaded
+
+    def answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        return self._cached(
+            ["answers", prompts, max_new_tokens], lambda: ask(*self.loaded(), prompts, max_new_tokens)
+        )
+
+    def answer_nll(self, pairs: list[tuple[str, str]]) -> float:
+        return self._cached(["answer_nll", pairs], lambda: answer_nll(*self.loaded(), pairs))
+
+    def perplexity(self, texts: list[str]) -> float:
+        return self._cached(["perplexity", texts], lambda: perplexity(*self.loaded(), texts))
+
+    def _cached(self, inputs: list[Any], compute: Callable[[], Any]) -> Any:
+        path = _cache_file(self.key, inputs)
+        if path is not None and path.is_file():
+            logger.info("the base's %s from the cache (%s)", inputs[0], path.name)
+            return json.loads(path.read_text(encoding="utf-8"))["value"]
+        value = compute()
+        if path is not None:
+            _publish_json(path, {"base": self.name, "what": inputs[0], "value": value})
+        return value
+
+
+def preset_fingerprint(preset: str) -> str | None:
+    """A key for the untrained preset's model, or None when it cannot be fingerprinted (no weight files:
+    a randomly initialised LLM) or the cache is off."""
+    from model.gguf_cache import cache_root
+    from model.presets import find_preset, resolve_path
+
+    if cache_root() is None:
+        return None
+    try:
+        path = find_preset(preset)
+        spec = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        llm = spec.get("llm") or {}
+        if not llm.get("path"):
+            return None
+        weights = Path(resolve_path(llm["path"]))
+    except (OSError, ValueError):
+        return None
+    files = [weights / llm["gguf_file"]] if llm.get("gguf_file") else sorted(weights.rglob("*"))
+    source = Path(__file__).resolve().parents[1] / "model"
+    digest = hashlib.sha256()
+    parts = [_CACHE_FORMAT, spec, torch.__version__, transformers.__version__]  # the model section only
+    parts += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    parts += [[f.name, f.read_text()] for f in sorted(source.glob("*.py"))]
+    digest.update(json.dumps(parts).encode("utf-8"))
+    return f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
+def _cache_file(key: str | None, inputs: list[Any]) -> Path | None:
+    from model.gguf_cache import cache_root
+
+    root = cache_root()
+    if key is None or root is None:
+        return None
+    digest = hashlib.sha256(json.dumps(inputs).encode("utf-8")).hexdigest()[:16]
+    return root / "language" / key / f"{inputs[0]}-{digest}.json"
+
+
+def _publish_json(path: Path, document: dict[str, Any]) -> None:
+    """Write `document` to `path` whole or not at all (a temporary file renamed into place); a cache that
+    cannot be written is skipped with a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump(document, handle, ensure_ascii=False)
+        os.replace(handle.name, path)
+    except OSError as err:
+        logger.warning("cannot write the cache entry %s: %s", path, err)
+
+
 def language_preservation(
     model: HoVLEForConditionalGeneration,
     processor: HoVLEProcessor,
-    base: HoVLEForConditionalGeneration,
-    base_processor: HoVLEProcessor,
+    base: BaseReference,
     questions: list[KeyedQuestion] | None = None,
     max_new_tokens: int = ANSWER_TOKENS,
 ) -> tuple[dict[str, float], list[dict]]:
@@ -111,7 +234,7 @@ def language_preservation(
     the package's evaluation set). See the module docstring for the metrics."""
     questions = questions if questions is not None else language_eval_questions()
     prompts = [q.question for q in questions]
-    theirs = ask(base, base_processor, prompts, max_new_tokens)
+    theirs = base.answers(prompts, max_new_tokens)
     ours = ask(model, processor, prompts, max_new_tokens)
     records = []
     for q, answer, base_answer in zip(questions, ours, theirs, strict=True):
@@ -124,7 +247,7 @@ def language_preservation(
         )  # fmt: skip
     base_right = [r for r in records if r["base_correct"]]
     pairs = [(q.question, a) for q, a in zip(questions, theirs, strict=True) if a.strip()]
-    nll, base_nll = answer_nll(model, processor, pairs), answer_nll(base, base_processor, pairs)
+    nll, base_nll = answer_nll(model, processor, pairs), base.answer_nll(pairs)
     metrics = {
         "text_accuracy": sum(r["correct"] for r in records) / len(records),
         "base_text_accuracy": len(base_right) / len(records),

@@ -1,10 +1,10 @@
 """`DeepSpeedStrategy`: everything about DeepSpeed in one object (config, engine, step, save/load, export).
 
     strategy = DeepSpeedStrategy(config, stage_settings, world_size)
-    strategy.setup(module, parameter_groups)          # AdamW + warmup/cosine, deepspeed.initialize
+    strategy.setup(module, parameter_groups, progress)  # AdamW + warmup/cosine, deepspeed.initialize
     loss, parts = strategy.forward(batch); strategy.backward(loss); strategy.step()
     strategy.save(dir, client_state) / strategy.load(dir) -> client_state
-    strategy.full_state_dict()                        # consolidated weights on rank 0 (ZeRO-3 too)
+    strategy.full_state_dict()                          # consolidated weights on rank 0 (ZeRO-3 too)
 
 The training loop (jobs.train_loop) never calls `engine.*` itself. The optimizer is torch's AdamW passed
 as a client optimizer (DeepSpeed's own Adam would compile a C++/CUDA op at start-up); only the stage's
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -51,15 +51,27 @@ def deepspeed_config(config: TrainConfig, stage: StageSettings, world_size: int)
     }
 
 
-def warmup_cosine(stage: StageSettings):
-    """LR multiplier per optimizer step: linear warmup to 1, then cosine down to `min_lr_ratio`."""
+def warmup_cosine(stage: StageSettings, progress: Callable[[], float] | None = None):
+    """LR multiplier per optimizer step: linear warmup to 1 over `warmup_steps`, then cosine down to
+    `min_lr_ratio`.
+
+    After warmup the cosine runs over the stage's progress in [0, 1]: (step - warmup) / (steps - warmup),
+    or, with a CPU budget (`stage.cpu_seconds`), `progress()`: the share of the budget spent
+    (jobs.budget.StageClock.fraction, the same on every rank). The budget counts from the stage's start,
+    warmup included, so the cosine resumes after warmup where the CPU-seconds spent put it.
+    """
+    if stage.cpu_seconds is not None and progress is None:
+        raise ValueError("a CPU-seconds budget needs the progress it spent (jobs.budget.StageClock)")
 
     def multiplier(step: int) -> float:
         if step < stage.warmup_steps:
             return (step + 1) / (stage.warmup_steps + 1)
-        span = max(1, stage.steps - stage.warmup_steps)
-        progress = min(1.0, (step - stage.warmup_steps) / span)
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if stage.cpu_seconds is not None:
+            done = min(1.0, max(0.0, progress()))
+        else:
+            span = max(1, stage.steps - stage.warmup_steps)
+            done = min(1.0, (step - stage.warmup_steps) / span)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
     return multiplier
 
@@ -76,9 +88,15 @@ class DeepSpeedStrategy:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.config.precision == "bf16" else torch.float32
 
-    def setup(self, module: nn.Module, groups: Iterable[dict[str, Any]]) -> None:
+    def setup(
+        self,
+        module: nn.Module,
+        groups: Iterable[dict[str, Any]],
+        progress: Callable[[], float] | None = None,
+    ) -> None:
         """deepspeed.initialize over `module`, optimizing only the parameters of `groups` (AdamW, warmup +
-        cosine): each group is `{"params": [...], "lr_ratio": r}` and trains at r x the stage's lr."""
+        cosine): each group is `{"params": [...], "lr_ratio": r}` and trains at r x the stage's lr.
+        `progress`: the share of a CPU-seconds budget spent, which the cosine follows (`warmup_cosine`)."""
         import deepspeed
 
         groups = [
@@ -93,7 +111,7 @@ class DeepSpeedStrategy:
             betas=self.stage.betas,
             weight_decay=self.stage.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.stage))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.stage, progress))
         self.engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,

@@ -14,7 +14,7 @@
       recipe: project                 # or paper: HoVLE's recipe as published (see TrainConfig.recipe)
       stages:
         distill: {steps: 200, lr: 1.0e-4, micro_batch_size: 4, max_tokens: 2048, teacher: mobilenet_v2}
-        align: {steps: 200, lr: 5.0e-5}
+        align: {steps: 200, lr: 5.0e-5}      # or {steps: 10000, cpu_seconds: 600}: a CPU budget
         instruct: {steps: 200, lr: 2.0e-5, llm_lr_ratio: 0.1}
 
 Every field has a default; a wrong or unknown field fails with its dotted name (`train.stages.align.lr`).
@@ -41,7 +41,14 @@ class _Strict(BaseModel):
 class StageSettings(_Strict):
     """One stage's optimisation and data settings."""
 
-    steps: int = Field(100, ge=1, description="optimizer steps")
+    steps: int = Field(100, ge=1, description="optimizer steps (with cpu_seconds: an upper bound)")
+    cpu_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="train until the worker processes have spent this many CPU-seconds; `steps` is then "
+        "only an upper bound, and the cosine LR and De-focus's drop path follow the CPU-seconds spent "
+        "(jobs.budget)",
+    )
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a share of lr")
     warmup_steps: int = Field(10, ge=0)

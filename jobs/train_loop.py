@@ -3,8 +3,9 @@
     build   the model (the previous stage's export, or the preset), the stage's trainable split, the
             distill teacher, the DeepSpeed engine (jobs.strategy), this worker's batches (pipelines)
     resume  from the checkpoint Ray Train hands over (a restarted worker group, or a rerun of the run)
-    loop    micro-batches -> forward, backward, step; metrics and a progress line every N steps;
-            a checkpoint (engine + data position + RNG + step) every N steps, from every rank
+    loop    micro-batches -> forward, backward, step, until `steps` or the CPU-seconds budget
+            (jobs.budget); metrics and a progress line every N steps (jobs.meter); a checkpoint (engine +
+            data position + RNG + step, CPU-seconds and tokens) every N steps and at the end, from every rank
     export  consolidated weights -> a Hugging Face folder (rank 0)
 
 Data: each worker reads its own rows of the prepared dataset in a deterministic order
@@ -21,7 +22,6 @@ import os
 import random
 import signal
 import tempfile
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jobs.budget import StageClock
 from jobs.export import load_export, local_copy, write_export
-from jobs.flops import flops_per_token, peak_flops
+from jobs.meter import StageMeter
 from jobs.strategy import DeepSpeedStrategy
 from jobs.tracking import StageLogger
 from jobs.train_config import StageSettings, TrainConfig
@@ -123,7 +124,10 @@ def train_stage(job_config: dict[str, Any]) -> None:
         parameters.append({"params": list(teacher.trainable_parameters()), "lr_ratio": 1.0})
     module = StageModule(model, spec, teacher)
     strategy = DeepSpeedStrategy(config, settings, world)
-    strategy.setup(module, parameters)
+    clock = StageClock(settings.steps, settings.cpu_seconds)
+    strategy.setup(module, parameters, clock.fraction)  # a CPU budget's cosine follows the clock
+    clock.device = strategy.device
+    _frozen_encoder_in_fp32(model, config)
     if teacher is not None:
         teacher.to(strategy.device)
     source = ShardSource(
@@ -147,13 +151,18 @@ def train_stage(job_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            step = int(strategy.load(directory)["step"])
+            client_state = strategy.load(directory)
+            step = int(client_state["step"])
+            clock.resume(client_state)  # the CPU-seconds and tokens spent before
             mine = torch.load(os.path.join(directory, _worker_state_file(rank)), weights_only=False)
         started_fresh, resumed_from = False, step
         stream.load_state_dict(mine["stream"])
         _set_rng_state(mine["rng"])
         if rank == 0:
-            logger.info("%s: resumed at step %d/%d from %s", job.stage, step, settings.steps, checkpoint.path)
+            logger.info(
+                "%s: resumed at step %d/%d (%.0f CPU-s) from %s",
+                job.stage, step, settings.steps, clock.spent, checkpoint.path,
+            )  # fmt: skip
 
     # ---- loop -------------------------------------------------------------------------------------------
     tracker = (
@@ -166,12 +175,15 @@ def train_stage(job_config: dict[str, Any]) -> None:
         if rank == 0 and job.run_id
         else nullcontext()
     )
-    meter = _Meter(model, job.stage, settings, strategy)
+    meter = StageMeter(model, job.stage, settings, strategy, clock)
     batches = _endless(stream)
     accumulation = config.deepspeed.gradient_accumulation_steps
+    resumed_cpu_seconds = clock.spent
+    clock.start()
     with tracker as log:
-        while step < settings.steps:
-            advance_drop_path(model, step, settings.steps)  # first at the resumed step, before any update
+        while not clock.done(step):
+            # first at the resumed step, before any update
+            advance_drop_path(model, step, settings.steps, clock.progress(step))
             meter.start_step()
             for _ in range(accumulation):
                 batch = meter.timed_next(batches)
@@ -181,19 +193,23 @@ def train_stage(job_config: dict[str, Any]) -> None:
                 meter.add(batch, parts)
             step += 1
             meter.end_step()
+            clock.tick()  # with a budget: every rank now agrees whether this was the last step
             if job.crash_at_step == step and started_fresh and rank == world - 1:
                 logger.warning("fault injection: SIGKILL rank %d at step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
-            if step % config.log_every_n_steps == 0 or step == settings.steps:
-                metrics = meter.report(step)  # every rank: it all-reduces
-                if rank == 0:
-                    logger.info(meter.progress_line(job.stage, step, metrics))
-                    if log is not None:
-                        log.metrics(metrics, step)
-            if step % config.checkpoint.every_n_steps == 0 or step == settings.steps:
-                _save_checkpoint(strategy, stream, step, job.stage, rank)
+            last = clock.done(step)
+            with clock.paused():  # bookkeeping, not training: outside a CPU budget
+                if step % config.log_every_n_steps == 0 or last:
+                    metrics = meter.report(step)  # every rank: it all-reduces
+                    if rank == 0:
+                        logger.info(meter.progress_line(job.stage, step, metrics))
+                        if log is not None:
+                            log.metrics(metrics, step)
+                if step % config.checkpoint.every_n_steps == 0 or last:
+                    _save_checkpoint(strategy, stream, clock, step, job.stage, rank)
 
     # ---- export -----------------------------------------------------------------------------------------
+    clock.sync()  # every rank (a run resumed from its last checkpoint syncs here)
     weights = strategy.full_state_dict()  # every rank takes part in gathering
     if rank == 0:
         model_weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
@@ -201,6 +217,11 @@ def train_stage(job_config: dict[str, Any]) -> None:
             "stage": job.stage,
             "steps": step,
             "resumed_from_step": resumed_from,  # where this attempt resumed (None: it started fresh)
+            "resumed_from_cpu_seconds": resumed_cpu_seconds if resumed_from is not None else None,
+            "cpu_seconds": clock.spent,  # the training loop's, the slowest rank's, resumes included
+            "cpu_seconds_budget": settings.cpu_seconds,
+            "stopped_by": clock.stopped_by,
+            "tokens": clock.tokens,  # tokens trained on, all ranks
             "data": job.data_uri,
             "init": job.init_uri,
             "run_id": job.run_id,
@@ -209,15 +230,18 @@ def train_stage(job_config: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def advance_drop_path(model: nn.Module, step: int, total_steps: int) -> float | None:
-    """De-focus attention: set the embedding's drop-path rates for training progress step / total_steps.
+def advance_drop_path(
+    model: nn.Module, step: int, total_steps: int, progress: float | None = None
+) -> float | None:
+    """De-focus attention: set the embedding's drop-path rates for the stage's progress: `progress` (a
+    CPU-seconds budget's share spent, jobs.budget) when given, else step / total_steps.
 
     Returns the deepest layer's (largest) rate, or None when the model uses standard attention.
     """
     embedding = getattr(model, "embedding", None)  # the compositional model has none
     if embedding is None or not embedding.defocus:
         return None
-    embedding.set_drop_path_progress(step / total_steps)
+    embedding.set_drop_path_progress(step / total_steps if progress is None else progress)
     return max(embedding.drop_path_rates)
 
 
@@ -278,6 +302,21 @@ def _teacher(model: nn.Module, settings: StageSettings):
         return build_teacher(COMPOSITIONAL_PREFIX + folder, hidden)
 
 
+def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
+    """Under bf16, give a frozen vision encoder (the compositional model's MobileNetV2) its fp32 weights back.
+
+    DeepSpeed casts the module's parameters to bf16 but keeps its buffers in fp32, and BatchNorm cannot mix
+    bf16 weights with fp32 running statistics. The encoder never trains (no optimizer state, no gradients),
+    so fp32 costs only its 2M weights. Under ZeRO-3 its parameters are partitioned: left as they are.
+    """
+    encoder = getattr(model, "vision_encoder", None)
+    if encoder is None or config.precision != "bf16" or config.deepspeed.zero_stage == 3:
+        return
+    if any(p.requires_grad for p in encoder.parameters()):
+        raise ValueError("the vision encoder is expected frozen in every stage")
+    encoder.float()
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -326,17 +365,19 @@ def _worker_state_file(rank: int) -> str:
 
 
 def _save_checkpoint(
-    strategy: DeepSpeedStrategy, stream: TrainingStream, step: int, stage: str, rank: int
+    strategy: DeepSpeedStrategy, stream: TrainingStream, clock: StageClock, step: int, stage: str, rank: int
 ) -> None:
-    """Engine state + step, and per rank its data position and RNG; Ray merges the ranks' folders.
+    """Engine state + step, CPU-seconds and tokens so far, and per rank its data position and RNG; Ray
+    merges the ranks' folders. Every rank calls it (the clock syncs over the ranks).
 
     The rank's own state goes into its own file: DeepSpeed keeps `client_state` in rank 0's model-states
     file only (below ZeRO-3), and every rank reads the data at a different position.
     """
     import ray.train
 
+    clock.sync()
     with tempfile.TemporaryDirectory(prefix="hovle-ckpt-") as directory:
-        strategy.save(directory, {"step": step})
+        strategy.save(directory, {"step": step, **clock.state_dict()})
         torch.save(
             {"stream": stream.state_dict(), "rng": _rng_state()},
             os.path.join(directory, _worker_state_file(rank)),
@@ -349,92 +390,3 @@ def _save_checkpoint(
     # Wait until the controller has committed it: a report is registered when the controller next polls
     # the workers, and a worker dying before that poll would lose the checkpoint it just wrote.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-
-
-# ---- metrics -------------------------------------------------------------------------------------------
-class _Meter:
-    """Per-step timings and counts; `report` all-reduces them over the ranks since the last report."""
-
-    def __init__(self, model: nn.Module, stage: str, settings: StageSettings, strategy: DeepSpeedStrategy):
-        self.stage, self.settings, self.strategy = stage, settings, strategy
-        self.model = model
-        self.started = time.perf_counter()
-        self.first_step_time: float | None = None
-        self._reset()
-        device = strategy.device
-        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-    def _reset(self) -> None:
-        self.loss_sum = self.micro = self.samples = self.tokens = 0.0
-        self.wait = self.busy = 0.0
-        self.steps = 0
-        self.parts: dict[str, float] = {}
-
-    def start_step(self) -> None:
-        self._step_start = time.perf_counter()
-
-    def timed_next(self, batches):
-        start = time.perf_counter()
-        batch = next(batches)
-        self.wait += time.perf_counter() - start
-        return batch
-
-    def add(self, batch: dict[str, Any], parts: dict[str, float]) -> None:
-        self.micro += 1
-        self.loss_sum += parts["loss"]
-        for key, value in parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + value
-        self.samples += int(batch["num_samples"])
-        self.tokens += int(batch["num_tokens"])
-
-    def end_step(self) -> None:
-        self.busy += time.perf_counter() - self._step_start
-        self.steps += 1
-
-    def report(self, step: int) -> dict[str, float]:
-        keys = sorted(self.parts)
-        values = [self.micro, self.samples, self.tokens, self.wait, self.busy] + [self.parts[k] for k in keys]
-        totals = torch.tensor(values, dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        micro, samples, tokens, wait, busy = totals[:5].tolist()
-        seconds = busy / world  # wall time of the steps, averaged over ranks
-        metrics = {f"{k}": v / micro for k, v in zip(keys, totals[5:].tolist())}
-        metrics.update(
-            {
-                "lr": self.strategy.lr(),
-                "grad_norm": self.strategy.grad_norm(),
-                "samples_per_s": samples / seconds,
-                "tokens_per_s": tokens / seconds,
-                "data_wait_fraction": wait / busy if busy else 0.0,
-                "step_time_s": seconds / self.steps,
-            }
-        )
-        if self.peak:
-            context = tokens / max(samples, 1)
-            per_token = flops_per_token(self.model, self.stage, context)
-            metrics["mfu"] = per_token * metrics["tokens_per_s"] / (self.peak * world)
-        embedding = getattr(self.model, "embedding", None)
-        if embedding is not None and embedding.defocus:
-            metrics["drop_path_rate"] = max(embedding.drop_path_rates)
-        self.seconds_per_step = seconds / self.steps
-        self._reset()
-        return metrics
-
-    def progress_line(self, stage: str, step: int, metrics: dict[str, float]) -> str:
-        eta = (self.settings.steps - step) * self.seconds_per_step
-        return (
-            f"{stage} step {step}/{self.settings.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"{metrics['samples_per_s']:.1f} samples/s {metrics['tokens_per_s']:.0f} tok/s "
-            f"data {100 * metrics['data_wait_fraction']:.0f}% ETA {_duration(eta)}"
-        )
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )

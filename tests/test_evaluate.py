@@ -15,6 +15,7 @@ from PIL import Image
 
 from jobs import evaluate as ev
 from jobs.export import write_export
+from jobs.language import BaseReference
 from pipelines.synthetic import generate
 from tests.helpers import tiny_model
 
@@ -205,14 +206,14 @@ def test_records_without_skill_count_only_overall(loaded, heldout, tmp_path):
 def test_preservation_is_exact_against_itself_and_not_against_another_model(loaded, text_jsonl):
     model, processor = loaded
     texts = ev.read_texts(str(text_jsonl))
-    same, records = ev.preservation(model, processor, model, processor, texts)
+    same, records = ev.preservation(model, processor, BaseReference.of(model, processor), texts)
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["text_agreement"] == 1.0
     assert same["answer_ppl_ratio"] == pytest.approx(1.0)
     assert same["text_ppl"] == pytest.approx(same["base_text_ppl"]) and same["text_ppl"] > 1.0
     assert len(records) == same["text_questions"] >= 50
 
     other_model, other_processor = tiny_model(seed=1, init_std=0.3)
-    other, _ = ev.preservation(model, processor, other_model.eval(), other_processor, texts)
+    other, _ = ev.preservation(model, processor, BaseReference.of(other_model.eval(), other_processor), texts)
     assert other["ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert other["answer_ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert other["text_ppl"] == pytest.approx(same["text_ppl"])  # the evaluated model's own number

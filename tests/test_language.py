@@ -12,10 +12,13 @@ import re
 
 import pytest
 import torch
+import yaml
 
 import jobs.evaluate as ev
+from jobs.evaluate import PRESET_SCHEME, resolve_model
 from jobs.export import write_export
-from jobs.language import answers_key, language_preservation
+from jobs.language import BaseReference, answers_key, ask, language_preservation
+from model.presets import find_preset
 from pipelines.general_text import (
     KeyedQuestion,
     general_chat_records,
@@ -92,14 +95,18 @@ def test_the_metrics_are_exact_against_the_base_and_drop_for_a_model_whose_llm_w
     base.eval()
     questions = _echo_questions(base, processor)
     assert len(questions) >= 10  # enough answers with a word to judge by
-    same, records = language_preservation(base, processor, base, processor, questions, max_new_tokens=12)
+    same, records = language_preservation(
+        base, processor, BaseReference.of(base, processor), questions, max_new_tokens=12
+    )
     assert same["text_retained"] == 1.0 and same["base_text_accuracy"] == 1.0
     assert same["text_agreement"] == 1.0 and same["answer_ppl_ratio"] == pytest.approx(1.0)
     assert all(r["correct"] and r["base_correct"] for r in records)
 
     wrecked, _ = tiny_model(seed=0, init_std=0.5)
     _overwrite_llm(wrecked, processor, ["red square blue circle green star"] * 4)
-    lost, _ = language_preservation(wrecked.eval(), processor, base, processor, questions, max_new_tokens=12)
+    lost, _ = language_preservation(
+        wrecked.eval(), processor, BaseReference.of(base, processor), questions, max_new_tokens=12
+    )
     assert lost["text_retained"] < 0.9 and lost["text_agreement"] < 0.9
 
 
@@ -107,7 +114,7 @@ def test_text_retained_is_undefined_when_the_base_answers_nothing_right():
     base, processor = tiny_model(seed=0, init_std=0.5)
     unanswerable = [KeyedQuestion("q", "What is the capital of France?", ("zzzzzz",))]
     metrics, _ = language_preservation(
-        base.eval(), processor, base, processor, unanswerable, max_new_tokens=4
+        base.eval(), processor, BaseReference.of(base, processor), unanswerable, max_new_tokens=4
     )
     assert math.isnan(metrics["text_retained"]) and metrics["base_text_accuracy"] == 0.0
 
@@ -180,3 +187,43 @@ def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity
     assert champion["text_retained"] == 1.0 and wrecked["text_retained"] < 0.9
     assert not decision.champion and decision.reason.startswith("language preservation: text_retained")
     assert str(client.get_model_version_by_alias(gate.name, CHAMPION).version) == "1"
+
+
+def test_a_preset_base_is_answered_once_then_read_from_the_cache_until_its_weights_change(
+    tmp_path, monkeypatch
+):
+    """The base's answers and likelihoods are computed by loading it once; a second reference reads them from
+    `$HOVLE_CACHE_DIR/language` without loading anything, and new weight files make a new entry."""
+    monkeypatch.setenv("HOVLE_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "llm"
+    tiny_model(seed=0, init_std=0.5)[0].language_model.save_pretrained(weights)
+    document = yaml.safe_load(find_preset("tiny").read_text())
+    document["model"]["llm"] = {"path": str(weights), "tokenizer": "byte"}
+    preset = tmp_path / "saved.yaml"
+    preset.write_text(yaml.safe_dump(document))
+    uri = f"{PRESET_SCHEME}{preset}"
+    prompts = ["What is the capital of France?", "Name a colour."]
+
+    first = BaseReference.from_uri(uri)
+    answers = first.answers(prompts, 6)
+    nll = first.answer_nll(list(zip(prompts, answers, strict=True)))
+    assert first.key is not None and first.is_loaded
+    assert answers == ask(*resolve_model(uri), prompts, 6)  # what the base itself answers
+
+    second = BaseReference.from_uri(uri)
+    assert second.answers(prompts, 6) == answers
+    assert second.answer_nll(list(zip(prompts, answers, strict=True))) == nll
+    assert not second.is_loaded  # both came from the cache
+    assert second.answers(prompts[:1], 6) == answers[:1] and second.is_loaded  # other inputs: computed
+
+    tiny_model(seed=1, init_std=0.5)[0].language_model.save_pretrained(weights)  # other weights, same path
+    changed = BaseReference.from_uri(uri)
+    assert changed.key != first.key
+    assert changed.answers(prompts, 6) == ask(*resolve_model(uri), prompts, 6) and changed.is_loaded
+
+
+def test_a_base_without_weight_files_is_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOVLE_CACHE_DIR", str(tmp_path / "cache"))
+    assert BaseReference.from_uri(f"{PRESET_SCHEME}tiny").key is None  # a randomly initialised LLM
+    monkeypatch.setenv("HOVLE_CACHE_DIR", "off")
+    assert BaseReference.from_uri(f"{PRESET_SCHEME}smollm2-135m").key is None
