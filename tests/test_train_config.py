@@ -162,3 +162,18 @@ def test_llm_lr_ratio_puts_the_llm_in_its_own_optimizer_group_and_zero_freezes_i
     assert group["lr_ratio"] == 1.0 and not {id(p) for p in group["params"]} & llm
     names = [n for n, _ in model.language_model.named_parameters(prefix="language_model")]
     assert names and not any(spec.is_trainable(n) for n in names)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(native, tmp_path, monkeypatch):
+    """The CPU's bf16 support is hardware: the detector stands in for both kinds of CPU (this machine has
+    one of them), the demo's run config follows it."""
+    import yaml
+
+    import jobs.demo as demo
+
+    monkeypatch.setattr(demo, "cpu_bf16_is_native", lambda: native)
+    path = demo.run_config("tiny", demo.PLANS["tiny"], tmp_path, steps=None)
+    config = load_train_config(str(path), {})
+    assert yaml.safe_load(path.read_text())["train"]["deepspeed"]["precision"] == config.precision
+    assert config.precision == ("bf16" if native else "fp32")
