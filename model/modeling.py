@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -18,6 +19,8 @@ from transformers.modeling_outputs import ModelOutput
 from model.config import HoVLEConfig
 from model.defocus import ImageDecayBias, LearnableRotaryEmbedding
 from model.embedding import HolisticEmbedding, default_position_ids
+
+IGNORE_INDEX = -100  # the label transformers' losses skip
 
 
 class HoVLECache(DynamicCache):
@@ -82,7 +85,30 @@ def language_model_output(
     output_embedding_states: bool,
     **kwargs,
 ) -> HoVLEOutput:
-    """The LLM on input embeddings [b, L, hidden] (a monolithic or a compositional model's) -> HoVLEOutput."""
+    """The LLM on input embeddings [b, L, hidden] (a monolithic or a compositional model's) -> HoVLEOutput.
+
+    With `labels` (and no cache, all logits asked): the loss is the mean next-token cross-entropy over the
+    labelled tokens, as the LLM's own loss computes it, but the vocabulary head runs only at the positions
+    that predict one, and `logits` holds just those rows [learnt tokens, vocab]. Training samples learn a
+    few answer tokens per pack of hundreds, and a 49k-word head at every position is ~20% of a step of
+    SmolLM2-135M. The LLM's own head still makes the logits (final soft-capping and the like included)."""
+    if labels is not None and not use_cache and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        learnt = torch.zeros_like(labels, dtype=torch.bool)
+        learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p is learnt when token p + 1 is a label
+        out = language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=learnt,
+            **kwargs,
+        )
+        loss = F.cross_entropy(out.logits.float(), labels[:, 1:][learnt[:, :-1]])
+        return HoVLEOutput(
+            loss=loss,
+            logits=out.logits,
+            embedding_states=embeds if output_embedding_states else None,
+        )
     out = language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,

@@ -67,12 +67,38 @@ def test_forward_backward_shapes(location):
         output_embedding_states=True,
     )
     b, length = batch["input_ids"].shape
-    assert out.logits.shape == (b, length, model.config.text_config.vocab_size)
+    learnt = int((batch["labels"][:, 1:] != -100).sum())  # with labels: logits only where a label is learnt
+    assert out.logits.shape == (learnt, model.config.text_config.vocab_size)
     assert out.embedding_states.shape == (b, length, model.config.text_config.hidden_size)
     out.loss.backward()
     assert model.embedding.patch_embed.weight.grad.abs().sum() > 0
     assert model.embedding.shuffle_mlp[0].weight.grad.abs().sum() > 0
     assert torch.isfinite(out.loss)
+
+
+def test_the_loss_with_the_head_at_learnt_positions_only_is_the_llms_own():
+    """The vocabulary head runs only where a label is learnt: the same loss and gradients as the LLM's own
+    loss over logits at every position."""
+    model, processor = tiny_model()
+    batch = chat_batch(processor, n=3)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    out = model(**inputs, labels=batch["labels"])
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model(**inputs)  # no labels: logits at every position, the LLM's loss function on them
+    reference = model.language_model.loss_function(
+        logits=full.logits, labels=batch["labels"], vocab_size=model.config.text_config.vocab_size
+    )
+    reference.backward()
+
+    b, length = batch["input_ids"].shape
+    assert out.logits.shape[0] == int((batch["labels"][:, 1:] != -100).sum()) < b * length
+    torch.testing.assert_close(out.loss, reference, atol=1e-6, rtol=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("location", ["pre", "post"])
