@@ -28,6 +28,9 @@ CLAIMS = (
     ("De-focus attention improves the embedding module", "f", "a", "better"),
 )  # fmt: skip
 TARGETS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "class": 0.7}  # issue 11, for the best row
+# A comparison between rows that learnt nothing compares noise around chance: a claim is judged only when
+# one of its rows reaches the registry gate's first-champion floor (jobs.registry.GateSettings.floor).
+LEARNT = 0.3
 
 
 def machine() -> dict[str, Any]:
@@ -66,6 +69,8 @@ def _verdict(rows: dict[str, dict], row: str, against: str, kind: str) -> tuple[
     figures = f"VQA {row} {p:.3f} vs {against} {q:.3f} (difference {diff:+.3f}, 2 s.e. {2 * se:.3f})"
     if se == 0:  # both at 0 (or both at 1): nothing was learnt (or nothing is left to tell them apart)
         return "not shown at this size", figures
+    if max(p, q) < LEARNT:
+        return "not shown at this size", f"{figures}; neither row learnt (VQA under {LEARNT})"
     if kind == "better":
         verdict = "holds" if diff > 2 * se else ("reversed" if diff < -2 * se else "not shown at this size")
     else:

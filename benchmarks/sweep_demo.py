@@ -85,6 +85,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+
 def variant_plan(changes: dict[str, Any]) -> dict[str, Any]:
     """The demo's plan with `changes`: top-level plan keys replaced, stage settings updated field by field."""
     plan = copy.deepcopy(PLANS[PRESET])

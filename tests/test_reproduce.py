@@ -105,3 +105,14 @@ def test_rows_d_and_e_train_evaluate_log_and_register_at_equal_cpu_seconds(tmp_w
     assert [(r["row"], r["run_id"], r.get("model_uri")) for r in again] == [
         (r["row"], r["run_id"], r.get("model_uri")) for r in rows.values()
     ]
+
+
+def test_a_claim_is_judged_only_when_one_of_its_rows_learnt():
+    from benchmarks.reproduce_report import _verdict
+
+    def rows(a: float, d: float) -> dict:
+        return {"a": {"vqa_accuracy": a, "vqa_samples": 400}, "d": {"vqa_accuracy": d, "vqa_samples": 400}}
+
+    assert _verdict(rows(0.117, 0.058), "a", "d", "matches")[0] == "not shown at this size"  # both at chance
+    assert _verdict(rows(0.60, 0.20), "a", "d", "better")[0] == "holds"
+    assert _verdict(rows(0.10, 0.60), "a", "d", "matches")[0] == "does not hold"
