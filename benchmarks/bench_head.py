@@ -19,7 +19,6 @@ Prints a table and writes results/bench_head.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,10 +27,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_packing import tokenized_corpus  # noqa: E402
 from benchmarks.results import (  # noqa: E402
     Report,
     Spread,
@@ -46,10 +45,8 @@ from benchmarks.results import (  # noqa: E402
 from model import build_model, build_processor  # noqa: E402
 from model.presets import config_from_spec, find_preset, parse_model_spec  # noqa: E402
 from pipelines.packing import collate_packed, pack_sequences  # noqa: E402
-from pipelines.synthetic import generate  # noqa: E402
 
 PRESET = "smollm2-135m"
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 QUICK = {"steps": 2, "rounds": 2, "n": 48}
 
 
@@ -62,25 +59,8 @@ def demo_config(tile_size: int):
 
 def packed_batches(processor, n: int, max_tokens: int, micro_batch: int, tile_size: int) -> list[dict]:
     """The synthetic instruct corpus, tokenized with pixels, packed into rows of `max_tokens`."""
-    samples = []
     with tempfile.TemporaryDirectory() as workdir:
-        jsonl = generate("instruct", n, 0, Path(workdir), image_size=tile_size)
-        for line in jsonl.read_text().splitlines():
-            record = json.loads(line)
-            refs = record["image"] if isinstance(record["image"], list) else [record["image"]]
-            images = []
-            for ref in refs:
-                with Image.open(jsonl.parent / ref) as image:
-                    images.append(image.convert("RGB"))
-            messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
-            out = processor(messages, images=images)
-            samples.append(
-                {
-                    "input_ids": out["input_ids"][0],
-                    "labels": out["labels"][0],
-                    "pixel_values": out["pixel_values"],
-                }
-            )
+        samples = tokenized_corpus(processor, n, 0, Path(workdir), tile_size, pixels=True)
     packs = pack_sequences([s["input_ids"].numel() for s in samples], max_tokens)
     pad = processor.tokenizer.pad_token_id
     batches = []

@@ -54,8 +54,10 @@ TARGET = 0.95
 QUICK = {"n": 200, "seeds": [0, 1]}
 
 
-def tokenized_corpus(processor, n: int, seed: int, workdir: Path, image_size: int = 224) -> list[dict]:
-    """The instruct corpus as samples ({input_ids, labels, num_tiles}); pixels are not kept."""
+def tokenized_corpus(
+    processor, n: int, seed: int, workdir: Path, image_size: int = 224, pixels: bool = False
+) -> list[dict]:
+    """The instruct corpus as samples ({input_ids, labels, num_tiles}, and `pixel_values` with `pixels`)."""
     jsonl = generate("instruct", n, seed, workdir, image_size=image_size)
     samples = []
     for line in jsonl.read_text().splitlines():
@@ -69,9 +71,11 @@ def tokenized_corpus(processor, n: int, seed: int, workdir: Path, image_size: in
             {"role": ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]
         ]
         out = processor(messages, images=images)
-        samples.append(
-            {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "num_tiles": sum(out["num_tiles"])}
-        )
+        sample = {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
+        sample["num_tiles"] = sum(out["num_tiles"])
+        if pixels:
+            sample["pixel_values"] = out["pixel_values"]
+        samples.append(sample)
     return samples
 
 
