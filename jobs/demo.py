@@ -6,8 +6,7 @@
 
 Everything lands in `--workdir` (default outputs/demo): raw corpora, prepared shards, checkpoints and
 exports under runs/, and the MLflow store (mlflow.db + mlruns/), which `mlflow ui` opens afterwards.
-The default preset is smollm2-135m (the real SmolLM2-135M-Instruct LLM) on one worker: about 24 minutes
-on 2 CPU cores that multiply bf16 natively (AVX-512/AMX); elsewhere it trains in fp32, more slowly.
+Preset smollm2-135m (the real SmolLM2-135M-Instruct): ~24 min on 2 bf16-native cores, fp32 slower elsewhere;
 `--preset tiny` runs the same story in about a minute with a random model (its answers mean nothing).
 """
 
@@ -42,7 +41,7 @@ PLANS: dict[str, dict[str, Any]] = {
         # tiles; align learns from questions about images as well as captions; the LLM stays frozen (it kept
         # the most language of the plans measured, docs/results/) while the embedding module learns; text
         # preservation 10 kept 38 of 47 general answers where 1.0 kept 31 (docs/results/demo_sweep.md). About
-        # 24 minutes on 2 cores: half the steps fits 15 minutes but kept almost none of the LLM's language.
+        # 24 min on 2 bf16-native cores (fp32 elsewhere is slower); half the steps kept almost no language.
         "samples": 320, "heldout": 40, "image_size": 112, "tile_size": 112, "max_tokens": 256,
         "general_text": None, "skills": ("colour", "shape", "count"), "align_questions": 640,
         "stages": {
@@ -94,8 +93,7 @@ def show_presets() -> None:
 def run_config(
     preset: str, plan: dict[str, Any], workdir: Path, steps: int | None, seed: int = 0, run_name: str = "demo"
 ) -> Path:
-    """The demo's run config: the preset's model, one worker on the whole machine, the plan's stages; bf16
-    where the CPU multiplies it natively, fp32 where bf16 would fall back to torch's slow kernel."""
+    """The demo's run config: the preset's model, one worker (bf16 if the CPU has it natively), the plan."""
     document = yaml.safe_load(Path(find_preset(preset)).read_text())
     stages = {}
     for name, planned in plan["stages"].items():
