@@ -93,35 +93,23 @@ def language_model_output(
     few answer tokens per pack of hundreds: skipping the 49k-word head elsewhere makes a SmolLM2-135M step
     1.21x faster (benchmarks/bench_head.py). The LLM's own head still makes the logits (final soft-capping
     and the like included)."""
+    learnt = None
     if labels is not None and not use_cache and isinstance(logits_to_keep, int) and logits_to_keep == 0:
         learnt = torch.zeros_like(labels, dtype=torch.bool)
         learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p is learnt when token p + 1 is a label
-        out = language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=learnt,
-            **kwargs,
-        )
-        loss = F.cross_entropy(out.logits.float(), labels[:, 1:][learnt[:, :-1]])
-        return HoVLEOutput(
-            loss=loss,
-            logits=out.logits,
-            embedding_states=embeds if output_embedding_states else None,
-        )
     out = language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past_key_values,
-        labels=labels,
+        labels=labels if learnt is None else None,
         use_cache=use_cache,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=logits_to_keep if learnt is None else learnt,
         **kwargs,
     )
+    loss = out.loss if learnt is None else F.cross_entropy(out.logits.float(), labels[:, 1:][learnt[:, :-1]])
     return HoVLEOutput(
-        loss=out.loss,
+        loss=loss,
         logits=out.logits,
         past_key_values=out.past_key_values if use_cache else None,
         embedding_states=embeds if output_embedding_states else None,
