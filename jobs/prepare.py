@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from jobs.cli import parse_overrides, positive_int
+from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
 from model.config import ConfigError
 from model.presets import find_preset
@@ -71,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(parser, args.set)
     try:
         settings = load_settings(args.config, overrides)
+        hooks = Hooks(from_env())
         report = prepare(
-            args.config, args.stage, args.input, args.output, settings, num_actors=args.num_actors
-        )
+            args.config, args.stage, args.input, args.output, settings, num_actors=args.num_actors,
+            on_unit_done=lambda done, total: hooks.emit("on_prepare_unit", done, total),
+        )  # fmt: skip
     except (ConfigError, ManifestError, ManifestMismatch, FileNotFoundError) as err:
         print(f"hovle prepare: {err}", file=sys.stderr)
         return 2

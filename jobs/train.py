@@ -25,21 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from jobs.cli import parse_overrides
+from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
 from jobs.train_config import STAGE_ORDER, TrainConfig, load_train_config
 from model.config import ConfigError
 from pipelines import storage
 
 logger = logging.getLogger("jobs.train")
-
-CRASH_ENV = "HOVLE_TRAIN_CRASH_AT_STEP"  # fault injection (tests): the last rank SIGKILLs itself once
 
 
 class StageFailed(RuntimeError):
@@ -173,7 +171,7 @@ def train(
         ray.init(configure_logging=False, log_to_driver=True)
     tracker = RunTracker(config.tracking_uri, config.tracking.experiment)
     parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": config_source})
-    crash = os.environ.get(CRASH_ENV)
+    hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before any worker starts
     exports: dict[str, str] = {}
     for name, data_uri, export_uri, manifest in plan:
         if is_export(export_uri):
@@ -193,7 +191,7 @@ def train(
                 init_uri=init,
                 run_id=child,
                 tracking_uri=config.tracking_uri,
-                crash_at_step=int(crash) if crash else None,
+                hooks=hooks,
             )
             try:
                 run_stage(job, config)

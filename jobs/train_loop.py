@@ -20,10 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import tempfile
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ from torch import nn
 
 from jobs.budget import StageClock
 from jobs.export import load_export, local_copy, write_export
+from jobs.hooks import Hooks, TrainStep
 from jobs.meter import StageMeter
 from jobs.strategy import DeepSpeedStrategy
 from jobs.tracking import StageLogger
@@ -60,7 +60,7 @@ class StageJob:
     init_uri: str | None = None  # the previous stage's export
     run_id: str | None = None  # the stage's MLflow run (None: no tracking)
     tracking_uri: str | None = None
-    crash_at_step: int | None = None  # fault injection for tests: SIGKILL the last rank once, at this step
+    hooks: list[str] = field(default_factory=list)  # jobs/hooks.py specs, loaded on each worker
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +113,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
     if config.scaling.threads_per_worker:
         torch.set_num_threads(config.scaling.threads_per_worker)
     _seed_everything(config.seed)
+    hooks = Hooks(job.hooks)
 
     # ---- build ------------------------------------------------------------------------------------------
     model, processor = _start_model(job, config)
@@ -147,7 +148,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
     )
 
     # ---- resume -----------------------------------------------------------------------------------------
-    step, started_fresh, resumed_from = 0, True, None
+    step, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -155,7 +156,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
             step = int(client_state["step"])
             clock.resume(client_state)  # the CPU-seconds and tokens spent before
             mine = torch.load(os.path.join(directory, _worker_state_file(rank)), weights_only=False)
-        started_fresh, resumed_from = False, step
+        resumed_from = step
         stream.load_state_dict(mine["stream"])
         _set_rng_state(mine["rng"])
         if rank == 0:
@@ -194,9 +195,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
             step += 1
             meter.end_step()
             clock.tick()  # with a budget: every rank now agrees whether this was the last step
-            if job.crash_at_step == step and started_fresh and rank == world - 1:
-                logger.warning("fault injection: SIGKILL rank %d at step %d", rank, step)
-                os.kill(os.getpid(), signal.SIGKILL)
+            hooks.emit("on_train_step", TrainStep(job.stage, step, rank, world, resumed_from))
             last = clock.done(step)
             with clock.paused():  # bookkeeping, not training: outside a CPU budget
                 if step % config.log_every_n_steps == 0 or last:

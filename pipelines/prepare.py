@@ -20,10 +20,9 @@ import hashlib
 import io
 import json
 import logging
-import os
-import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -252,8 +251,11 @@ def prepare(
     settings: PrepareSettings | None = None,
     num_actors: int | None = None,
     actor_cpus: float = 0.5,
+    on_unit_done: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Prepare `inputs` for `stage` into the dataset at `output`; return this run's report.
+
+    `on_unit_done(done, total)` is called after each unit of this run is written and recorded.
 
     The report has read / written / rejected / rejected_by_reason for this run (zeros when there was
     nothing to do), the dataset's totals after it, and `output`.
@@ -286,7 +288,7 @@ def prepare(
         return _report(existing, {}, output, started, changed=False)
 
     seen = _dedup_keys(output, [done[k] for k in keys if k in done] + list(resumed.values()))
-    fresh = _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) if todo else {}
+    fresh = _process(todo, ctx, settings, output, seen, num_actors, actor_cpus, on_unit_done) if todo else {}
 
     records = {**{k: done[k] for k in keys if k in done}, **resumed, **fresh}
     manifest = ShardManifest(
@@ -363,7 +365,9 @@ def _dedup_keys(output: str, records: list[UnitRecord]) -> set[str]:
     return seen
 
 
-def _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) -> dict[str, UnitRecord]:
+def _process(
+    todo, ctx, settings, output, seen, num_actors, actor_cpus, on_unit_done=None
+) -> dict[str, UnitRecord]:
     import ray
 
     if not ray.is_initialized():
@@ -379,7 +383,7 @@ def _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) -> dict[
     units = dict(todo)
     records: dict[str, UnitRecord] = {}
     writer: _UnitWriter | None = None
-    progress = _Progress(len(todo))
+    progress = _Progress(len(todo), on_unit_done)
     try:
         dataset = (
             ray.data.from_items(items, override_num_blocks=len(items))
@@ -423,20 +427,13 @@ def _process(todo, ctx, settings, output, seen, num_actors, actor_cpus) -> dict[
     return records
 
 
-def _crash_point(units_done: int) -> None:
-    """Fault injection for the crash tests: with HOVLE_PREPARE_CRASH_AFTER_UNITS=N in the environment,
-    this process SIGKILLs itself once N units are complete - a real kill, at a point a test can rely on."""
-    crash_after = os.environ.get("HOVLE_PREPARE_CRASH_AFTER_UNITS")
-    if crash_after and units_done >= int(crash_after):
-        logger.warning("HOVLE_PREPARE_CRASH_AFTER_UNITS=%s: killing this process", crash_after)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _Progress:
     """Progress lines a person can follow: records/s and units done, at most one line every few seconds."""
 
-    def __init__(self, total_units: int, every: float = 5.0) -> None:
-        self.total_units = total_units
+    def __init__(
+        self, total_units: int, on_unit_done: Callable[[int, int], None] | None = None, every: float = 5.0
+    ) -> None:
+        self.total_units, self.on_unit_done = total_units, on_unit_done
         self.every = every
         self.started = self.last = time.perf_counter()
         self.records = 0
@@ -457,7 +454,6 @@ class _Progress:
 
     def unit_done(self, record: UnitRecord) -> UnitRecord:
         self.units += 1
-        _crash_point(self.units)
         logger.info(
             "unit %d/%d %s: read %d, written %d, rejected %d",
             self.units,
@@ -467,6 +463,8 @@ class _Progress:
             record.written,
             record.rejected,
         )
+        if self.on_unit_done is not None:
+            self.on_unit_done(self.units, self.total_units)
         return record
 
 

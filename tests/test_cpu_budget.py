@@ -17,6 +17,7 @@ from jobs.strategy import warmup_cosine
 from jobs.train import main as train_main
 from jobs.train_config import StageSettings
 from jobs.train_loop import advance_drop_path
+from tests import faults
 from tests.helpers import tiny_model
 
 
@@ -103,7 +104,7 @@ def test_a_budgeted_stage_stops_on_its_cpu_seconds_and_keeps_them_across_a_resum
 ):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "3")  # the last rank SIGKILLs itself after step 3
+    monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
     argv = [
         "--config", "tiny", "--stage", "align", "--data", align_data, "--run-name", "budget",
         "--set", "stages.align.steps=100000", f"--set=stages.align.cpu_seconds={BUDGET}",

@@ -18,6 +18,7 @@ from PIL import Image
 from pipelines.manifest import DatasetNotFound, read_manifest
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
+from tests import faults
 from tests.helpers import shapes_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -218,7 +219,9 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_finishes_only_the_missing_un
     output = tmp_path / "prepared"
     # the driver SIGKILLs itself after two units (a deterministic point); its Ray processes go with it
     options = ["--set", "shard_max_rows=4", "--set", "val_fraction=0.3", "--num-actors", "1"]  # = SETTINGS
-    done = prepare_cli(inputs, output, *options, env={**os.environ, "HOVLE_PREPARE_CRASH_AFTER_UNITS": "2"})
+    done = prepare_cli(
+        inputs, output, *options, env={**os.environ, "HOVLE_HOOKS": faults.spec("kill_after_two_units")}
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
     with pytest.raises(DatasetNotFound):

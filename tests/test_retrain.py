@@ -18,6 +18,7 @@ from jobs.retrain import LOCKED
 from jobs.retrain import main as retrain_main
 from model.presets import CONFIG_DIR
 from pipelines.synthetic import generate
+from tests import faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -122,10 +123,10 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
     config.write_text(yaml.safe_dump(document))
 
     # the last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
-    monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "2")
+    monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_2"))
     status, _ = run(config)
     assert status == 1
-    monkeypatch.delenv("HOVLE_TRAIN_CRASH_AT_STEP")
+    monkeypatch.delenv("HOVLE_HOOKS")
     status, summary = run(config)
     assert status == 0 and summary["status"] == "trained"
     assert summary["data_version"] != first_cycle[1]["data_version"]

@@ -23,6 +23,7 @@ from model import build_model, load_preset
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
 from pipelines.synthetic import generate
+from tests import faults
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -156,7 +157,7 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 def test_a_killed_worker_resumes_from_the_last_checkpoint_to_the_same_weights(
     prepared, uninterrupted, tmp_workdir, monkeypatch
 ):
-    monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "3")  # the last rank SIGKILLs itself after step 3
+    monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
     report = train(*RESUME, "--data", prepared["align"], "--run-name", "killed")
     info = json.loads((Path(report["exports"]["align"]) / "export.json").read_text())
     assert info["resumed_from_step"] == 2  # the restarted workers took the step-2 checkpoint
@@ -168,7 +169,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_to_the_same_weights(
 def test_rerunning_after_the_whole_job_died_resumes_into_the_same_mlflow_run(
     prepared, uninterrupted, tmp_workdir, monkeypatch
 ):
-    monkeypatch.setenv("HOVLE_TRAIN_CRASH_AT_STEP", "3")
+    monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
     args = (*RESUME, "--data", prepared["align"], "--run-name", "rerun")
     assert train(*args, "--set", "max_failures=0", expect=1) is None  # the job dies with its worker
     client = mlflow_client(tmp_workdir)
@@ -177,7 +178,7 @@ def test_rerunning_after_the_whole_job_died_resumes_into_the_same_mlflow_run(
     )
     assert stage_run.info.status == "FAILED"
 
-    monkeypatch.delenv("HOVLE_TRAIN_CRASH_AT_STEP")
+    monkeypatch.delenv("HOVLE_HOOKS")
     report = train(*args)
     info = json.loads((Path(report["exports"]["align"]) / "export.json").read_text())
     assert info["resumed_from_step"] == 2
