@@ -41,6 +41,7 @@ from jobs.export import is_export, load_export, local_copy
 from jobs.logging_setup import setup_logging
 from jobs.tracking import KIND_TAG, log_params
 from jobs.tracking import tracking_uri as default_tracking_uri
+from jobs.vision_check import image_token_spread
 from model import HoVLEForConditionalGeneration, HoVLEProcessor, load_pretrained
 from model.tokenizer import IMAGE_PLACEHOLDER
 from pipelines import storage
@@ -429,6 +430,19 @@ def log_to_mlflow(
 # ---- the job -----------------------------------------------------------------------------------------
 
 
+def _image_check(model, processor, data: str, images: int = 16) -> dict[str, float]:
+    """`jobs.vision_check` on the images of the first records of `data` (none when it has fewer than two)."""
+    found: list[Image.Image] = []
+    for line in read_lines(data, "data"):
+        try:
+            found += parse_record(line, _parent(data)).images
+        except UnusableRecord:
+            continue
+        if len(found) >= images:
+            break
+    return image_token_spread(model, processor, found[:images]) if len(found) >= 2 else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hovle evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="export folder, HF folder, runs:/ or models:/ URI")
@@ -494,6 +508,7 @@ def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     logger.info("evaluating %s on %s (max %s records)", args.model, args.data, args.max_samples or "all")
     report = evaluate_vqa(model, processor, args.data, args.max_samples, args.max_new_tokens)
     metrics = report.metrics()
+    metrics.update(_image_check(model, processor, args.data))
     language: list[dict] = []
     if base is None:
         logger.info("no --base model given: language preservation not measured (the gate refuses it)")

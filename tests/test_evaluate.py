@@ -98,6 +98,7 @@ def test_cli_prints_metrics_and_logs_the_run(
     assert 0.0 <= summary["vqa_accuracy"] <= 1.0
     assert {f"vqa_accuracy/{skill}" for skill in skills} <= summary.keys()
     assert summary["ppl_ratio"] == pytest.approx(1.0) and summary["text_agreement"] == 1.0
+    assert -1.0 <= summary["image_token_cosine"] < 0.999 and summary["image_token_norm_ratio"] > 0
     assert summary["output"] == str(output)
     results = json.loads((output / "eval_results.json").read_text())
     assert [r["id"] for r in results["records"]] == [r["id"] for r in records(heldout)]

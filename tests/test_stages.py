@@ -12,7 +12,7 @@ from jobs.train_loop import advance_drop_path
 from model import STAGES, HoVLEConfig, apply_stage, stage_loss
 from model.defocus import layer_drop_rates
 from model.embedding import HolisticEmbedding
-from model.stages import text_distillation
+from model.stages import _image_distillation, text_distillation
 from model.teachers import build_teacher
 from tests.helpers import chat_batch, distill_batch, tiny_model
 
@@ -95,6 +95,32 @@ def test_text_distillation_norm_term_penalises_drift():
     assert scaled.item() == pytest.approx(torch.tensor(6.4).log().pow(2).item(), rel=1e-3)
     # cosine alone cannot see the drift
     assert text_distillation(targets * 6.4, targets, norm_weight=0.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_image_distillation_gives_one_shared_image_token_no_credit_and_keeps_tokens_text_sized():
+    """ReLU features share a direction: uncentred, a student that puts the teacher's mean vector on every
+    image token (blind: every image alike) scored about 0.3; centred, it scores what a random guess does."""
+    model, processor = tiny_model(seed=2)
+    teacher = build_teacher("mobilenet_v2", student_hidden=1280, input_size=112)  # head = identity
+    batch = distill_batch(processor)
+    image_mask = batch["input_ids"] == model.config.img_context_token_id
+    grid = (model.config.image_grid, model.config.image_grid)
+    targets = teacher.targets(batch["pixel_values"], grid)
+    mean = targets.flatten(0, 1).mean(dim=0)
+    uncentred = 1 - torch.nn.functional.cosine_similarity(mean.expand_as(targets), targets, dim=-1).mean()
+    assert uncentred < 0.5  # the free credit centring takes away
+
+    def loss(token: torch.Tensor, text_norm: float, norm_weight: float) -> float:
+        states = torch.zeros(*batch["input_ids"].shape, 1280)
+        states[image_mask] = token
+        args = (batch["pixel_values"], teacher, norm_weight, torch.tensor(text_norm))
+        return _image_distillation(model, states, image_mask, *args).item()
+
+    blind = loss(mean, text_norm=mean.norm().item(), norm_weight=1.0)
+    assert 0.8 < blind < 1.2
+    # the size term: image tokens 10x the text embeddings' norm pay (log 10)^2 per unit of weight
+    oversized = loss(mean, text_norm=mean.norm().item() / 10, norm_weight=1.0)
+    assert oversized - blind == pytest.approx(math.log(10) ** 2, rel=1e-3)
 
 
 def test_text_preservation_weight_is_configurable():
