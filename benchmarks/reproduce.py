@@ -145,9 +145,13 @@ def row_config(
         settings.update(steps=STEP_BOUND, cpu_seconds=round(budget, 3), warmup_steps=max(1, planned // 10))
         if row.compositional:  # no embedding module: its text-preservation term has nothing to keep
             settings["text_preservation_weight"] = 0.0
+        if "distill" not in row.shares:  # no stage 1: no teacher anywhere, its image anchor neither
+            settings["image_anchor_weight"] = 0.0
         stages[stage] = settings
-    if teacher:
-        stages["distill"]["teacher"] = f"compositional:{teacher}"
+    if teacher:  # distilled from it, and anchored to it
+        for stage, settings in stages.items():
+            if stage == "distill" or settings.get("image_anchor_weight"):
+                settings["teacher"] = f"compositional:{teacher}"
     train.update(stages=stages, recipe=row.recipe, tracking={**train["tracking"], "uri": tracking})
     train["checkpoint"] = {"every_n_steps": CHECKPOINT_EVERY, "keep_last": 1}
     train["log_every_n_steps"] = 2  # loss curves with enough points (logging is outside the CPU budget)

@@ -42,22 +42,22 @@ PLANS: dict[str, dict[str, Any]] = {
         # the most language of the plans measured, docs/results/) while the embedding module learns; text
         # preservation 10 kept 38 of 47 general answers where 1.0 kept 31 (docs/results/demo_sweep.md). About
         # 24 min on 2 bf16-native cores (fp32 elsewhere is slower); half the steps kept almost no language.
+        # Align keeps stage 1's image term: without it image tokens collapsed (docs/results/findings.md, 5).
         "samples": 320, "heldout": 40, "image_size": 112, "tile_size": 112, "max_tokens": 256,
         "general_text": None, "skills": ("colour", "shape", "count"), "align_questions": 640,
         "stages": {
             "distill": {"steps": 40, "micro_batch_size": 8, "lr": 3e-4},
-            "align": {"steps": 100, "micro_batch_size": 4, "lr": 5e-4, "text_preservation_weight": 10.0},
-            "instruct": {
-                "steps": 40, "micro_batch_size": 4, "lr": 2e-4, "llm_lr_ratio": 0,
-                "text_preservation_weight": 10.0,
-            },
+            "align": {"steps": 100, "micro_batch_size": 4, "lr": 5e-4, "text_preservation_weight": 10.0,
+                      "image_anchor_weight": 1.0},
+            "instruct": {"steps": 40, "micro_batch_size": 4, "lr": 2e-4, "llm_lr_ratio": 0,
+                         "text_preservation_weight": 10.0},
         },
     },
     "tiny": {
         "samples": 24, "heldout": 8, "image_size": 56, "max_tokens": 256, "general_text": 8,
         "stages": {
             "distill": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
-            "align": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
+            "align": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3, "image_anchor_weight": 1.0},
             "instruct": {"steps": 4, "micro_batch_size": 2, "lr": 1e-3},
         },
     },
@@ -101,7 +101,7 @@ def run_config(
         stages[name] = {
             **planned, "steps": count, "warmup_steps": max(1, count // 10), "max_tokens": plan["max_tokens"],
         }  # fmt: skip
-        if name == "distill":
+        if name == "distill" or planned.get("image_anchor_weight"):
             stages[name]["teacher_input_size"] = min(224, plan.get("tile_size") or plan["image_size"])
     if plan.get("tile_size"):  # smaller tiles: fewer image tokens per sample, more samples in the budget
         document["model"]["image"]["tile_size"] = plan["tile_size"]

@@ -61,15 +61,22 @@ class StageSettings(_Strict):
     text_preservation_weight: float | None = Field(
         None, ge=0, description="next-token stages: weight of the text-preservation term (null: the stage's)"
     )
+    image_anchor_weight: float = Field(
+        0.0,
+        ge=0,
+        description="next-token stages of HoVLE: weight of stage 1's image distillation kept as a term (the "
+        "teacher's, with a fresh head), so the image tokens stay anchored to the teacher's features instead "
+        "of collapsing onto one vector under the next-token loss (0: off)",
+    )
     llm_lr_ratio: float = Field(
         1.0, ge=0, description="stages that train the LLM: its learning rate as a share of lr (0 freezes it)"
     )
     teacher: str = Field(
         "mobilenet_v2",
-        description="distill: vision teacher: mobilenet_v2, a local HF vision folder, or compositional:<a "
-        "compositional model's export, save_pretrained folder or models:/ URI> (the paper's teacher)",
+        description="distill and the image anchor: vision teacher: mobilenet_v2, a local HF vision folder, "
+        "or compositional:<a compositional model's export, save_pretrained folder or models:/ URI>",
     )
-    teacher_input_size: int | None = Field(224, ge=16, description="distill: tiles resized for the teacher")
+    teacher_input_size: int | None = Field(224, ge=16, description="tiles resized for the teacher")
 
 
 class ScalingSettings(_Strict):

@@ -266,13 +266,16 @@ def _stage_spec(
     stage: str, settings: StageSettings, recipe: str = "project", model_type: str = "hovle"
 ) -> StageSpec:
     """The stage's spec for the model's architecture (`model.stages.STAGES_BY_MODEL_TYPE`) with the run
-    config's choices: the paper's recipe has neither the norm-matching nor the text-preservation term;
+    config's choices: the paper's recipe has none of the norm-matching, text-preservation and image-anchor
+    terms (the compositional model has no image anchor: its encoder is frozen);
     `llm_lr_ratio` 0 freezes the LLM."""
     spec = stage_spec(model_type, stage)
     if settings.text_preservation_weight is not None and spec.loss == "next_token":
         spec = spec.with_options(text_preservation_weight=settings.text_preservation_weight)
+    if settings.image_anchor_weight and spec.loss == "next_token" and model_type == "hovle":
+        spec = spec.with_options(image_anchor_weight=settings.image_anchor_weight)
     if recipe == "paper":
-        spec = spec.with_options(text_preservation_weight=0.0, norm_weight=0.0)
+        spec = spec.with_options(text_preservation_weight=0.0, norm_weight=0.0, image_anchor_weight=0.0)
     if settings.llm_lr_ratio == 0:
         spec = spec.with_options(trainable=tuple(p for p in spec.trainable if p != LLM_PREFIX))
     return spec

@@ -38,6 +38,9 @@ class StageSpec:
     trainable: prefixes of the model's parameter names that train; everything else is frozen.
     text_preservation_weight: weight of the text distillation term added to next-token stages.
     norm_weight: weight of the norm-matching term (log|h| - log|e|)^2 inside every text distillation.
+    image_anchor_weight: weight of the image distillation term added to next-token stages (needs a
+        teacher): under the next-token loss alone the image tokens collapse onto one vector, the same for
+        every image (docs/results/findings.md, section 5).
     """
 
     name: str
@@ -45,10 +48,11 @@ class StageSpec:
     loss: Literal["distill", "next_token"]
     text_preservation_weight: float = 0.0
     norm_weight: float = 1.0
+    image_anchor_weight: float = 0.0
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss == "distill"
+        return self.loss == "distill" or self.image_anchor_weight > 0
 
     def is_trainable(self, parameter_name: str) -> bool:
         return parameter_name.startswith(self.trainable)
@@ -183,20 +187,27 @@ def stage_loss(
             loss, {"loss": loss.item(), "text_distill": text.item(), "image_distill": image.item()}
         )
 
-    preserve = spec.text_preservation_weight > 0
+    preserve, anchor = spec.text_preservation_weight > 0, spec.image_anchor_weight > 0
     out = model(
         input_ids=input_ids,
         pixel_values=pixel_values,
         attention_mask=attention_mask,
         position_ids=batch.get("position_ids"),
         labels=batch["labels"],
-        output_embedding_states=preserve,
+        output_embedding_states=preserve or anchor,
     )
     loss, parts = out.loss, {"ce": out.loss.item()}
     if preserve:
         text = text_distillation(out.embedding_states[text_mask], text_targets[text_mask], spec.norm_weight)
         loss = loss + spec.text_preservation_weight * text
         parts["text_preservation"] = text.item()
+    if anchor:
+        text_norm = text_targets[text_mask].norm(dim=-1).mean() if text_mask.any() else None
+        image = _image_distillation(
+            model, out.embedding_states, image_mask, pixel_values, teacher, spec.norm_weight, text_norm
+        )
+        loss = loss + spec.image_anchor_weight * image
+        parts["image_anchor"] = image.item()
     parts["loss"] = loss.item()
     return StageLoss(loss, parts)
 

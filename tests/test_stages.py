@@ -123,6 +123,24 @@ def test_image_distillation_gives_one_shared_image_token_no_credit_and_keeps_tok
     assert oversized - blind == pytest.approx(math.log(10) ** 2, rel=1e-3)
 
 
+def test_the_image_anchor_adds_stage_1s_image_term_to_the_next_token_loss(teacher_factory):
+    model, processor = tiny_model(seed=2)
+    teacher = teacher_factory(model.config.text_config.hidden_size)
+    batch = chat_batch(processor)
+    plain = stage_loss(model.eval(), batch, STAGES["align"])
+    anchored = STAGES["align"].with_options(image_anchor_weight=2.0)
+    assert anchored.needs_teacher
+    apply_stage(model, anchored)
+    result = stage_loss(model.eval(), batch, anchored, teacher)
+    assert result.parts["ce"] == pytest.approx(plain.parts["ce"])
+    assert result.parts["image_anchor"] > 0
+    expected = plain.loss.item() + 2.0 * result.parts["image_anchor"]
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
+    result.loss.backward()
+    assert teacher.head.weight.grad.abs().sum() > 0  # the (fresh) head learns with the module
+    assert model.embedding.patch_embed.weight.grad.abs().sum() > 0
+
+
 def test_text_preservation_weight_is_configurable():
     model, processor = tiny_model(init="random")
     batch = chat_batch(processor)

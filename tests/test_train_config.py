@@ -128,12 +128,17 @@ def test_runs_are_found_again_by_name_and_stage(tmp_workdir):
 def test_the_paper_recipe_drops_the_project_terms_and_starts_the_embedding_layers_at_random():
     from jobs.train_loop import StageJob, _stage_spec, _start_model
 
-    project, paper = parse_train_config({}), parse_train_config({"recipe": "paper"})
+    anchored = {"stages": {s: {"image_anchor_weight": 1.0} for s in ("align", "instruct")}}
+    project, paper = parse_train_config(anchored), parse_train_config({**anchored, "recipe": "paper"})
     for stage in ("align", "instruct"):
         ours = _stage_spec(stage, project.stages[stage], project.recipe)
         theirs = _stage_spec(stage, paper.stages[stage], paper.recipe)
         assert ours.text_preservation_weight > 0 and ours.norm_weight > 0
+        assert ours.image_anchor_weight == 1.0 and ours.needs_teacher
         assert theirs.text_preservation_weight == 0 and theirs.norm_weight == 0
+        assert theirs.image_anchor_weight == 0 and not theirs.needs_teacher
+        compositional = _stage_spec(stage, project.stages[stage], "project", "hovle-compositional")
+        assert compositional.image_anchor_weight == 0  # its encoder is frozen: nothing to anchor
     assert _stage_spec("distill", paper.stages["distill"], "paper").norm_weight == 0
 
     def first_layer_out(config):
