@@ -161,6 +161,7 @@ def train(
     from jobs.tracking import RunTracker
     from jobs.train_loop import StageJob
 
+    hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before Ray, MLflow or any worker
     start = start_config(config_source, init)
     plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
     # what the workers get: `config` with the distill teacher where they can read it (MLflow logs `config`)
@@ -171,7 +172,6 @@ def train(
         ray.init(configure_logging=False, log_to_driver=True)
     tracker = RunTracker(config.tracking_uri, config.tracking.experiment)
     parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": config_source})
-    hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before any worker starts
     exports: dict[str, str] = {}
     for name, data_uri, export_uri, manifest in plan:
         if is_export(export_uri):
