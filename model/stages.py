@@ -152,10 +152,13 @@ def text_distillation(states: torch.Tensor, targets: torch.Tensor, norm_weight: 
     """
     if states.numel() == 0:
         return states.sum() * 0.0
-    log_ratio = (
-        states.float().norm(dim=-1).clamp_min(1e-6).log() - targets.float().norm(dim=-1).clamp_min(1e-6).log()
-    )
-    return negative_cosine(states, targets).mean() + norm_weight * log_ratio.pow(2).mean()
+    return negative_cosine(states, targets).mean() + norm_weight * norm_gap(states, targets.norm(dim=-1))
+
+
+def norm_gap(states: torch.Tensor, target_norms: torch.Tensor) -> torch.Tensor:
+    """(log|h| - log|e|)^2 averaged over the rows of states [n, d]; target_norms [n] or a scalar."""
+    log_ratio = states.float().norm(dim=-1).clamp_min(1e-6).log() - target_norms.float().clamp_min(1e-6).log()
+    return log_ratio.pow(2).mean()
 
 
 def stage_loss(
@@ -174,11 +177,11 @@ def stage_loss(
     image_mask = input_ids == model.config.img_context_token_id
     text_mask = valid & ~image_mask
     text_targets = model.language_model.get_input_embeddings()(input_ids).detach()
+    text_norm = text_targets[text_mask].norm(dim=-1).mean() if text_mask.any() else None
 
     if spec.loss == "distill":
         states = model.embedding(input_ids, pixel_values, attention_mask, batch.get("position_ids"))
         text = text_distillation(states[text_mask], text_targets[text_mask], spec.norm_weight)
-        text_norm = text_targets[text_mask].norm(dim=-1).mean() if text_mask.any() else None
         image = _image_distillation(
             model, states, image_mask, pixel_values, teacher, spec.norm_weight, text_norm
         )
@@ -202,7 +205,6 @@ def stage_loss(
         loss = loss + spec.text_preservation_weight * text
         parts["text_preservation"] = text.item()
     if anchor:
-        text_norm = text_targets[text_mask].norm(dim=-1).mean() if text_mask.any() else None
         image = _image_distillation(
             model, out.embedding_states, image_mask, pixel_values, teacher, spec.norm_weight, text_norm
         )
@@ -229,19 +231,19 @@ def _image_distillation(
     if pixel_values is None or not image_mask.any():
         return states.sum() * 0.0
     if teacher is None:
-        raise ValueError("the distill stage needs a vision teacher for batches with images")
+        raise ValueError("distillation (and the image anchor) needs a vision teacher for batches with images")
     config = model.config
     grid = (config.image_grid, config.image_grid)
     targets = teacher.targets(pixel_values, grid)  # [tiles, tokens, C]
-    student = teacher.project(states[image_mask].reshape(targets.shape[0], targets.shape[1], -1))
+    image_states = states[image_mask]
+    student = teacher.project(image_states.reshape(targets.shape[0], targets.shape[1], -1))
     if getattr(teacher, "in_input_space", False):
         loss = text_distillation(student.flatten(0, 1), targets.flatten(0, 1), norm_weight)
     else:
         targets = targets - targets.flatten(0, 1).mean(dim=0)
         loss = negative_cosine(student, targets).mean()
         if text_norm is not None and norm_weight > 0:
-            image_norm = states[image_mask].float().norm(dim=-1).clamp_min(1e-6)
-            loss = loss + norm_weight * (image_norm.log() - text_norm.float().log()).pow(2).mean()
+            loss = loss + norm_weight * norm_gap(image_states, text_norm)
     if config.attention == "defocus" and config.defocus_aux_loss:
         pooled = negative_cosine(student.mean(dim=1), targets.mean(dim=1)).mean()
         loss = (loss + pooled) / 2
