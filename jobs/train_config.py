@@ -18,18 +18,16 @@
         instruct: {steps: 200, lr: 2.0e-5, llm_lr_ratio: 0.1}
 
 Every field has a default; a wrong or unknown field fails with its dotted name (`train.stages.align.lr`).
+The whole run config (this section among the others) is loaded by `jobs.run_config.load_run_config`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import ConfigError
-from model.presets import find_preset
+from model.config import ConfigError, config_problems
 
 STAGE_ORDER = ("distill", "align", "instruct")
 
@@ -67,6 +65,19 @@ class StageSettings(_Strict):
         description="next-token stages of HoVLE: weight of stage 1's image distillation kept as a term (the "
         "teacher's, with a fresh head), so the image tokens stay anchored to the teacher's features instead "
         "of collapsing onto one vector under the next-token loss (0: off)",
+    )
+    text_kl_weight: float = Field(
+        0.0,
+        ge=0,
+        description="next-token stages: weight of KL(base LLM || model) on the answer tokens of text-only "
+        "samples, the base being the LLM as the stage started, fed its own embeddings: it keeps the "
+        "text-only answers the user sees (a frozen copy of the LLM is held when the stage trains it; 0: off)",
+    )
+    frozen: list[str] = Field(
+        default_factory=list,
+        description="parameter-name prefixes frozen in this stage although it trains them, e.g. "
+        "[embedding.layers., embedding.embed_tokens.]: the image path learns and the text path stays "
+        "exactly as the previous stage left it",
     )
     llm_lr_ratio: float = Field(
         1.0, ge=0, description="stages that train the LLM: its learning rate as a share of lr (0 freezes it)"
@@ -198,38 +209,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_train_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Validate a `train:` mapping; errors name the dotted field (`train.stages.align.lr: ...`)."""
+    """Validate a `train:` mapping alone; errors name the dotted field (`train.stages.align.lr: ...`).
+    A whole run config is loaded by `jobs.run_config.load_run_config`."""
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"train.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
-
-
-def load_train_config(config: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The `train:` section of a run config (preset name or YAML path), with dotted overrides applied.
-
-    `overrides` maps dotted keys under `train:` to values (`{"scaling.num_workers": 2}`); YAML scalars in
-    strings are parsed (`"2"` -> 2, `"true"` -> True), as `--set` passes them.
-    """
-    path = find_preset(config)
-    document = yaml.safe_load(Path(path).read_text()) or {}
-    raw = dict(document.get("train") or {})
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, yaml.safe_load(value) if isinstance(value, str) else value)
-    return parse_train_config(raw, str(path))
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: train.{key} is not a section")
-        node = child
-    node[leaf] = value
+        raise ConfigError(f"{source}: {config_problems(err, 'train')}") from None

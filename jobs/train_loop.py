@@ -17,6 +17,7 @@ of steps (`TrainingStream`), so no collective waits for a rank that ran out of d
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -37,7 +38,9 @@ from jobs.meter import StageMeter
 from jobs.strategy import DeepSpeedStrategy
 from jobs.tracking import StageLogger
 from jobs.train_config import StageSettings, TrainConfig
-from model import StageSpec, apply_stage, build_model, build_processor, load_preset, stage_loss, stage_spec
+from model import StageSpec, apply_stage, build_model, build_processor, stage_loss, stage_spec
+from model.config import ConfigError
+from model.presets import config_from_spec, parse_model_spec
 from pipelines.ingest import ShardSource
 from pipelines.stream import TrainingStream
 
@@ -53,7 +56,7 @@ class StageJob:
     """Everything a worker needs for one stage (plain data: Ray ships it to the workers)."""
 
     config: dict[str, Any]  # TrainConfig.model_dump(mode="json")
-    config_source: str  # the run config (preset name or YAML): the model when there is no `init`
+    model: dict[str, Any]  # the run config's resolved `model:` section: the model when there is no `init`
     stage: str
     data_uri: str
     export_uri: str
@@ -71,17 +74,25 @@ class StageModule(nn.Module):
     forward = the stage's loss.
 
     The teacher's frozen backbone is deliberately not a submodule: it stays outside the engine (no ZeRO
-    partitioning, no optimizer state), a plain module on each worker.
+    partitioning, no optimizer state), a plain module on each worker; so is the text KL term's frozen copy
+    of the LLM, made only when the stage trains the LLM (otherwise the model's own LLM is that base).
     """
 
-    def __init__(self, model: nn.Module, spec: StageSpec, teacher: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: StageSpec,
+        teacher: nn.Module | None = None,
+        base_llm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.spec = model, spec
         self.head = teacher.head if teacher is not None else None
         object.__setattr__(self, "teacher", teacher)  # unregistered: see the docstring
+        object.__setattr__(self, "base_llm", base_llm)  # the text KL's frozen base, unregistered too
 
     def forward(self, batch: dict[str, Any]):
-        result = stage_loss(self.model, batch, self.spec, self.teacher)
+        result = stage_loss(self.model, batch, self.spec, self.teacher, self.base_llm)
         loss = result.loss
         if batch.get("pixel_values") is None:
             # Every rank must give every trainable tensor a gradient each micro-step: DeepSpeed all-reduces
@@ -118,12 +129,19 @@ def train_stage(job_config: dict[str, Any]) -> None:
     # ---- build ------------------------------------------------------------------------------------------
     model, processor = _start_model(job, config)
     spec = _stage_spec(job.stage, settings, config.recipe, model.config.model_type)
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in spec.frozen if not any(name.startswith(prefix) for name in names)]
+    if unknown:
+        raise ConfigError(f"train.stages.{job.stage}.frozen: {unknown} names no parameter of the model")
     teacher = _teacher(model, settings) if spec.needs_teacher else None
+    base_llm = None
+    if spec.text_kl_weight > 0 and spec.is_trainable(LLM_PREFIX):
+        base_llm = copy.deepcopy(model.language_model).eval().requires_grad_(False)
     apply_stage(model, spec)
     parameters = _parameter_groups(model, spec, settings)
     if teacher is not None:
         parameters.append({"params": list(teacher.trainable_parameters()), "lr_ratio": 1.0})
-    module = StageModule(model, spec, teacher)
+    module = StageModule(model, spec, teacher, base_llm)
     strategy = DeepSpeedStrategy(config, settings, world)
     clock = StageClock(settings.steps, settings.cpu_seconds)
     strategy.setup(module, parameters, clock.fraction)  # a CPU budget's cosine follows the clock
@@ -131,6 +149,8 @@ def train_stage(job_config: dict[str, Any]) -> None:
     _frozen_encoder_in_fp32(model, config)
     if teacher is not None:
         teacher.to(strategy.device)
+    if base_llm is not None:
+        base_llm.to(strategy.device, strategy.dtype)
     source = ShardSource(
         job.data_uri,
         "train",
@@ -251,7 +271,7 @@ def _start_model(job: StageJob, config: TrainConfig):
     if job.init_uri:
         model, processor = load_export(job.init_uri)
     else:
-        hovle_config = load_preset(job.config_source)
+        hovle_config = config_from_spec(parse_model_spec(job.model))
         if config.recipe == "paper":
             hovle_config.embedding_init = "random"
         model, processor = build_model(hovle_config), build_processor(hovle_config)
@@ -266,16 +286,22 @@ def _stage_spec(
     stage: str, settings: StageSettings, recipe: str = "project", model_type: str = "hovle"
 ) -> StageSpec:
     """The stage's spec for the model's architecture (`model.stages.STAGES_BY_MODEL_TYPE`) with the run
-    config's choices: the paper's recipe has none of the norm-matching, text-preservation and image-anchor
-    terms (the compositional model has no image anchor: its encoder is frozen);
-    `llm_lr_ratio` 0 freezes the LLM."""
+    config's choices: the paper's recipe has none of the norm-matching, text-preservation, image-anchor
+    and text KL terms (the compositional model has no image anchor: its encoder is frozen);
+    `llm_lr_ratio` 0 freezes the LLM, `frozen` any other parameters by name."""
     spec = stage_spec(model_type, stage)
     if settings.text_preservation_weight is not None and spec.loss == "next_token":
         spec = spec.with_options(text_preservation_weight=settings.text_preservation_weight)
     if settings.image_anchor_weight and spec.loss == "next_token" and model_type == "hovle":
         spec = spec.with_options(image_anchor_weight=settings.image_anchor_weight)
+    if settings.frozen:
+        spec = spec.with_options(frozen=tuple(settings.frozen))
+    if settings.text_kl_weight and spec.loss == "next_token":
+        spec = spec.with_options(text_kl_weight=settings.text_kl_weight)
     if recipe == "paper":
-        spec = spec.with_options(text_preservation_weight=0.0, norm_weight=0.0, image_anchor_weight=0.0)
+        spec = spec.with_options(
+            text_preservation_weight=0.0, norm_weight=0.0, image_anchor_weight=0.0, text_kl_weight=0.0
+        )
     if settings.llm_lr_ratio == 0:
         spec = spec.with_options(trainable=tuple(p for p in spec.trainable if p != LLM_PREFIX))
     return spec

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ConfigError
-from model.modeling import HoVLEForConditionalGeneration
+from model.embedding import packed_segments
+from model.modeling import IGNORE_INDEX, HoVLEForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,17 @@ class StageSpec:
     """What one stage trains and which losses apply.
 
     trainable: prefixes of the model's parameter names that train; everything else is frozen.
+    frozen: prefixes frozen although `trainable` names them (e.g. the embedding module's layers and text
+        table, so a stage trains the image path alone and the text path stays as it was).
     text_preservation_weight: weight of the text distillation term added to next-token stages.
     norm_weight: weight of the norm-matching term (log|h| - log|e|)^2 inside every text distillation.
     image_anchor_weight: weight of the image distillation term added to next-token stages (needs a
         teacher): under the next-token loss alone the image tokens collapse onto one vector, the same for
         every image (docs/results/findings.md, section 5).
+    text_kl_weight: weight of KL(base || model) on the learnt tokens of text-only samples, added to
+        next-token stages: the base is the LLM the stage started from, fed its own input embeddings. It
+        holds what the user sees (the next-token distribution on text-only prompts), where the
+        text-preservation term holds only the embedding module's outputs.
     """
 
     name: str
@@ -49,13 +56,15 @@ class StageSpec:
     text_preservation_weight: float = 0.0
     norm_weight: float = 1.0
     image_anchor_weight: float = 0.0
+    text_kl_weight: float = 0.0
+    frozen: tuple[str, ...] = ()
 
     @property
     def needs_teacher(self) -> bool:
         return self.loss == "distill" or self.image_anchor_weight > 0
 
     def is_trainable(self, parameter_name: str) -> bool:
-        return parameter_name.startswith(self.trainable)
+        return parameter_name.startswith(self.trainable) and not parameter_name.startswith(self.frozen)
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs this stage trains (a teacher's head is not part of the model)."""
@@ -166,8 +175,13 @@ def stage_loss(
     batch: dict[str, torch.Tensor],
     spec: StageSpec,
     teacher: nn.Module | None = None,
+    base_llm: nn.Module | None = None,
 ) -> StageLoss:
-    """The stage's loss on one batch (input_ids, attention_mask, labels, pixel_values, position_ids)."""
+    """The stage's loss on one batch (input_ids, attention_mask, labels, pixel_values, position_ids).
+
+    base_llm: the text-KL term's base (a frozen copy of the LLM as the stage started); None uses the
+    model's own LLM, right only when the stage does not train it.
+    """
     input_ids = batch["input_ids"]
     pixel_values = batch.get("pixel_values")
     attention_mask = batch.get("attention_mask")
@@ -191,6 +205,8 @@ def stage_loss(
         )
 
     preserve, anchor = spec.text_preservation_weight > 0, spec.image_anchor_weight > 0
+    if spec.text_kl_weight > 0 and base_llm is None and spec.is_trainable("language_model."):
+        raise ValueError("the text KL term of a stage that trains the LLM needs a frozen copy as its base")
     out = model(
         input_ids=input_ids,
         pixel_values=pixel_values,
@@ -210,8 +226,52 @@ def stage_loss(
         )
         loss = loss + spec.image_anchor_weight * image
         parts["image_anchor"] = image.item()
+    if spec.text_kl_weight > 0:
+        base = base_llm if base_llm is not None else model.language_model
+        kl = text_kl(out.logits, base, text_targets, batch, image_mask)
+        loss = loss + spec.text_kl_weight * kl
+        parts["text_kl"] = kl.item()
     parts["loss"] = loss.item()
     return StageLoss(loss, parts)
+
+
+def text_kl(
+    logits: torch.Tensor,
+    base_llm: nn.Module,
+    embeddings: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    image_mask: torch.Tensor,
+) -> torch.Tensor:
+    """KL(base || model) per learnt token of the batch's text-only samples, averaged; 0 when it has none.
+
+    logits: the model's rows at the learnt positions [learnt, vocab] (as `language_model_output` returns
+    them with labels); embeddings [b, L, hidden]: the LLM's own input embeddings of the batch, on which
+    the base runs. A sample that holds an image is left out: the base cannot see it.
+    """
+    labels = batch["labels"]
+    learnt = torch.zeros_like(labels, dtype=torch.bool)
+    learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    position_ids = batch.get("position_ids")
+    segments = packed_segments(position_ids) if position_ids is not None else torch.zeros_like(labels)
+    # a segment holds an image when any of its positions is an image slot
+    offset = segments + torch.arange(labels.shape[0], device=labels.device).unsqueeze(1) * labels.shape[1]
+    with_image = torch.zeros(offset.numel(), dtype=torch.bool, device=labels.device)
+    with_image[offset[image_mask]] = True
+    keep = (~with_image[offset])[learnt]  # over the learnt rows, in `logits`' order
+    if logits is None or logits.shape[0] != keep.shape[0]:
+        raise ValueError("the text KL term needs the model's logits at exactly the learnt positions")
+    if not keep.any():
+        return logits.sum() * 0.0
+    with torch.no_grad():
+        base = base_llm(
+            inputs_embeds=embeddings.to(logits.dtype),
+            attention_mask=batch.get("attention_mask"),
+            position_ids=position_ids,
+            use_cache=False,  # without a cache, packed samples stay apart (as in the model's forward)
+            logits_to_keep=learnt,
+        ).logits[keep]
+    student = F.log_softmax(logits[keep].float(), dim=-1)
+    return F.kl_div(student, F.log_softmax(base.float(), dim=-1), log_target=True, reduction="batchmean")
 
 
 def _image_distillation(

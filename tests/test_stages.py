@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from model.defocus import layer_drop_rates
 from model.embedding import HolisticEmbedding
 from model.stages import _image_distillation, text_distillation
 from model.teachers import build_teacher
-from tests.helpers import chat_batch, distill_batch, tiny_model
+from tests.helpers import chat_batch, distill_batch, shapes_image, tiny_model
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -139,6 +140,86 @@ def test_the_image_anchor_adds_stage_1s_image_term_to_the_next_token_loss(teache
     result.loss.backward()
     assert teacher.head.weight.grad.abs().sum() > 0  # the (fresh) head learns with the module
     assert model.embedding.patch_embed.weight.grad.abs().sum() > 0
+
+
+def _packed_text_and_image_samples(processor):
+    """One packed row: an image question, then a text-only chat (its answer is what the KL term sees)."""
+    from pipelines.packing import collate_packed
+
+    image = processor(
+        [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "a red disc"}],
+        images=[shapes_image(seed=1)],
+    )
+    text = processor(
+        [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple, a pear."}]
+    )
+    length = image["input_ids"].numel() + text["input_ids"].numel()
+    batch = collate_packed([image, text], length + 3, processor.tokenizer.pad_token_id, packs=[[0, 1]])
+    return batch, image["input_ids"].numel()
+
+
+def test_the_text_kl_term_holds_text_only_answers_to_the_base_llm_and_skips_samples_with_images():
+    model, processor = tiny_model(seed=4, init_std=0.2)  # identity init: the module passes text through
+    batch, split = _packed_text_and_image_samples(processor)
+    spec = STAGES["align"].with_options(text_preservation_weight=0.0, text_kl_weight=3.0)
+    assert stage_loss(model.eval(), batch, spec).parts["text_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # the module now changes the text path: the LLM answers differently
+        for layer in model.embedding.layers:
+            layer.mlp.down_proj.weight.normal_(0, 0.5)
+    apply_stage(model, spec)
+    result = stage_loss(model.eval(), batch, spec)
+    plain = stage_loss(model.eval(), batch, spec.with_options(text_kl_weight=0.0))
+    assert result.parts["text_kl"] > 1e-3
+    assert result.loss.item() == pytest.approx(plain.loss.item() + 3.0 * result.parts["text_kl"], rel=1e-5)
+
+    # by hand, on the text-only sample alone: KL(base || model) over its answer tokens
+    text = {k: v[:, split:] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
+    ids, labels = text["input_ids"], text["labels"]
+    learnt = torch.zeros_like(labels, dtype=torch.bool)
+    learnt[:, :-1] = labels[:, 1:] != -100
+    with torch.no_grad():
+        embeds = model.language_model.get_input_embeddings()(ids)
+        base = model.language_model(inputs_embeds=embeds, position_ids=text["position_ids"]).logits[learnt]
+        student = model(input_ids=ids, position_ids=text["position_ids"]).logits[learnt]
+    expected = torch.nn.functional.kl_div(
+        student.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert result.parts["text_kl"] == pytest.approx(expected.item(), rel=1e-4)
+    result.loss.backward()
+    assert model.embedding.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+    images_only = chat_batch(processor)  # every sample holds an image: the base cannot see them
+    assert stage_loss(model.eval(), images_only, spec).parts["text_kl"] == 0.0
+
+
+def test_the_text_kl_term_of_a_stage_that_trains_the_llm_needs_a_frozen_base():
+    model, processor = tiny_model(seed=4)
+    batch, _ = _packed_text_and_image_samples(processor)
+    spec = STAGES["instruct"].with_options(text_kl_weight=1.0)
+    with pytest.raises(ValueError, match="frozen copy"):
+        stage_loss(model, batch, spec)
+    base = copy.deepcopy(model.language_model).requires_grad_(False)
+    assert stage_loss(model, batch, spec, base_llm=base).parts["text_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_stage_with_the_text_path_frozen_learns_images_and_leaves_text_only_answers_exactly_alone():
+    model, processor = tiny_model(seed=5, init="random")
+    text_only = processor([{"role": "user", "content": "Name a fruit."}])["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=text_only).logits
+    spec = STAGES["align"].with_options(frozen=("embedding.layers.", "embedding.embed_tokens."))
+    assert not spec.is_trainable("embedding.layers.0.mlp.down_proj.weight")
+    assert spec.is_trainable("embedding.shuffle_mlp.0.weight")
+    start = snapshot(model)
+    train_steps(model, chat_batch(processor), spec, steps=3)
+    after = snapshot(model)
+    assert not torch.equal(start["embedding.patch_embed.weight"], after["embedding.patch_embed.weight"])
+    for name in start:
+        if name.startswith(("embedding.layers.", "embedding.embed_tokens.", "language_model.")):
+            assert torch.equal(start[name], after[name]), name
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=text_only).logits, before)
 
 
 def test_text_preservation_weight_is_configurable():
