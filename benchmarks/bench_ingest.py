@@ -53,7 +53,7 @@ from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.stream import TrainingStream  # noqa: E402
 from pipelines.synthetic import generate  # noqa: E402
 
-CONFIG = "configs/smollm2-135m.yaml"
+CONFIG = "smollm2-135m"
 QUICK = {"n": 64, "epochs": 2}
 
 

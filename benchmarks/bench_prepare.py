@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 4000, TARGET_SAMPLES])
     parser.add_argument("--rounds", type=int, default=3, help="runs of every side per size, alternating")
     parser.add_argument("--probe", type=int, default=256, help="samples of the warm-up / cold-start probe")
-    parser.add_argument("--config", default="configs/smollm2-135m.yaml")
+    parser.add_argument("--config", default="smollm2-135m")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--output", type=Path, default=default_output("bench_prepare"))
     args = parse_args(parser, QUICK, argv)

@@ -45,9 +45,10 @@ from benchmarks.results import (  # noqa: E402
     save,
 )
 from jobs.flops import flops_per_token  # noqa: E402
+from jobs.run_config import load_run_config  # noqa: E402
 from jobs.strategy import warmup_cosine  # noqa: E402
 from jobs.train import train  # noqa: E402
-from jobs.train_config import TrainConfig, load_train_config  # noqa: E402
+from jobs.train_config import TrainConfig  # noqa: E402
 from jobs.train_loop import (  # noqa: E402
     StageModule,
     _endless,
@@ -124,9 +125,10 @@ def ray_run(args: argparse.Namespace, overrides: dict, data: str) -> dict[str, f
     """The stage through `jobs.train` (Ray Train, 1 DeepSpeed worker); steady-state figures from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    config = load_train_config(args.config, overrides)
+    run = load_run_config(args.config, {f"train.{key}": value for key, value in overrides.items()})
+    config = run.train
     start = time.perf_counter()
-    report = train(args.config, config, args.stage, data=data)
+    report = train(run, args.stage, data=data, source=args.config)
     wall = time.perf_counter() - start
     client = MlflowClient(config.tracking_uri)
     [child] = client.search_runs(
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "data.reader": "local",
             "run_name": "bench",
         }
-        config = load_train_config(args.config, overrides)
+        config = load_run_config(args.config, {f"train.{k}": v for k, v in overrides.items()}).train
 
         def show(index: int, side: str, out: dict) -> None:
             print(

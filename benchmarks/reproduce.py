@@ -166,18 +166,19 @@ def train_row(row: Row, config_path: Path, datasets: dict[str, str], parent: str
     """Train the row's stages in order (each from the last one's export) under its pipeline run, nested under
     the reproduction's parent run; returns {"run_id", "exports", "stages": {stage: export info + wall_s}}."""
     from jobs.export import read_export_info
+    from jobs.run_config import load_run_config
     from jobs.tracking import PARENT_TAG, RunTracker
     from jobs.train import train
-    from jobs.train_config import load_train_config
 
-    config = load_train_config(str(config_path), {f"data.{s}": uri for s, uri in datasets.items()})
+    run = load_run_config(str(config_path), {f"train.data.{s}": uri for s, uri in datasets.items()})
+    config = run.train
     tracker = RunTracker(tracking, config.tracking.experiment)
     tags = {PARENT_TAG: parent, ROW_TAG: row.key, "hovle.config": str(config_path)}
     run_id = tracker.pipeline_run(config.run_name, config.flat(), tags)  # train() finds it by name
     init, exports, stages = None, {}, {}
     for stage in row.shares:
         started = time.perf_counter()
-        report = train(str(config_path), config, stage, init=init)
+        report = train(run, stage, init=init, source=str(config_path))
         init = exports[stage] = report["exports"][stage]
         stages[stage] = {**read_export_info(init), "wall_s": time.perf_counter() - started}
         # exported: its checkpoints (~1 GB a smollm2 stage) are never resumed from again

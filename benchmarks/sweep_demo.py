@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.evaluate import build_parser
     from jobs.evaluate import evaluate as run_evaluation
+    from jobs.run_config import load_run_config
     from jobs.train import train
-    from jobs.train_config import load_train_config
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -170,19 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(exist_ok=True)
         config_path = run_config(PRESET, vplan, folder, None, args.seed, run_name=f"sweep-{name}-{digest}")
         corpora, data = data_for(vplan, changes.get("general_text", True))
-        config = load_train_config(str(config_path), {f"data.{s}": uri for s, uri in data.items()})
+        run = load_run_config(str(config_path), {f"train.data.{s}": uri for s, uri in data.items()})
         started = time.perf_counter()
         init, seconds = None, {}
         if changes.get("distill", "yes") is not None:
             key = json.dumps(vplan["stages"]["distill"], sort_keys=True)  # in this invocation
             if key not in distilled:
                 t0 = time.perf_counter()
-                report = train(str(config_path), config, "distill")
+                report = train(run, "distill", source=str(config_path))
                 distilled[key] = (report["exports"]["distill"], time.perf_counter() - t0)
             init, seconds["distill"] = distilled[key]
         for stage in ("align", "instruct"):
             t0 = time.perf_counter()
-            report = train(str(config_path), config, stage, init=init)
+            report = train(run, stage, init=init, source=str(config_path))
             init, seconds[stage] = report["exports"][stage], time.perf_counter() - t0
         run_id = report["mlflow_run_id"]
         client.set_tag(run_id, "mlflow.parentRunId", parent.run_id)

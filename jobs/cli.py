@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help). A new job module registers itself here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("jobs.run_config", "print a resolved run config (extends, --set applied) or its JSON schema"),
     "inspect": ("jobs.inspect", "parameter counts per part and stage, ZeRO memory per GPU for a config"),
     "demo": ("jobs.demo", "the demo on this machine (what `make demo` runs)"),
     "synth": (

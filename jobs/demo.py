@@ -246,8 +246,8 @@ def story(
     from jobs.evaluate import evaluate as run_evaluation
     from jobs.predict import answer_all
     from jobs.registry import GateSettings, log_hovle_model, promote, register, source_commit
+    from jobs.run_config import load_run_config
     from jobs.train import train
-    from jobs.train_config import load_train_config
 
     plan = PLANS.get(preset, PLANS["smollm2-135m"])
     count = samples or plan["samples"]
@@ -280,10 +280,9 @@ def story(
     start = step(
         "4. Train distill -> align -> instruct on Ray Train + DeepSpeed (progress lines from rank 0)"
     )
-    overrides = {f"data.{stage}": uri for stage, uri in datasets.items()}
-    config = load_train_config(str(config_path), overrides)
-    print(f"   precision {config.precision} (native bf16 matmul on this CPU: {cpu_bf16_is_native()})")
-    trained = train(str(config_path), config, "all")
+    run = load_run_config(str(config_path), {f"train.data.{stage}": uri for stage, uri in datasets.items()})
+    print(f"   precision {run.train.precision} (native bf16 matmul on this CPU: {cpu_bf16_is_native()})")
+    trained = train(run, "all", source=str(config_path))
     timings["train"] = time.perf_counter() - start
 
     start = step(

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="hovle inspect",
         description="Parameter counts per part and stage, and ZeRO model-state memory per GPU, for a config.",
     )
-    parser.add_argument("config", type=Path, help="a YAML run config or preset, e.g. configs/hovle-2.6b.yaml")
+    parser.add_argument("config", type=Path, help="a YAML run config or preset, e.g. hovle-2.6b")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")

@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 import transformers
-import yaml
 
 from jobs.evaluate import NUMBER_WORDS, PRESET_SCHEME, generate_answers, perplexity, resolve_model
 from jobs.logging_setup import setup_logging
@@ -178,13 +177,13 @@ def preset_fingerprint(preset: str) -> str | None:
     """A key for the untrained preset's model, or None when it cannot be fingerprinted (no weight files:
     a randomly initialised LLM) or the cache is off."""
     from model.gguf_cache import cache_root
-    from model.presets import find_preset, resolve_path
+    from model.presets import read_run_document, resolve_path
 
     if cache_root() is None:
         return None
     try:
-        path = find_preset(preset)
-        spec = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        document, path = read_run_document(preset)
+        spec = document.get("model") or {}
         llm = spec.get("llm") or {}
         if not llm.get("path"):
             return None

@@ -1,6 +1,6 @@
 """`hovle prepare` / `python -m jobs.prepare`: raw corpora -> Parquet shards + manifest, with Ray Data.
 
-    python -m jobs.prepare --config configs/tiny.yaml --stage instruct \\
+    python -m jobs.prepare --config tiny --stage instruct \\
         --input data/train.jsonl --input s3://bucket/more/ --output s3://bucket/prepared/instruct
 
 The config's `model:` section gives the processor (tokenizer, tiling, chat template); its `data:` section
@@ -15,50 +15,26 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
-
-import yaml
-from pydantic import ValidationError
 
 from jobs.cli import parse_overrides, positive_int
 from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
+from jobs.run_config import add_config_arguments, load_run_config
 from model.config import ConfigError
-from model.presets import find_preset
 from pipelines.manifest import ManifestError, ManifestMismatch
 from pipelines.prepare import STAGES, prepare
-from pipelines.settings import PrepareSettings
 
 logger = logging.getLogger("jobs.prepare")
-
-
-def load_settings(config: str, overrides: dict[str, str] | None = None) -> PrepareSettings:
-    """The config's `data:` section (and `--set key=value` overrides) as validated PrepareSettings."""
-    document = yaml.safe_load(Path(find_preset(config)).read_text()) or {}
-    raw = dict(document.get("data") or {})
-    raw.update(overrides or {})
-    try:
-        return PrepareSettings.model_validate(raw)
-    except ValidationError as err:
-        problems = "; ".join(f"data.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{config}: {problems}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="run config YAML or preset name (model: + data:)")
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--input", action="append", required=True, help="input URI (repeatable)")
     parser.add_argument("--output", required=True, help="dataset URI (local folder or s3://...)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a data setting, e.g. --set max_tokens=1024",
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--num-actors",
         type=positive_int,
@@ -71,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_overrides(parser, args.set)
     try:
-        settings = load_settings(args.config, overrides)
+        settings = load_run_config(args.config, overrides).data
         hooks = Hooks(from_env())
         report = prepare(
             args.config, args.stage, args.input, args.output, settings, num_actors=args.num_actors,

@@ -9,9 +9,9 @@ named `retrain-<version>`, so a cycle that crashed part-way continues when rerun
 finished stages are skipped, the interrupted one resumes from its checkpoint, and evaluation and
 registration are done once, recorded in `<storage_path>/retrain/state.json`).
 
-The config's `retrain:` section names the raw inputs per stage, where prepared datasets live, which stages
-train and the evaluation set; `registry:` the model name and the gate (jobs.registry.GateSettings); `train:`
-and `data:` as for `hovle train` / `hovle prepare`.
+The run config's `retrain:` section names the raw inputs per stage, where prepared datasets live and which
+stages train; `eval:` the held-out set; `registry:` the model name and the gate (jobs.registry.GateSettings);
+`train:` and `data:` as for `hovle train` / `hovle prepare` (jobs.run_config).
 
 Exit codes (for schedulers):
     0  the cycle finished (promoted or not: see `promoted` in the JSON line), or nothing new to train on
@@ -29,19 +29,15 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
 
 from jobs.cli import parse_overrides
 from jobs.lock import LockHeld, StorageLock
 from jobs.logging_setup import setup_logging
-from jobs.registry import GateSettings
+from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
-from jobs.train_config import STAGE_ORDER, TrainConfig, load_train_config
+from jobs.train_config import STAGE_ORDER
 from model.config import ConfigError
-from model.presets import find_preset
 from pipelines import storage
 
 logger = logging.getLogger("jobs.retrain")
@@ -49,38 +45,13 @@ logger = logging.getLogger("jobs.retrain")
 LOCKED = 3
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EvalSettings(_Strict):
-    data: str = Field(description="held-out conversation JSONL (hovle synth with another seed)")
-    text: str | None = Field(None, description="held-out text JSONL for perplexity")
-    base: str | None = Field(None, description="base model for language preservation (an export or URI)")
-    max_samples: int | None = Field(None, ge=1)
-
-
-class RetrainSettings(_Strict):
-    raw: dict[Literal["distill", "align", "instruct"], list[str]]
-    prepared: str = Field(description="prepared datasets root: <prepared>/<stage>")
-    stages: Literal["all", "instruct"] = Field("all", description="instruct: fine-tune the champion only")
-    eval: EvalSettings
-    lock_ttl_s: float = Field(24 * 3600, gt=0, description="a lock older than this belonged to a dead run")
-
-
-def load_settings(config: str) -> tuple[RetrainSettings, GateSettings]:
-    document = yaml.safe_load(Path(find_preset(config)).read_text()) or {}
-    if "retrain" not in document:
-        raise ConfigError(f"{config}: no `retrain:` section (raw inputs, prepared root, evaluation set)")
-    try:
-        return (
-            RetrainSettings.model_validate(document["retrain"]),
-            GateSettings.model_validate(document.get("registry") or {}),
-        )
-    except ValidationError as err:
-        section = "retrain" if err.title == "RetrainSettings" else "registry"
-        problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{config}: {problems}") from None
+def load_settings(run: RunConfig, source: str) -> tuple[RetrainSettings, EvalSettings]:
+    """The run config's `retrain:` and `eval:` sections, which a cycle needs."""
+    if run.retrain is None:
+        raise ConfigError(f"{source}: no `retrain:` section (raw inputs per stage, the prepared root)")
+    if run.eval is None:
+        raise ConfigError(f"{source}: no `eval:` section (the held-out set the cycle is evaluated on)")
+    return run.retrain, run.eval
 
 
 def data_version(datasets: dict[str, str]) -> str:
@@ -123,11 +94,9 @@ def champion_export(name: str, tracking_uri: str, scratch: str) -> str | None:
 
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """One cycle (see the module docstring); returns the JSON summary."""
-    from jobs.prepare import load_settings as load_data_settings
-
-    settings, gate = load_settings(config_path)
-    train_config = load_train_config(config_path, overrides)
-    data_settings = load_data_settings(config_path)
+    run = load_run_config(config_path, overrides)
+    settings, evaluation = load_settings(run, config_path)
+    train_config, data_settings = run.train, run.data
     stages = list(STAGE_ORDER) if settings.stages == "all" else ["instruct"]
     missing = [s for s in stages if not settings.raw.get(s)]
     if missing:
@@ -142,7 +111,7 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
             logger.info("nothing new since data version %s (cycle done): nothing to do", version)
             return {"status": "nothing_to_do", "data_version": version, **cycle.get("summary", {})}
         lock.refresh()
-        return _cycle(config_path, settings, gate, train_config, datasets, version, state, lock)
+        return _cycle(run, config_path, evaluation, datasets, version, state, lock)
 
 
 def _prepare(config_path, settings: RetrainSettings, stages: list[str], data_settings) -> dict[str, str]:
@@ -157,12 +126,13 @@ def _prepare(config_path, settings: RetrainSettings, stages: list[str], data_set
     return datasets
 
 
-def _cycle(config_path, settings, gate, train_config: TrainConfig, datasets, version, state, lock):
+def _cycle(run: RunConfig, config_path: str, evaluation: EvalSettings, datasets, version, state, lock):
     from jobs.evaluate import build_parser
     from jobs.evaluate import evaluate as run_evaluation
     from jobs.registry import log_hovle_model, promote, register, source_commit
     from jobs.train import train
 
+    settings, gate, train_config = run.retrain, run.registry, run.train
     cycle = state.get(version)
     tracking_uri = train_config.tracking_uri
     config = train_config.model_copy(
@@ -175,16 +145,17 @@ def _cycle(config_path, settings, gate, train_config: TrainConfig, datasets, ver
         init = champion_export(gate.name, tracking_uri, scratch) if settings.stages == "instruct" else None
         if settings.stages == "instruct" and init is None:
             logger.info("no champion yet: instruct starts from the preset's model")
-        report = train(config_path, config, "all" if settings.stages == "all" else "instruct", init=init)
+        stage = "all" if settings.stages == "all" else "instruct"
+        report = train(run.model_copy(update={"train": config}), stage, init=init, source=config_path)
     final = report["exports"]["instruct"]
     lock.refresh()
 
     if "scores" not in cycle:
-        argv = ["--model", final, "--data", settings.eval.data, "--run-id", report["mlflow_run_id"]]
+        argv = ["--model", final, "--data", evaluation.data, "--run-id", report["mlflow_run_id"]]
         argv += ["--tracking-uri", tracking_uri]
-        argv += ["--text", settings.eval.text] if settings.eval.text else []
-        argv += ["--base", settings.eval.base] if settings.eval.base else []
-        argv += ["--max-samples", str(settings.eval.max_samples)] if settings.eval.max_samples else []
+        argv += ["--text", evaluation.text] if evaluation.text else []
+        argv += ["--base", evaluation.base] if evaluation.base else []
+        argv += ["--max-samples", str(evaluation.max_samples)] if evaluation.max_samples else []
         with tempfile.TemporaryDirectory(prefix="hovle-eval-") as out:
             summary = run_evaluation(build_parser().parse_args(argv), Path(out))
         cycle["scores"] = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
@@ -221,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle retrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="run config with retrain:, registry:, train:, data:")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a train: field"
-    )
+    add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

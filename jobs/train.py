@@ -1,7 +1,8 @@
 """`hovle train` / `python -m jobs.train`: the HoVLE stages on Ray Train + DeepSpeed, tracked in MLflow.
 
-    python -m jobs.train --config configs/tiny.yaml --stage all --run-name nightly \\
-        --set data.distill=data/distill --set data.align=data/align --set data.instruct=data/instruct
+    python -m jobs.train --config tiny --stage all --run-name nightly \\
+        --set train.data.distill=data/distill --set train.data.align=data/align \\
+        --set train.data.instruct=data/instruct
 
 `all` runs distill -> align -> instruct, each starting from the previous stage's export (for the
 compositional model, `model.architecture: compositional`: align -> instruct; it has no distill stage).
@@ -33,7 +34,8 @@ from typing import Any
 from jobs.cli import parse_overrides
 from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
-from jobs.train_config import STAGE_ORDER, TrainConfig, load_train_config
+from jobs.run_config import RunConfig, add_config_arguments, load_run_config
+from jobs.train_config import STAGE_ORDER, TrainConfig
 from model.config import ConfigError
 from pipelines import storage
 
@@ -49,10 +51,9 @@ def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def start_config(config_source: str, init: str | None) -> dict[str, Any]:
+def start_config(model: dict[str, Any], init: str | None) -> dict[str, Any]:
     """The config (a dict: model_type, text_config, ...) of the model a run starts from: the `--init`
-    export's, else the run config's preset's (validated here: a bad `model:` section fails before any
-    worker starts).
+    export's, else the one the run config's `model:` section describes.
 
     Raises:
         ConfigError: `init` is not a complete stage export.
@@ -60,9 +61,9 @@ def start_config(config_source: str, init: str | None) -> dict[str, Any]:
     from jobs.export import is_export
 
     if init is None:
-        from model import load_preset
+        from model.presets import config_from_spec, parse_model_spec
 
-        return load_preset(config_source).to_dict()
+        return config_from_spec(parse_model_spec(model)).to_dict()
     if not is_export(init):
         raise ConfigError(f"--init {init}: not a complete stage export (no export.json)")
     return json.loads(storage.read_text(storage.join(init, "config.json")))
@@ -147,14 +148,15 @@ def run_stage(job, config: TrainConfig) -> None:
 
 
 def train(
-    config_source: str,
-    config: TrainConfig,
+    run: RunConfig,
     stage: str,
     data: str | None = None,
     init: str | None = None,
     output: str | None = None,
+    source: str = "",
 ) -> dict[str, Any]:
-    """Run `stage` (or all) and return {"run_name", "exports": {stage: URI}, "mlflow_run_id"}."""
+    """Run `stage` (or all) of the run config `run` and return {"run_name", "exports": {stage: URI},
+    "mlflow_run_id"}. `source` names the run config (tagged on the MLflow run)."""
     import ray
 
     from jobs.export import is_export
@@ -162,7 +164,8 @@ def train(
     from jobs.train_loop import StageJob
 
     hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before Ray, MLflow or any worker
-    start = start_config(config_source, init)
+    config, model = run.train, run.model.model_dump(mode="json")
+    start = start_config(model, init)
     plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
     # what the workers get: `config` with the distill teacher where they can read it (MLflow logs `config`)
     job_config = config
@@ -171,7 +174,7 @@ def train(
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
     tracker = RunTracker(config.tracking_uri, config.tracking.experiment)
-    parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": config_source})
+    parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": source})
     exports: dict[str, str] = {}
     for name, data_uri, export_uri, manifest in plan:
         if is_export(export_uri):
@@ -184,7 +187,7 @@ def train(
             tracker.log_dict(child, json.loads(manifest.to_json()), "data_manifest.json")
             job = StageJob(
                 config=job_config.model_dump(mode="json"),
-                config_source=config_source,
+                model=model,
                 stage=name,
                 data_uri=data_uri,
                 export_uri=export_uri,
@@ -262,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="run config YAML or preset name (model: + train:)")
     parser.add_argument("--stage", required=True, choices=(*STAGE_ORDER, "all"))
     parser.add_argument("--init", default=None, help="export to start from (default: the preset's model)")
     parser.add_argument("--data", default=None, help="prepared dataset URI for a single --stage")
@@ -270,19 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=None, help="exports root (default <storage_path>/<run_name>/exports)"
     )
     parser.add_argument("--run-name", default=None, help="names the run; the same name resumes it")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a train: field, e.g. seed=1"
-    )
+    add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
 
     overrides = parse_overrides(parser, args.set)
     if args.run_name:
-        overrides["run_name"] = args.run_name
+        overrides["train.run_name"] = args.run_name
     try:
-        config = load_train_config(args.config, overrides)
-        report = train(args.config, config, args.stage, args.data, args.init, args.output)
+        run = load_run_config(args.config, overrides)
+        report = train(run, args.stage, args.data, args.init, args.output, args.config)
     except (ConfigError, FileNotFoundError) as err:
         print(f"hovle train: {err}", file=sys.stderr)
         return 2

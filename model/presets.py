@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,14 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from model import gguf_cache
-from model.config import ConfigError, HoVLEConfig
+from model.config import ConfigError, HoVLEConfig, config_problems
 from model.modeling import HoVLEForConditionalGeneration
 from model.processor import HoVLEProcessor
 from model.tokenizer import HOVLE_SPECIAL_TOKENS, IM_END, IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets are package data (model/configs/*.yaml), so a plain, non-editable install (a container image)
+# finds them: pyproject.toml's package-data ships them in the wheel.
+CONFIG_DIR = Path(str(resources.files("model") / "configs"))
 
 
 class _Strict(BaseModel):
@@ -86,22 +89,25 @@ class VisionSpec(_Strict):
 class ModelSpec(_Strict):
     architecture: Literal["hovle", "compositional"] = "hovle"
     llm: LLMSpec
-    embedding: EmbeddingSpec = EmbeddingSpec()
+    embedding: EmbeddingSpec | None = None  # HoVLE's (its defaults when absent); none for compositional
     image: ImageSpec = ImageSpec()
-    vision: VisionSpec | None = None
+    vision: VisionSpec | None = None  # compositional's (its defaults when absent); none for HoVLE
 
     @model_validator(mode="after")
     def _architecture_sections(self) -> ModelSpec:
+        # a resolved spec (dumped, then validated again: a worker's, `hovle config show`'s) names both
+        # sections, the other one null
         if self.architecture == "compositional":
-            if "embedding" in self.model_fields_set:
+            if self.embedding is not None:
                 raise ValueError(
                     "model.embedding: the compositional architecture has no embedding module "
                     "(drop the section)"
                 )
-            if self.vision is None:
-                self.vision = VisionSpec()
-        elif self.vision is not None:
-            raise ValueError("model.vision: only for `model.architecture: compositional`")
+            self.vision = self.vision or VisionSpec()
+        else:
+            if self.vision is not None:
+                raise ValueError("model.vision: only for `model.architecture: compositional`")
+            self.embedding = self.embedding or EmbeddingSpec()
         return self
 
 
@@ -123,25 +129,89 @@ def parse_model_spec(raw: dict[str, Any], source: str = "config") -> ModelSpec:
     try:
         return ModelSpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(('model', *map(str, e['loc'])))}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {config_problems(err, 'model')}") from None
 
 
 def find_preset(name_or_path: str | Path) -> Path:
-    """A YAML path, or a preset name in configs/ (`tiny`, `smollm2-135m`, `hovle-2.6b`, `hovle-hd`)."""
+    """A YAML path, or the name of a preset shipped in the package (`tiny`, `smollm2-135m`, `hovle-2.6b`,
+    `hovle-hd`, ...: model/configs/)."""
     path = Path(name_or_path)
     if path.exists():
         return path
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
-    raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name in {CONFIG_DIR}")
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name (presets: {names})")
+
+
+SCHEMA_VERSION = 1  # of the run config's layout; a later release migrates older versions or names the change
+MAX_EXTENDS = 8
+
+
+def read_run_document(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A run config's YAML as one mapping, and its file: `extends: <preset or path>` resolved (the base
+    document, deep-merged with this one: mappings merge key by key, anything else replaces), and
+    `schema_version` checked (missing: the current one).
+
+    Raises:
+        FileNotFoundError: no such file or preset.
+        ConfigError: not a mapping, an `extends` loop or chain too long, or a schema version this release
+            does not read.
+    """
+    chain: list[Path] = []
+    documents: list[dict[str, Any]] = []
+    source: str | Path | None = name_or_path
+    while source is not None:
+        path = find_preset(source) if not chain else _find_base(source, chain[-1])
+        if path.resolve() in chain:
+            raise ConfigError(f"{chain[0]}: `extends` loops back to {path}")
+        if len(chain) >= MAX_EXTENDS:
+            raise ConfigError(f"{chain[0]}: `extends` chain longer than {MAX_EXTENDS}")
+        chain.append(path.resolve())
+        document = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: a run config is a YAML mapping, got {type(document).__name__}")
+        version = document.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path}: schema_version {version!r}: this release reads run configs of schema_version "
+                f"{SCHEMA_VERSION}"
+                + (
+                    " (the file is newer: upgrade hovle-platform)"
+                    if isinstance(version, int) and version > SCHEMA_VERSION
+                    else ""
+                )
+            )
+        source = document.pop("extends", None)
+        documents.append(document)
+    merged: dict[str, Any] = {}
+    for document in reversed(documents):  # the base first, each extension over it
+        merged = _deep_merge(merged, document)
+    merged["schema_version"] = SCHEMA_VERSION
+    return merged, chain[0]
+
+
+def _find_base(source: str | Path, child: Path) -> Path:
+    """`extends:` names a preset, or a YAML path relative to the file that extends it."""
+    relative = child.parent / str(source)
+    return relative if relative.is_file() else find_preset(source)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def load_preset(name_or_path: str | Path) -> HoVLEConfig:
-    """Read the `model:` section of a YAML run config and build the validated `HoVLEConfig`."""
-    path = find_preset(name_or_path)
-    document = yaml.safe_load(path.read_text()) or {}
+    """Read the `model:` section of a run config (`extends` resolved) and build the validated
+    `HoVLEConfig`."""
+    document, path = read_run_document(name_or_path)
     if "model" not in document:
         raise ConfigError(f"{path}: no `model:` section")
     return config_from_spec(parse_model_spec(document["model"], str(path)))

@@ -378,8 +378,8 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
 
     report = run(
         "tiny-compositional", "--stage", "all", "--run-name", "comp",
-        "--set", f"data.align={data['align']}", "--set", f"data.instruct={data['instruct']}",
-        "--set", "stages.align.steps=2", "--set", "stages.instruct.steps=2",
+        "--set", f"train.data.align={data['align']}", "--set", f"train.data.instruct={data['instruct']}",
+        "--set", "train.stages.align.steps=2", "--set", "train.stages.instruct.steps=2",
     )  # fmt: skip
     assert set(report["exports"]) == {"align", "instruct"}
     base, _ = tiny_compositional_model(
@@ -412,7 +412,7 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
     assert list(answers.columns) == ["answer"] and len(answers) == 1
     distilled = run(
         "tiny", "--stage", "distill", "--run-name", "hovle", "--data", data["distill"],
-        "--set", f"stages.distill.teacher=compositional:{uri}", "--set", "stages.distill.steps=2",
+        "--set", f"train.stages.distill.teacher=compositional:{uri}", "--set", "train.stages.distill.steps=2",
     )  # fmt: skip
     assert (root / "runs" / "hovle" / "teacher" / "config.json").is_file()
     student = load_file(str(Path(distilled["exports"]["distill"]) / "model.safetensors"))

@@ -107,8 +107,8 @@ def test_a_budgeted_stage_stops_on_its_cpu_seconds_and_keeps_them_across_a_resum
     monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
     argv = [
         "--config", "tiny", "--stage", "align", "--data", align_data, "--run-name", "budget",
-        "--set", "stages.align.steps=100000", f"--set=stages.align.cpu_seconds={BUDGET}",
-        "--set", "checkpoint.every_n_steps=2", "--set", "log_every_n_steps=2",
+        "--set", "train.stages.align.steps=100000", f"--set=train.stages.align.cpu_seconds={BUDGET}",
+        "--set", "train.checkpoint.every_n_steps=2", "--set", "train.log_every_n_steps=2",
     ]  # fmt: skip
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -218,7 +218,8 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_finishes_only_the_missing_un
     inputs = [str(write_corpus(tmp_path / "raw", f"k{i}", 6, seed=i, bad=False)) for i in range(6)]
     output = tmp_path / "prepared"
     # the driver SIGKILLs itself after two units (a deterministic point); its Ray processes go with it
-    options = ["--set", "shard_max_rows=4", "--set", "val_fraction=0.3", "--num-actors", "1"]  # = SETTINGS
+    # = SETTINGS
+    options = ["--set", "data.shard_max_rows=4", "--set", "data.val_fraction=0.3", "--num-actors", "1"]
     done = prepare_cli(
         inputs, output, *options, env={**os.environ, "HOVLE_HOOKS": faults.spec("kill_after_two_units")}
     )
@@ -253,7 +254,7 @@ def test_prepare_cli_prints_a_json_report_last(tmp_path):
 
 
 def test_bad_data_setting_fails_naming_the_field(tmp_path):
-    done = prepare_cli(["x"], tmp_path / "o", "--set", "overflow=explode")
+    done = prepare_cli(["x"], tmp_path / "o", "--set", "data.overflow=explode")
     assert done.returncode == 2
     assert "data.overflow" in done.stderr
 

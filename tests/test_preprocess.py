@@ -33,7 +33,7 @@ from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
 from tests.helpers import shapes_image
 
-TOKENS_PER_TILE = 4  # configs/tiny.yaml: 28 px tiles -> 4 image tokens
+TOKENS_PER_TILE = 4  # model/configs/tiny.yaml: 28 px tiles -> 4 image tokens
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,8 @@ def setup(tmp_path_factory):
     document["train"]["storage_path"] = str(root / "runs")
     for stage in document["train"]["stages"].values():
         stage["steps"] = 2
-    document["retrain"] = {
-        "raw": raw,
-        "prepared": str(root / "prepared"),
-        "eval": {"data": str(held_out), "text": str(text), "max_samples": 4},
-    }
+    document["retrain"] = {"raw": raw, "prepared": str(root / "prepared")}
+    document["eval"] = {"data": str(held_out), "text": str(text), "max_samples": 4}
     # a tiny random model has no language to keep nor skills: this test checks the cycle, not the gate's
     # floors (tests/test_registry.py does), so they are lowered here
     document["registry"] = {"name": "hovle-test", "floor": 0.0, "min_text_retained": None}

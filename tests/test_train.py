@@ -48,7 +48,7 @@ def train(*args: str, data: dict[str, str] | None = None, expect: int = 0) -> di
     """`hovle train --config tiny ...` in this process; returns its final JSON line (None on failure)."""
     argv = ["--config", "tiny", *args]
     for stage, uri in (data or {}).items():
-        argv += ["--set", f"data.{stage}={uri}"]
+        argv += ["--set", f"train.data.{stage}={uri}"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = train_main(argv)
@@ -135,7 +135,9 @@ def test_mlflow_holds_one_parent_with_three_stage_runs(three_stages):
 
 
 # ---- resume ---------------------------------------------------------------------------------------------
-RESUME = ("--stage", "align", "--set", "stages.align.steps=6", "--set", "checkpoint.every_n_steps=2")
+RESUME = (
+    "--stage", "align", "--set", "train.stages.align.steps=6", "--set", "train.checkpoint.every_n_steps=2",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_rerunning_after_the_whole_job_died_resumes_into_the_same_mlflow_run(
 ):
     monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
     args = (*RESUME, "--data", prepared["align"], "--run-name", "rerun")
-    assert train(*args, "--set", "max_failures=0", expect=1) is None  # the job dies with its worker
+    assert train(*args, "--set", "train.max_failures=0", expect=1) is None  # the job dies with its worker
     client = mlflow_client(tmp_workdir)
     [stage_run] = client.search_runs(
         [client.get_experiment_by_name("hovle").experiment_id], "tags.`hovle.stage` = 'align'"
@@ -200,7 +202,7 @@ def test_zero3_checkpoints_and_exports_to_s3_with_consolidated_weights(prepared,
     storage_path = f"{s3_bucket}/runs"
     report = train(
         "--stage", "align", "--data", prepared["align"], "--run-name", "z3",
-        "--set", "deepspeed.zero_stage=3", "--set", f"storage_path={storage_path}",
+        "--set", "train.deepspeed.zero_stage=3", "--set", f"train.storage_path={storage_path}",
     )  # fmt: skip
     export = report["exports"]["align"]
     assert export.startswith("s3://")
@@ -223,8 +225,8 @@ def test_zero3_checkpoints_and_exports_to_s3_with_consolidated_weights(prepared,
 def test_bf16_on_cpu_when_asked_trains_and_exports(prepared, tmp_workdir):
     report = train(
         "--stage", "instruct", "--data", prepared["instruct"], "--run-name", "bf16",
-        "--set", "deepspeed.precision=bf16", "--set", "deepspeed.zero_stage=1",
-        "--set", "stages.instruct.steps=2",
+        "--set", "train.deepspeed.precision=bf16", "--set", "train.deepspeed.zero_stage=1",
+        "--set", "train.stages.instruct.steps=2",
     )  # fmt: skip
     weights = export_weights(report["exports"]["instruct"])
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}

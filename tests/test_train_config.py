@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from jobs.flops import flops_per_token, peak_flops
+from jobs.run_config import load_run_config
 from jobs.strategy import deepspeed_config, warmup_cosine
 from jobs.tracking import RunTracker
-from jobs.train_config import StageSettings, load_train_config, parse_train_config
+from jobs.train_config import StageSettings, parse_train_config
 from model.config import ConfigError
 from tests.conftest import REPO_ROOT
 from tests.helpers import tiny_model
@@ -45,7 +46,8 @@ def test_a_bad_field_is_named(raw, field):
 
 
 def test_overrides_are_parsed_as_yaml_and_set_by_dotted_key():
-    config = load_train_config("tiny", {"scaling.num_workers": "1", "stages.align.lr": "0.5", "seed": "7"})
+    overrides = {"train.scaling.num_workers": "1", "train.stages.align.lr": "0.5", "train.seed": "7"}
+    config = load_run_config("tiny", overrides).train
     assert config.scaling.num_workers == 1 and config.stages["align"].lr == 0.5 and config.seed == 7
     assert config.stages["align"].steps == 4  # the rest of the file's stage settings stay
     flat = config.flat()
@@ -63,7 +65,7 @@ def test_cli_fails_on_a_bad_field_before_starting_ray(tmp_workdir):
             "--stage",
             "align",
             "--set",
-            "stages.align.lr=-1",
+            "train.stages.align.lr=-1",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -179,6 +181,6 @@ def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(nativ
 
     monkeypatch.setattr(demo, "cpu_bf16_is_native", lambda: native)
     path = demo.run_config("tiny", demo.PLANS["tiny"], tmp_path, steps=None)
-    config = load_train_config(str(path), {})
+    config = load_run_config(str(path)).train
     assert yaml.safe_load(path.read_text())["train"]["deepspeed"]["precision"] == config.precision
     assert config.precision == ("bf16" if native else "fp32")
