@@ -11,7 +11,7 @@ import pytest
 from jobs import cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PAPER_CONFIG = REPO_ROOT / "configs" / "hovle-2.6b.yaml"
+PAPER_CONFIG = REPO_ROOT / "model" / "configs" / "hovle-2.6b.yaml"
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess[str]:

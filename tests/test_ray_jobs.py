@@ -94,11 +94,8 @@ def test_a_submitted_retrain_job_runs_end_to_end(ray_head, tmp_path):
     document["train"]["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for stage in document["train"]["stages"].values():
         stage["steps"] = 2
-    document["retrain"] = {
-        "raw": raw,
-        "prepared": str(tmp_path / "prepared"),
-        "eval": {"data": str(held_out), "max_samples": 2},
-    }
+    document["retrain"] = {"raw": raw, "prepared": str(tmp_path / "prepared")}
+    document["eval"] = {"data": str(held_out), "max_samples": 2}
     # the tiny random model has no language nor skills: the gate's floors are lowered for this job test
     document["registry"] = {"name": "hovle-job", "floor": 0.0, "min_text_retained": None}
     config = tmp_path / "config.yaml"

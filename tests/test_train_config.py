@@ -144,7 +144,8 @@ def test_the_paper_recipe_drops_the_project_terms_and_starts_the_embedding_layer
     assert _stage_spec("distill", paper.stages["distill"], "paper").norm_weight == 0
 
     def first_layer_out(config):
-        job = StageJob(config=config.model_dump(mode="json"), config_source="tiny", stage="distill",
+        model = load_run_config("tiny").model.model_dump(mode="json")
+        job = StageJob(config=config.model_dump(mode="json"), model=model, stage="distill",
                        data_uri="unused", export_uri="unused")  # fmt: skip
         model, _ = _start_model(job, config)
         return model.embedding.layers[0].self_attn.o_proj.weight
