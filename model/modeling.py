@@ -73,6 +73,13 @@ class HoVLEOutput(ModelOutput):
     embedding_states: torch.Tensor | None = None
 
 
+def learnt_positions(labels: torch.LongTensor) -> torch.Tensor:
+    """[b, L] bool: position p is learnt when token p + 1 is a label (its logits predict one)."""
+    learnt = torch.zeros_like(labels, dtype=torch.bool)
+    learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return learnt
+
+
 def language_model_output(
     language_model: nn.Module,
     embeds: torch.Tensor,
@@ -95,8 +102,7 @@ def language_model_output(
     and the like included)."""
     learnt = None
     if labels is not None and not use_cache and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-        learnt = torch.zeros_like(labels, dtype=torch.bool)
-        learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position p is learnt when token p + 1 is a label
+        learnt = learnt_positions(labels)
     out = language_model(
         inputs_embeds=embeds,
         attention_mask=attention_mask,

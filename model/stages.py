@@ -29,7 +29,7 @@ from torch import nn
 
 from model.config import ConfigError
 from model.embedding import packed_segments
-from model.modeling import IGNORE_INDEX, HoVLEForConditionalGeneration
+from model.modeling import HoVLEForConditionalGeneration, learnt_positions
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,7 @@ def text_kl(
     the base runs. A sample that holds an image is left out: the base cannot see it.
     """
     labels = batch["labels"]
-    learnt = torch.zeros_like(labels, dtype=torch.bool)
-    learnt[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    learnt = learnt_positions(labels)
     position_ids = batch.get("position_ids")
     segments = packed_segments(position_ids) if position_ids is not None else torch.zeros_like(labels)
     # a segment holds an image when any of its positions is an image slot
