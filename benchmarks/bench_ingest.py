@@ -45,13 +45,13 @@ from benchmarks.results import (  # noqa: E402
     save,
 )
 from model import build_processor, load_preset  # noqa: E402
+from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.ingest import ShardSource, decode_sample  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from pipelines.preprocess import decode_image  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.stream import TrainingStream  # noqa: E402
-from pipelines.synthetic import generate  # noqa: E402
 
 CONFIG = "smollm2-135m"
 QUICK = {"n": 64, "epochs": 2}

@@ -1,7 +1,8 @@
 """Packing efficiency (non-padding tokens / all tokens): packed rows vs padding each batch to its longest.
 
-The corpus is the synthetic instruct corpus (`pipelines.synthetic.generate("instruct", ...)`), tokenized
-by the processor of the `smollm2-135m` preset (224 px tiles, 64 image tokens per tile), in corpus order.
+The corpus is the synthetic instruct corpus (`pipelines.corpora.synthetic.generate("instruct", ...)`),
+tokenized by the processor of the `smollm2-135m` preset (224 px tiles, 64 image tokens per tile),
+in corpus order.
 Padded batches hold `--batch-size` samples; packed rows hold `--max-tokens` tokens, filled by
 `pack_sequences` (streaming first fit with `--max-open` open packs), collated by `collate_packed`.
 
@@ -40,6 +41,7 @@ from benchmarks.results import (  # noqa: E402
     save,
 )
 from model import build_processor, load_preset  # noqa: E402
+from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.packing import (  # noqa: E402
     DEFAULT_MAX_OPEN,
     collate_packed,
@@ -47,7 +49,6 @@ from pipelines.packing import (  # noqa: E402
     pack_sequences,
     packing_efficiency,
 )
-from pipelines.synthetic import generate  # noqa: E402
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TARGET = 0.95

@@ -58,11 +58,11 @@ from jobs.train_loop import (  # noqa: E402
     advance_drop_path,
 )
 from model import apply_stage, build_model, build_processor, load_preset  # noqa: E402
+from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.ingest import ShardSource  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.stream import TrainingStream  # noqa: E402
-from pipelines.synthetic import generate  # noqa: E402
 
 OVERHEAD_TARGET = 0.10
 DATA_WAIT_TARGET = 0.05

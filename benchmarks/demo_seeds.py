@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jobs.demo import DEMO_QUESTION, TEXT_QUESTIONS  # noqa: E402
-from jobs.evaluate import normalize_answer  # noqa: E402
+from jobs.scoring import normalize_answer  # noqa: E402
 
 EXPECTED = "red"  # the demo image's square (jobs.demo.demo_image)
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.evaluate import generate_answers, resolve_model  # noqa: E402
+from jobs.models import generate_answers, resolve_model  # noqa: E402
 
 QUESTIONS = ("What is the capital of France?", "Who wrote Romeo and Juliet?", "How many days are in a week?")
 

@@ -191,14 +191,14 @@ def evaluate_row(
     language_questions: Path | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """The held-out VQA set and the general-language check against the base LLM, into the row's run."""
-    from jobs.evaluate import build_parser, evaluate
+    from jobs.evaluate import run_evaluation
+    from jobs.run_config import EvalSettings
 
-    argv = ["--model", export, "--data", str(corpora.heldout), "--text", str(corpora.text)]
-    argv += ["--base", f"preset:{base_config}", "--run-id", run_id, "--tracking-uri", tracking]
-    argv += ["--output", str(out)]
-    if language_questions:
-        argv += ["--language-questions", str(language_questions)]
-    scores = evaluate(build_parser().parse_args(argv), out)
+    settings = EvalSettings(
+        data=str(corpora.heldout), text=str(corpora.text), base=f"preset:{base_config}",
+        language_questions=str(language_questions) if language_questions else None,
+    )  # fmt: skip
+    scores = run_evaluation(export, settings, tracking, run_id, out)
     return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 

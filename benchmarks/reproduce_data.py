@@ -11,7 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jobs.demo import PLANS, Corpora, make_corpora, merge_jsonl, prepare_datasets, run_config
+from jobs.cycle import prepare_cycle
+from jobs.demo import PLANS, Corpora, make_corpora, merge_jsonl, run_config
+from jobs.run_config import load_run_config
 
 SKILLS = ("colour", "shape", "count")
 
@@ -34,7 +36,8 @@ def corpora_and_data(preset: str, plan: dict[str, Any], root: Path, seed: int) -
         started = time.perf_counter()
         corpora = make_corpora(plan, root, plan["samples"], seed)
         corpora.heldout, corpora.heldout_count = heldout_set(corpora, plan, root / "heldout", seed)
-        datasets = prepare_datasets(config, corpora.raw, root, plan)
+        reports = prepare_cycle(load_run_config(str(config)), corpora.raw, str(root / "prepared"))
+        datasets = {stage: report["output"] for stage, report in reports.items()}
         saved = {**asdict(corpora), "heldout": str(corpora.heldout), "text": str(corpora.text)}
         seconds = time.perf_counter() - started
         record.write_text(json.dumps({"corpora": saved, "datasets": datasets, "seconds": seconds}, indent=2))
@@ -48,7 +51,7 @@ def heldout_set(corpora: Corpora, plan: dict[str, Any], folder: Path, seed: int)
     """The demo's held-out shapes questions (`plan["heldout"]` per skill, new images, held-out phrasings)
     and, where Fashion-MNIST is installed, as many class questions on its test photos ("which garment is
     this?", held-out phrasings): folder/reproduce.jsonl and its record count."""
-    from pipelines.importers import import_fashion_mnist
+    from pipelines.corpora.importers import import_fashion_mnist
 
     parts = [folder / "shapes" / "data.jsonl"]
     if corpora.real:  # the importer asks several kinds of question: draw until enough ask the class

@@ -27,8 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.demo import PLANS, make_corpora, prepare_datasets, run_config  # noqa: E402
+from jobs.cycle import prepare_cycle  # noqa: E402
+from jobs.demo import PLANS, make_corpora, run_config  # noqa: E402
 from jobs.logging_setup import setup_logging  # noqa: E402
+from jobs.run_config import load_run_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "smollm2-135m"
@@ -121,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from mlflow import MlflowClient
 
-    from jobs.evaluate import build_parser
-    from jobs.evaluate import evaluate as run_evaluation
-    from jobs.run_config import load_run_config
+    from jobs.evaluate import run_evaluation
+    from jobs.run_config import EvalSettings
     from jobs.train import train
 
     workdir = args.workdir.resolve()
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 raw = corpora.raw.items()
                 corpora.raw = {s: [p for p in paths if "general-text" not in p] for s, paths in raw}
             config = run_config(PRESET, vplan, folder, None, args.seed)
-            prepared[key] = (corpora, prepare_datasets(config, corpora.raw, folder, vplan))
+            reports = prepare_cycle(load_run_config(str(config)), corpora.raw, str(folder / "prepared"))
+            prepared[key] = (corpora, {stage: report["output"] for stage, report in reports.items()})
         return prepared[key]
 
     client = MlflowClient(tracking)
@@ -186,25 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             init, seconds[stage] = report["exports"][stage], time.perf_counter() - t0
         run_id = report["mlflow_run_id"]
         client.set_tag(run_id, "mlflow.parentRunId", parent.run_id)
-        argv = [
-            "--model",
-            init,
-            "--data",
-            str(corpora.heldout),
-            "--run-id",
-            run_id,
-            "--tracking-uri",
-            tracking,
-        ]
-        argv += [
-            "--text",
-            str(corpora.text),
-            "--base",
-            f"preset:{config_path}",
-            "--output",
-            str(folder / "eval"),
-        ]
-        scores = run_evaluation(build_parser().parse_args(argv), folder / "eval")
+        base = f"preset:{config_path}"
+        settings = EvalSettings(data=str(corpora.heldout), text=str(corpora.text), base=base)
+        scores = run_evaluation(init, settings, tracking, run_id, folder / "eval")
         row = {
             "variant": name, "what": what, "train_s": sum(seconds.values()), "stage_s": seconds,
             "wall_s": time.perf_counter() - started,

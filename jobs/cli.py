@@ -9,6 +9,7 @@ only when their subcommand runs: `hovle --help` stays instant and one job's heav
 import argparse
 import importlib
 import sys
+from collections.abc import Callable, Mapping
 
 # name -> (module, one-line help). A new job module registers itself here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +31,27 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments
+FAILED = 1  # the job ran and failed (a stage beyond its retries); a rerun continues from what is done
+
+ErrorTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def run_command(prog: str, body: Callable[[], int], errors: Mapping[ErrorTypes, int] | None = None) -> int:
+    """Every job CLI's error -> exit code mapping: run `body`; an expected error prints `prog: message` on
+    stderr (no traceback) and returns its code. `errors` come first; then for every command a bad config
+    or a missing input (`ConfigError`, `FileNotFoundError`) is a usage error (2). Anything else propagates:
+    a traceback and exit 1, for a person to read."""
+    from model.config import ConfigError  # deferred: `hovle --help` imports nothing heavy
+
+    table = {**(errors or {}), (ConfigError, FileNotFoundError): USAGE_ERROR}
+    try:
+        return body()
+    except Exception as err:
+        code = next((code for types, code in table.items() if isinstance(err, types)), None)
+        if code is None:
+            raise
+        print(f"{prog}: {err}", file=sys.stderr)
+        return code
 
 
 def positive_int(text: str) -> int:

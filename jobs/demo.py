@@ -28,11 +28,11 @@ from jobs.logging_setup import setup_logging
 from jobs.strategy import cpu_bf16_is_native
 from model import build_model, load_preset
 from model.presets import find_preset
+from model.stages import STAGE_NAMES
 from pipelines.general_text import write_general_chat
 
 logger = logging.getLogger("jobs.demo")
 
-STAGES = ("distill", "align", "instruct")
 # Per preset: samples per stage, held-out samples, image size, general text-only conversations mixed into
 # align and instruct (what keeps the LLM's language), and per stage its train settings (StageSettings).
 PLANS: dict[str, dict[str, Any]] = {
@@ -91,9 +91,16 @@ def show_presets() -> None:
 
 
 def run_config(
-    preset: str, plan: dict[str, Any], workdir: Path, steps: int | None, seed: int = 0, run_name: str = "demo"
+    preset: str,
+    plan: dict[str, Any],
+    workdir: Path,
+    steps: int | None,
+    seed: int = 0,
+    run_name: str = "demo",
+    corpora: Corpora | None = None,
 ) -> Path:
-    """The demo's run config: the preset's model, one worker (bf16 if the CPU has it natively), the plan."""
+    """The demo's run config: the preset's model, one worker (bf16 if the CPU has it natively), the plan;
+    with `corpora`, evaluation on their held-out set against the preset's own untrained model."""
     document = yaml.safe_load(Path(find_preset(preset)).read_text())
     stages = {}
     for name, planned in plan["stages"].items():
@@ -120,6 +127,8 @@ def run_config(
         "stages": stages,
     }
     path = workdir / "demo.yaml"
+    if corpora is not None:
+        document["eval"] = {"data": str(corpora.heldout), "text": str(corpora.text), "base": f"preset:{path}"}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
@@ -132,8 +141,8 @@ def step(title: str) -> float:
 def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int, seed: int = 0) -> int:
     """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
     when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
-    from pipelines.importers import import_fashion_mnist
-    from pipelines.synthetic import MissingPackageError
+    from pipelines.corpora.importers import import_fashion_mnist
+    from pipelines.corpora.synthetic import MissingPackageError
 
     try:
         for stage in ("align", "instruct"):
@@ -161,11 +170,11 @@ def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0)
     """Synthetic corpora per stage (instruct asks the plan's skills, balanced), Fashion-MNIST photos where
     installed, the general text-only conversations; and a held-out set on new images (another seed, the test
     split) in phrasings training never uses, `plan["heldout"]` questions per skill."""
-    from pipelines.synthetic import generate
+    from pipelines.corpora.synthetic import generate
 
     size = plan["image_size"]
     raw = {}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         skills = plan.get("skills") if stage == "instruct" else None
         output = workdir / "raw" / stage
         jsonl = generate(stage, count, seed=seed, output_dir=output, image_size=size, skills=skills)
@@ -190,7 +199,7 @@ def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0)
         )
     )  # fmt: skip
     if real:
-        from pipelines.importers import import_fashion_mnist
+        from pipelines.corpora.importers import import_fashion_mnist
 
         parts.append(
             import_fashion_mnist(held / "fashion", plan["heldout"], seed, "test", "instruct", size, "heldout")
@@ -218,42 +227,19 @@ def merge_jsonl(parts: list[Path], output: Path) -> int:
     return len(lines)
 
 
-def prepare_datasets(
-    config_path: Path, raw: dict[str, list[str]], workdir: Path, plan: dict[str, Any]
-) -> dict[str, str]:
-    """Each stage's raw inputs -> a prepared dataset under workdir/prepared (Ray Data); prints the counts."""
-    from pipelines.prepare import prepare
-    from pipelines.settings import PrepareSettings
-
-    datasets = {}
-    settings = PrepareSettings(max_tokens=plan["max_tokens"], val_fraction=0.0)
-    for stage in STAGES:
-        output = str(workdir / "prepared" / stage)
-        report = prepare(str(config_path), stage, raw[stage], output, settings)
-        counts = f"read {report['read']:>4}  written {report['written']:>4}  rejected {report['rejected']}"
-        print(f"   {stage:<9} {counts}")
-        datasets[stage] = output
-    return datasets
-
-
 def story(
     preset: str, workdir: Path, steps: int | None, samples: int | None, seed: int = 0
 ) -> dict[str, Any]:
     import ray
-    from mlflow import MlflowClient
 
-    from jobs.evaluate import build_parser
-    from jobs.evaluate import evaluate as run_evaluation
+    from jobs.cycle import prepare_cycle, run_cycle
     from jobs.predict import answer_all
-    from jobs.registry import GateSettings, log_hovle_model, promote, register, source_commit
     from jobs.run_config import load_run_config
-    from jobs.train import train
 
     plan = PLANS.get(preset, PLANS["smollm2-135m"])
     count = samples or plan["samples"]
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # MLflow's default artifact folder (mlruns/) lands beside mlflow.db
-    config_path = run_config(preset, plan, workdir, steps, seed)
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking
     timings: dict[str, float] = {}
@@ -262,6 +248,7 @@ def story(
         f"2. Corpora: {count} synthetic samples per stage (shapes, colours, counts, words), held out apart"
     )
     corpora = make_corpora(plan, workdir, count, seed)
+    config_path = run_config(preset, plan, workdir, steps, seed, corpora=corpora)
     timings["corpora"] = time.perf_counter() - start
     if corpora.real:
         print(f"   + {corpora.real} Fashion-MNIST photos per stage for align and instruct (label Q&A)")
@@ -274,45 +261,29 @@ def story(
     context = ray.init(include_dashboard=True, configure_logging=False, log_to_driver=True)
     if context.dashboard_url:
         print(f"   Ray dashboard: http://{context.dashboard_url}")
-    datasets = prepare_datasets(config_path, corpora.raw, workdir, plan)
+    run = load_run_config(str(config_path))
+    reports = prepare_cycle(run, corpora.raw, str(workdir / "prepared"))
+    for stage, report in reports.items():
+        counts = f"read {report['read']:>4}  written {report['written']:>4}  rejected {report['rejected']}"
+        print(f"   {stage:<9} {counts}")
     timings["prepare"] = time.perf_counter() - start
 
-    start = step(
-        "4. Train distill -> align -> instruct on Ray Train + DeepSpeed (progress lines from rank 0)"
+    step(
+        "4. The cycle, as `hovle retrain` runs it (jobs.cycle): train distill -> align -> instruct on Ray"
+        " Train + DeepSpeed,\n   evaluate on the held-out set, register in MLflow, the promotion gate"
     )
-    run = load_run_config(str(config_path), {f"train.data.{stage}": uri for stage, uri in datasets.items()})
     print(f"   precision {run.train.precision} (native bf16 matmul on this CPU: {cpu_bf16_is_native()})")
-    trained = train(run, "all", source=str(config_path))
-    timings["train"] = time.perf_counter() - start
+    datasets = {stage: report["output"] for stage, report in reports.items()}
+    cycle = run_cycle(
+        run, datasets, {}, source=str(config_path), tags={"hovle.preset": preset},
+        eval_output=workdir / "evaluation",
+    )  # fmt: skip
+    timings.update(cycle["timings"])
+    alias = "champion" if cycle["promoted"] else "challenger"
+    print(f"   hovle v{cycle['version']}: {alias} ({cycle['reason']})")
 
     start = step(
-        "5. Evaluate the instruct export on the held-out set (base for language preservation: distill)"
-    )
-    argv = [
-        "--model",
-        trained["exports"]["instruct"],
-        "--data",
-        str(corpora.heldout),
-        "--run-id",
-        trained["mlflow_run_id"],
-    ]
-    argv += ["--text", str(corpora.text), "--base", f"preset:{config_path}"]
-    argv += ["--tracking-uri", tracking, "--output", str(workdir / "evaluation")]
-    scores = run_evaluation(build_parser().parse_args(argv), workdir / "evaluation")
-    timings["evaluate"] = time.perf_counter() - start
-
-    start = step("6. Register in MLflow and apply the promotion gate")
-    model_uri = log_hovle_model(trained["exports"]["instruct"], trained["mlflow_run_id"], tracking)
-    numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    tags = {"hovle.source_commit": source_commit(), "hovle.run_name": "demo", "hovle.preset": preset}
-    version = register(model_uri, "hovle", tags, numbers, tracking)
-    decision = promote(MlflowClient(tracking), "hovle", version, GateSettings())
-    print(f"   hovle v{version}: {'champion' if decision.champion else 'challenger'} ({decision.reason})")
-    timings["register"] = time.perf_counter() - start
-
-    alias = "champion" if decision.champion else "challenger"
-    start = step(
-        f"7. Ask models:/hovle@{alias} (pyfunc, as an application would): a new image, then text only"
+        f"5. Ask models:/hovle@{alias} (pyfunc, as an application would): a new image, then text only"
     )
     image = workdir / "question.png"
     demo_image(plan["image_size"]).save(image)
@@ -324,8 +295,8 @@ def story(
     timings["predict"] = time.perf_counter() - start
     ray.shutdown()
     return {
-        "trained": trained, "scores": numbers, "version": version, "alias": alias, "replies": replies,
-        "reason": decision.reason,
+        "mlflow_run_id": cycle["mlflow_run_id"], "scores": cycle["scores"], "version": cycle["version"],
+        "alias": alias, "replies": replies, "reason": cycle["reason"],
         "timings": timings, "tracking": tracking, "workdir": workdir,
     }  # fmt: skip
 
@@ -334,13 +305,13 @@ def summary_table(result: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(result["tracking"])
-    parent = result["trained"]["mlflow_run_id"]
+    parent = result["mlflow_run_id"]
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
     )
     print("\nSummary")
     print(f"   {'stage':<9} {'steps':>5} {'loss first -> last':>20} {'tokens/s':>9}")
-    for run in sorted(children, key=lambda r: STAGES.index(r.data.tags["hovle.stage"])):
+    for run in sorted(children, key=lambda r: STAGE_NAMES.index(r.data.tags["hovle.stage"])):
         history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
         speed = run.data.metrics.get("tokens_per_s", float("nan"))
         print(

@@ -1,32 +1,31 @@
 """`hovle evaluate --model URI --data JSONL [--text JSONL] [--base URI]`: how good a model is, into MLflow.
 
-    resolve_model(uri, tracking_uri) -> (model, processor)   a stage export, a Hugging Face folder, runs:/,
-                                                              models:/name@alias, models:/name/version, or
-                                                              preset:<name> (the untrained preset: its LLM)
-    evaluate_vqa(model, processor, data)    greedy answers on a held-out conversation JSONL (`hovle synth`'s
-                                            format), normalised exact match overall and per skill
-    preservation(model, processor, base, texts)   general language kept against the base (a BaseReference)
-                                            (jobs/language.py: keyed text-only questions never trained on),
-                                            and the perplexity ratio on held-out text (reported, not gated)
-    render_gallery(report)                  an HTML page: images, question, expected and given answer
+    evaluate(model_uri, EvalSettings) -> EvalReport     the plain function: answers, scores, language kept
+    run_evaluation(model_uri, settings, tracking_uri, run_id, output)   + the gallery and results files,
+                                                        logged into an MLflow run; what `demo`, `retrain`
+                                                        and the CLI call
 
-Metrics, params and the artifacts (`gallery.html`, `eval_results.json`) go to `--run-id` or a new run named
-`evaluate`. The last line of stdout is one JSON object: the metrics, `run_id` and `output` (the local folder
-holding the gallery and results; null when it was a temporary one). Exit codes: 0 done; 2 bad arguments, a
-model, data file or run that does not exist; 1 anything unexpected (a traceback).
+    evaluate_vqa(model, processor, data)    greedy answers on a held-out conversation JSONL (`hovle synth`'s
+                                            format, or any LLaVA-style one: human/gpt or user/assistant/
+                                            system), normalised exact match overall and per skill
+    jobs.language.preservation(...)         general language kept against the base (keyed text-only
+                                            questions never trained on) and the held-out text perplexity
+
+Models resolve through jobs.models (exports, Hugging Face folders, runs:/, models:/, preset:), answers are
+scored by jobs.scoring, the page is jobs.gallery's. Metrics, params and the artifacts (`gallery.html`,
+`eval_results.json`) go to `--run-id` or a new run named `evaluate`. The last line of stdout is one JSON
+object: the metrics, `run_id` and `output` (the local folder holding the gallery and results; null when
+it was a temporary one). Exit codes: 0 done; 2 bad arguments, a model, data file or run that does not
+exist; 1 anything unexpected (a traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import io
 import json
 import logging
-import math
 import os
-import string
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -36,31 +35,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from jobs.cli import positive_int
-from jobs.export import is_export, load_export, local_copy
+from jobs.cli import USAGE_ERROR, positive_int, run_command
+from jobs.gallery import GALLERY_MAX_RECORDS, render_gallery, thumbnail
 from jobs.logging_setup import setup_logging
-from jobs.tracking import KIND_TAG, log_params
+from jobs.models import generate_answers, resolve_model
+from jobs.run_config import EvalSettings
+from jobs.scoring import RecordResult, accuracy, answers_match, vqa_metrics
+from jobs.tracking import KIND_TAG, experiment_id, log_results
 from jobs.tracking import tracking_uri as default_tracking_uri
 from jobs.vision_check import image_token_spread
-from model import HoVLEForConditionalGeneration, HoVLEProcessor, load_pretrained
-from model.tokenizer import IMAGE_PLACEHOLDER
+from model import HoVLEForConditionalGeneration, HoVLEProcessor
 from pipelines import storage
+from pipelines.preprocess import RejectedSample, parse_conversation
 
 logger = logging.getLogger(__name__)
-
-ROLES = {"human": "user", "gpt": "assistant"}
-NUMBER_WORDS = {
-    word: str(n) for n, word in enumerate("zero one two three four five six seven eight nine ten".split())
-}
-PRESET_SCHEME = "preset:"  # preset:<name or YAML>: the preset's untrained model (its LLM, identity module)
-GALLERY_MAX_RECORDS = 50
-THUMBNAIL_SIDE = 224
-TEXT_MAX_TOKENS = 256
-USAGE_ERROR = 2
-
-
-class ModelNotFound(FileNotFoundError):
-    """No loadable model at the URI given."""
 
 
 class DataNotFound(FileNotFoundError):
@@ -75,114 +63,7 @@ class UnusableRecord(ValueError):
     """One record cannot be evaluated (missing or unreadable image, malformed conversation)."""
 
 
-# ---- models ------------------------------------------------------------------------------------------
-
-
-def _load_hf_folder(folder: str) -> tuple[HoVLEForConditionalGeneration, HoVLEProcessor]:
-    try:
-        model = load_pretrained(folder)  # HoVLE or the compositional baseline, by its model_type
-    except ValueError as err:
-        raise ModelNotFound(str(err)) from err
-    return model.eval(), HoVLEProcessor.from_pretrained(folder)
-
-
-def resolve_model(
-    uri: str, tracking_uri: str | None = None
-) -> tuple[HoVLEForConditionalGeneration, HoVLEProcessor]:
-    """(model in eval mode, processor) from `uri`.
-
-    `uri` is a stage export (folder with `export.json`, local or s3://), a Hugging Face folder written by
-    `save_pretrained` (local or s3://), or an MLflow model (`runs:/<run>/<path>`, `models:/<name>@<alias>`,
-    `models:/<name>/<version>`): a pyfunc model whose artifact `hf_model` is the Hugging Face folder.
-
-    Raises:
-        ModelNotFound: nothing loadable at `uri` (the message says what was expected).
-    """
-    if uri.startswith(("runs:/", "models:/")):
-        from mlflow.exceptions import MlflowException
-
-        from jobs.registry import HF_ARTIFACT, download_hf_folder
-
-        with tempfile.TemporaryDirectory(prefix="hovle-model-") as scratch:
-            try:
-                folder = download_hf_folder(uri, tracking_uri, scratch)
-            except (MlflowException, OSError) as err:
-                raise ModelNotFound(f"cannot download MLflow model {uri} from {tracking_uri}: {err}") from err
-            if not (folder / "config.json").is_file():
-                raise ModelNotFound(
-                    f"{uri} holds no Hugging Face model (pyfunc artifact {HF_ARTIFACT!r}); log it with "
-                    f'mlflow.pyfunc.log_model(..., artifacts={{"{HF_ARTIFACT}": <export folder>}})'
-                )
-            return _load_hf_folder(str(folder))
-    if uri.startswith(PRESET_SCHEME):
-        from model import build_model, build_processor, load_preset
-
-        try:
-            config = load_preset(uri.removeprefix(PRESET_SCHEME))
-        except (FileNotFoundError, ValueError) as err:
-            raise ModelNotFound(f"{uri}: {err}") from err
-        return build_model(config).eval(), build_processor(config)
-    if is_export(uri):
-        model, processor = load_export(uri)
-        return model.eval(), processor
-    if storage.exists(storage.join(uri, "config.json")):
-        with tempfile.TemporaryDirectory(prefix="hovle-model-") as scratch:
-            return _load_hf_folder(local_copy(uri, scratch))
-    raise ModelNotFound(
-        f"no model at {uri}: expected a stage export (export.json), a save_pretrained folder (config.json), "
-        "or an MLflow model URI (runs:/..., models:/name@alias, models:/name/version)"
-    )
-
-
-Chat = tuple[list[dict[str, str]], list[Image.Image]]  # messages ({"role", "content"}), their images
-
-
-@torch.inference_mode()
-def generate_answers(
-    model: HoVLEForConditionalGeneration,
-    processor: HoVLEProcessor,
-    chats: list[Chat],
-    max_new_tokens: int = 16,
-) -> list[str]:
-    """Greedy replies to `chats` (one `<image>` per image in the messages), as one left-padded batch."""
-    batch = processor.collate(
-        [
-            processor(messages, images=images or None, add_generation_prompt=True)
-            for messages, images in chats
-        ],
-        padding_side="left",
-    )
-    pixel_values = batch["pixel_values"]
-    out = model.generate(
-        input_ids=batch["input_ids"].to(model.device),
-        attention_mask=batch["attention_mask"].to(model.device),
-        pixel_values=None if pixel_values is None else pixel_values.to(model.device, model.dtype),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return [processor.decode(row[batch["input_ids"].shape[1] :]).strip() for row in out]
-
-
-# ---- VQA accuracy ------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """`text` lowercased, surrounding whitespace and punctuation stripped, spaces collapsed, number words
-    "zero".."ten" as digits: " Three. " -> "3"."""
-    words = text.lower().strip(string.punctuation + string.whitespace).split()
-    return " ".join(NUMBER_WORDS.get(word, word) for word in words)
-
-
-@dataclass
-class RecordResult:
-    """One evaluated record; `given` is model output (untrusted text)."""
-
-    id: str
-    skill: str | None
-    question: str
-    expected: str
-    given: str
-    correct: bool
+# ---- VQA ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -194,15 +75,7 @@ class VqaReport:
     thumbnails: list[list[str]] = field(default_factory=list)  # base64 PNGs, aligned with results[:50]
 
     def metrics(self) -> dict[str, float]:
-        """`vqa_accuracy`, `vqa_accuracy/<skill>`, `vqa_samples`, `vqa_skipped`."""
-        metrics = {"vqa_accuracy": _accuracy(self.results)}
-        for skill in sorted({r.skill for r in self.results if r.skill}):
-            metrics[f"vqa_accuracy/{skill}"] = _accuracy([r for r in self.results if r.skill == skill])
-        return {**metrics, "vqa_samples": float(len(self.results)), "vqa_skipped": float(self.skipped)}
-
-
-def _accuracy(results: list[RecordResult]) -> float:
-    return sum(r.correct for r in results) / len(results) if results else 0.0
+        return vqa_metrics(self.results, self.skipped)
 
 
 @dataclass
@@ -228,42 +101,37 @@ def _read_image(uri: str) -> Image.Image:
 
 
 def parse_record(line: str, root: str) -> VqaPrompt:
-    """A JSONL line -> the chat up to its last human turn, its images (paths relative to `root`), its answer.
+    """A JSONL line -> the chat up to its last user turn, its images (paths relative to `root`), its answer
+    (the `answer` field, else the reply that followed). Conversations are read as training reads them
+    (pipelines.preprocess.parse_conversation).
 
     Raises:
-        UnusableRecord: bad JSON, no human turn, no answer, a missing or unreadable image, or a different
-            number of `<image>` placeholders than images.
+        UnusableRecord: bad JSON, a malformed conversation, no user turn, no answer, a missing or unreadable
+            image, or a different number of `<image>` placeholders than images.
     """
     try:
         record = json.loads(line)
-        turns = record["conversations"]
-        last = max(i for i, turn in enumerate(turns) if turn["from"] == "human")
-        messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in turns[: last + 1]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise UnusableRecord(
-            f"not a conversation record with a human turn ({type(err).__name__}: {err})"
-        ) from err
+        refs = record.get("image") or []
+        refs = [refs] if isinstance(refs, str) else refs
+        messages = parse_conversation(record.get("conversations"), len(refs))
+    except (json.JSONDecodeError, AttributeError, TypeError) as err:
+        raise UnusableRecord(f"not a conversation record ({type(err).__name__}: {err})") from err
+    except RejectedSample as err:
+        raise UnusableRecord(str(err)) from err
+    users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+    if not users:
+        raise UnusableRecord("no human/user turn to answer")
+    last = users[-1]
     expected = record.get("answer")
-    if expected is None and last + 1 < len(turns):
-        expected = turns[last + 1]["value"]  # no "answer" field: the reply that followed in the data
+    if expected is None and last + 1 < len(messages):
+        expected = messages[last + 1]["content"]  # no "answer" field: the reply that followed in the data
     if not isinstance(expected, str):
         raise UnusableRecord("no answer: neither an 'answer' field nor a reply to the last question")
-    refs = record.get("image") or []
-    images = [_read_image(storage.join(root, ref)) for ref in ([refs] if isinstance(refs, str) else refs)]
-    placeholders = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
-    if placeholders != len(images):
-        raise UnusableRecord(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
+    images = [_read_image(storage.join(root, str(ref))) for ref in refs]
     skill = record.get("skill")
     skill = skill if isinstance(skill, str) else None
-    return VqaPrompt(str(record.get("id", "")), skill, messages, images, messages[-1]["content"], expected)
-
-
-def _thumbnail(image: Image.Image) -> str:
-    small = image.copy()
-    small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buffer = io.BytesIO()
-    small.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    prompt = messages[: last + 1]
+    return VqaPrompt(str(record.get("id", "")), skill, prompt, images, prompt[-1]["content"], expected)
 
 
 def read_lines(uri: str, what: str) -> list[str]:
@@ -302,18 +170,18 @@ def evaluate_vqa(
         batch = prompts[start : start + batch_size]
         chats = [(prompt.messages, prompt.images) for prompt in batch]
         for prompt, given in zip(batch, generate_answers(model, processor, chats, max_new_tokens)):
-            correct = normalize_answer(given) == normalize_answer(prompt.expected)
+            correct = answers_match(given, prompt.expected)
             report.results.append(
                 RecordResult(prompt.id, prompt.skill, prompt.question, prompt.expected, given, correct)
             )
             if len(report.thumbnails) < GALLERY_MAX_RECORDS:
-                report.thumbnails.append([_thumbnail(image) for image in prompt.images])
+                report.thumbnails.append([thumbnail(image) for image in prompt.images])
         done = len(report.results)
         if done // progress_every != (done - len(batch)) // progress_every or done == len(prompts):
-            accuracy = _accuracy(report.results)
             logger.info(
-                "vqa %d/%d records, accuracy %.3f, skipped %d", done, len(prompts), accuracy, report.skipped
-            )
+                "vqa %d/%d records, accuracy %.3f, skipped %d",
+                done, len(prompts), accuracy(report.results), report.skipped,
+            )  # fmt: skip
     if not report.results:
         raise DataNotFound(
             f"none of the {len(lines)} records of {data} could be evaluated ({report.skipped} skipped; "
@@ -322,51 +190,20 @@ def evaluate_vqa(
     return report
 
 
+def image_check(model, processor, data: str, images: int = 16) -> dict[str, float]:
+    """`jobs.vision_check` on the images of the first records of `data` (none when it has fewer than two)."""
+    found: list[Image.Image] = []
+    for line in read_lines(data, "data"):
+        try:
+            found += parse_record(line, _parent(data)).images
+        except UnusableRecord:
+            continue
+        if len(found) >= images:
+            break
+    return image_token_spread(model, processor, found[:images]) if len(found) >= 2 else {}
+
+
 # ---- language preservation ---------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def perplexity(
-    model: HoVLEForConditionalGeneration,
-    processor: HoVLEProcessor,
-    texts: list[str],
-    max_tokens: int = TEXT_MAX_TOKENS,
-) -> float:
-    """exp(mean next-token loss over all predicted tokens) of `texts`, each cut to `max_tokens` tokens."""
-    total_loss, total_tokens = 0.0, 0
-    for text in texts:
-        encoded = processor.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")
-        ids = encoded["input_ids"].to(model.device)
-        if ids.shape[1] < 2:
-            continue  # nothing to predict
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        total_loss += loss.item() * (ids.shape[1] - 1)
-        total_tokens += ids.shape[1] - 1
-    if not total_tokens:
-        raise DataNotFound("the text file holds no text of two or more tokens to compute a perplexity on")
-    return math.exp(total_loss / total_tokens)
-
-
-def preservation(
-    model: HoVLEForConditionalGeneration,
-    processor: HoVLEProcessor,
-    base,
-    texts: list[str] | None = None,
-    questions: list | None = None,
-) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, per-question records) against the base (a `jobs.language.BaseReference`): the
-    general-language metrics of jobs.language (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...)
-    on `questions` (default: the package's keyed general questions), and with `texts` also `text_ppl`,
-    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated)."""
-    from jobs.language import language_preservation
-
-    metrics, records = language_preservation(model, processor, base, questions)
-    if texts:
-        ppl, base_ppl = perplexity(model, processor, texts), base.perplexity(texts)
-        metrics.update(text_ppl=ppl, base_text_ppl=base_ppl, ppl_ratio=ppl / base_ppl)
-    else:
-        logger.info("no --text given: perplexity against the base is not measured")
-    return metrics, records
 
 
 def read_texts(uri: str) -> list[str]:
@@ -380,67 +217,134 @@ def read_texts(uri: str) -> list[str]:
     return texts
 
 
-# ---- gallery and tracking ----------------------------------------------------------------------------
+# ---- the evaluation ----------------------------------------------------------------------------------
 
 
-def render_gallery(report: VqaReport, title: str = "HoVLE evaluation") -> str:
-    """An HTML page of the first records (images inline); every text is escaped (answers are model output)."""
-    rows = []
-    for result, thumbnails in zip(report.results, report.thumbnails):
-        images = "".join(f'<img src="data:image/png;base64,{t}" alt="">' for t in thumbnails)
-        mark = '<td class="ok">✓</td>' if result.correct else '<td class="bad">✗</td>'
-        cells = (result.id, result.skill or "", result.question, result.expected, result.given)
-        text = "".join(f"<td>{html.escape(value)}</td>" for value in cells)
-        rows.append(f"<tr><td>{images}</td>{text}{mark}</tr>")
-    accuracy = report.metrics()["vqa_accuracy"]
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
-        "body{font-family:sans-serif} td{border-top:1px solid #ccc;padding:4px;vertical-align:top;"
-        "white-space:pre-wrap} img{margin:2px} .ok{color:green} .bad{color:red}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>accuracy {accuracy:.3f} on {len(report.results)} records "
-        f"({report.skipped} skipped); the first {len(rows)} shown</p><table><tr><th>image</th><th>id</th>"
-        f"<th>skill</th><th>question</th><th>expected</th><th>given</th><th></th></tr>{''.join(rows)}"
-        "</table></body></html>\n"
+@dataclass
+class EvalReport:
+    """What `evaluate` found: the metrics, every answered record, the language check's records."""
+
+    model: str
+    settings: EvalSettings
+    metrics: dict[str, float]
+    vqa: VqaReport
+    language: list[dict] = field(default_factory=list)
+
+    def write(self, folder: Path) -> list[Path]:
+        """`gallery.html` and `eval_results.json` into `folder`; returns their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        gallery, results = folder / "gallery.html", folder / "eval_results.json"
+        page = render_gallery(
+            self.vqa.results, self.vqa.thumbnails, self.vqa.skipped, f"HoVLE evaluation of {self.model}"
+        )
+        gallery.write_text(page, encoding="utf-8")
+        document = {
+            "metrics": self.metrics,
+            "records": [asdict(r) for r in self.vqa.results],
+            "language": self.language,
+        }
+        results.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8")
+        return [gallery, results]
+
+
+def check_inputs(settings: EvalSettings) -> list | None:
+    """Fail before any model loads: every input file exists; returns the parsed language questions."""
+    inputs = (
+        (settings.data, "data"),
+        (settings.text, "text"),
+        (settings.language_questions, "language questions"),
     )
-
-
-def tracking_uri_from(arg: str | None) -> str:
-    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else a SQLite file in the working folder (absolute)."""
-    return arg or default_tracking_uri()
-
-
-def log_to_mlflow(
-    client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path]
-) -> None:
-    """Params, metrics (step 0) and files as artifacts into the run `run_id`."""
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.time import get_current_time_millis
+    for uri, what in inputs:
+        if uri and not storage.exists(uri):
+            raise DataNotFound(f"{what} file {uri} not found")
+    if not settings.language_questions:
+        return None
+    from pipelines.general_text import parse_keyed_questions
 
     try:
-        log_params(client, run_id, params)
-    except MlflowException as err:  # an existing run evaluated again with other inputs keeps its first params
-        logger.warning("MLflow run %s already has other params; keeping them (%s)", run_id, err.message)
-    now = get_current_time_millis()
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
-    for path in files:
-        client.log_artifact(run_id, str(path))
+        return parse_keyed_questions(read_lines(settings.language_questions, "language questions"))
+    except ValueError as err:
+        raise DataNotFound(f"language questions {settings.language_questions}: {err}") from err
 
 
-# ---- the job -----------------------------------------------------------------------------------------
+def evaluate(model_uri: str, settings: EvalSettings, tracking_uri: str | None = None) -> EvalReport:
+    """Evaluate the model at `model_uri` (anything jobs.models.resolve_model takes) as `settings` say.
 
+    Raises ModelNotFound or DataNotFound, before any model is evaluated where it can.
+    """
+    questions = check_inputs(settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = resolve_model(model_uri, tracking_uri)
+    model.to(device)
+    base = None
+    if settings.base:
+        from jobs.language import BaseReference
 
-def _image_check(model, processor, data: str, images: int = 16) -> dict[str, float]:
-    """`jobs.vision_check` on the images of the first records of `data` (none when it has fewer than two)."""
-    found: list[Image.Image] = []
-    for line in read_lines(data, "data"):
+        base = BaseReference.from_uri(settings.base, tracking_uri, device)
+        if base.key is None:
+            base.loaded()  # fails now, not after the evaluation
+    logger.info(
+        "evaluating %s on %s (max %s records)", model_uri, settings.data, settings.max_samples or "all"
+    )
+    vqa = evaluate_vqa(model, processor, settings.data, settings.max_samples, settings.max_new_tokens)
+    metrics = {**vqa.metrics(), **image_check(model, processor, settings.data)}
+    language: list[dict] = []
+    if base is None:
+        logger.info("no --base model given: language preservation not measured (the gate refuses it)")
+    else:
+        from jobs.language import preservation
+
+        texts = read_texts(settings.text) if settings.text else None
         try:
-            found += parse_record(line, _parent(data)).images
-        except UnusableRecord:
-            continue
-        if len(found) >= images:
-            break
-    return image_token_spread(model, processor, found[:images]) if len(found) >= 2 else {}
+            found, language = preservation(model, processor, base, texts, questions)
+        except ValueError as err:  # no held-out text to compute a perplexity on
+            raise DataNotFound(f"text file {settings.text}: {err}") from err
+        metrics.update(found)
+    return EvalReport(model_uri, settings, metrics, vqa, language)
+
+
+def run_evaluation(
+    model_uri: str,
+    settings: EvalSettings,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    output: Path | None = None,
+    experiment: str = "hovle",
+) -> dict[str, Any]:
+    """`evaluate`, its files into `output` (a temporary folder when None), all of it logged into MLflow run
+    `run_id` (a new run named `evaluate` when None). Returns the metrics with `run_id`.
+
+    Raises RunNotFound, ModelNotFound or DataNotFound before the evaluation where it can.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if run_id:
+        try:
+            client.get_run(run_id)  # fails now, not after the evaluation
+        except MlflowException as err:
+            raise RunNotFound(f"MLflow run {run_id} not found at {tracking_uri}: {err.message}") from err
+    report = evaluate(model_uri, settings, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="hovle-evaluate-") as scratch:
+        files = report.write(output or Path(scratch))
+        target = (
+            run_id
+            or client.create_run(
+                experiment_id(client, experiment), run_name="evaluate", tags={KIND_TAG: "evaluate"}
+            ).info.run_id
+        )
+        params = {"model": model_uri, "data": settings.data, "base": settings.base or ""}
+        log_results(
+            client, target, {**params, "max_samples": settings.max_samples or "all"}, report.metrics, files
+        )
+    if not run_id:
+        client.set_terminated(target)  # a given run belongs to its creator, who closes it
+    logger.info(
+        "vqa accuracy %.3f -> MLflow run %s at %s", report.metrics["vqa_accuracy"], target, tracking_uri
+    )
+    return {**report.metrics, "run_id": target}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,92 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate(args: argparse.Namespace, output: Path) -> dict[str, Any]:
-    """Run the whole evaluation the parsed `args` describe; write the gallery and results into `output`.
-
-    Returns the summary (metrics, `run_id`). Raises ModelNotFound, DataNotFound or RunNotFound, before
-    any model is evaluated where it can.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    tracking_uri = tracking_uri_from(args.tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if args.run_id:
-        try:
-            client.get_run(args.run_id)  # fails now, not after the evaluation
-        except MlflowException as err:
-            raise RunNotFound(f"MLflow run {args.run_id} not found at {tracking_uri}: {err.message}") from err
-    inputs = ((args.data, "data"), (args.text, "text"), (args.language_questions, "language questions"))
-    for uri, what in inputs:
-        if uri and not storage.exists(uri):
-            raise DataNotFound(f"{what} file {uri} not found")
-    questions = None
-    if args.language_questions:
-        from pipelines.general_text import parse_keyed_questions
-
-        try:
-            questions = parse_keyed_questions(read_lines(args.language_questions, "language questions"))
-        except ValueError as err:
-            raise DataNotFound(f"language questions {args.language_questions}: {err}") from err
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = resolve_model(args.model, tracking_uri)
-    model.to(device)
-    if args.base:
-        from jobs.language import BaseReference
-
-        base = BaseReference.from_uri(args.base, tracking_uri, device)
-        if base.key is None:
-            base.loaded()  # fails now, not after the evaluation
-    else:
-        base = None
-    logger.info("evaluating %s on %s (max %s records)", args.model, args.data, args.max_samples or "all")
-    report = evaluate_vqa(model, processor, args.data, args.max_samples, args.max_new_tokens)
-    metrics = report.metrics()
-    metrics.update(_image_check(model, processor, args.data))
-    language: list[dict] = []
-    if base is None:
-        logger.info("no --base model given: language preservation not measured (the gate refuses it)")
-    else:
-        texts = read_texts(args.text) if args.text else None
-        found, language = preservation(model, processor, base, texts, questions)
-        metrics.update(found)
-
-    output.mkdir(parents=True, exist_ok=True)
-    files = [output / "gallery.html", output / "eval_results.json"]
-    files[0].write_text(render_gallery(report, f"HoVLE evaluation of {args.model}"), encoding="utf-8")
-    results = {"metrics": metrics, "records": [asdict(r) for r in report.results], "language": language}
-    files[1].write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-
-    run_id = args.run_id
-    if run_id is None:
-        found = client.get_experiment_by_name(args.experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(args.experiment)
-        run_id = client.create_run(
-            experiment_id, run_name="evaluate", tags={KIND_TAG: "evaluate"}
-        ).info.run_id
-    params = {"model": args.model, "data": args.data, "base": args.base or ""}
-    log_to_mlflow(client, run_id, {**params, "max_samples": args.max_samples or "all"}, metrics, files)
-    if not args.run_id:
-        client.set_terminated(run_id)  # a given run belongs to its creator, who closes it
-    logger.info("vqa accuracy %.3f -> MLflow run %s at %s", metrics["vqa_accuracy"], run_id, tracking_uri)
-    return {**metrics, "run_id": run_id}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="hovle-evaluate-") as scratch:
-            summary = evaluate(args, args.output or Path(scratch))
-    except (ModelNotFound, DataNotFound, RunNotFound) as err:
-        print(f"hovle evaluate: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    summary["output"] = str(args.output) if args.output else None
-    print(json.dumps(summary))
-    return 0
+    settings = EvalSettings(
+        data=args.data, text=args.text, base=args.base, language_questions=args.language_questions,
+        max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+
+    def body() -> int:
+        summary = run_evaluation(
+            args.model, settings, args.tracking_uri, args.run_id, args.output, args.experiment
+        )
+        summary["output"] = str(args.output) if args.output else None
+        print(json.dumps(summary))
+        return 0
+
+    return run_command("hovle evaluate", body, {RunNotFound: USAGE_ERROR})
 
 
 if __name__ == "__main__":

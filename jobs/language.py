@@ -43,8 +43,9 @@ from typing import Any
 import torch
 import transformers
 
-from jobs.evaluate import NUMBER_WORDS, PRESET_SCHEME, generate_answers, perplexity, resolve_model
 from jobs.logging_setup import setup_logging
+from jobs.models import PRESET_SCHEME, generate_answers, perplexity, resolve_model
+from jobs.scoring import NUMBER_WORDS
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
 from pipelines.general_text import CHAT_FILE, SKILL, KeyedQuestion, general_prompts, language_eval_questions
 
@@ -131,7 +132,7 @@ class BaseReference:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, device: str = "cpu") -> BaseReference:
-        """The base at `uri` (anything `jobs.evaluate.resolve_model` takes); cached when it is a preset whose
+        """The base at `uri` (anything `jobs.models.resolve_model` takes); cached when it is a preset whose
         LLM weights are files on disk."""
 
         def load() -> Loaded:
@@ -265,6 +266,30 @@ def language_preservation(
 
 
 # ---- writing the training conversations (once; the output is committed) --------------------------------
+
+
+def preservation(
+    model: HoVLEForConditionalGeneration,
+    processor: HoVLEProcessor,
+    base,
+    texts: list[str] | None = None,
+    questions: list | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-question records) against the base (a `jobs.language.BaseReference`): the
+    general-language metrics of jobs.language (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...)
+    on `questions` (default: the package's keyed general questions), and with `texts` also `text_ppl`,
+    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated).
+
+    Raises:
+        ValueError: `texts` hold no text of two or more tokens.
+    """
+    metrics, records = language_preservation(model, processor, base, questions)
+    if texts:
+        ppl, base_ppl = perplexity(model, processor, texts), base.perplexity(texts)
+        metrics.update(text_ppl=ppl, base_text_ppl=base_ppl, ppl_ratio=ppl / base_ppl)
+    else:
+        logger.info("no held-out text given: perplexity against the base is not measured")
+    return metrics, records
 
 
 def write_chat(preset: str, output: Path, max_new_tokens: int) -> int:

@@ -18,6 +18,7 @@ import tempfile
 import types
 from pathlib import Path
 
+from jobs.cli import USAGE_ERROR, run_command
 from jobs.logging_setup import setup_logging
 
 
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mlflow.exceptions import MlflowException
 
-    try:
+    def body() -> int:
         text = answer(args.model, args.prompt, args.image, args.max_new_tokens)
-    except (FileNotFoundError, MlflowException) as err:  # no such export, model, version or alias
-        print(f"hovle predict: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({"model": args.model, "prompt": args.prompt, "answer": text}))
-    return 0
+        print(json.dumps({"model": args.model, "prompt": args.prompt, "answer": text}))
+        return 0
+
+    # no such export, model, version or alias: a usage error
+    return run_command("hovle predict", body, {MlflowException: USAGE_ERROR})
 
 
 if __name__ == "__main__":

@@ -14,24 +14,52 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+from collections.abc import Callable
+from typing import Any
 
-from jobs.cli import parse_overrides, positive_int
+from jobs.cli import USAGE_ERROR, parse_overrides, positive_int, run_command
 from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
-from jobs.run_config import add_config_arguments, load_run_config
-from model.config import ConfigError
-from pipelines.manifest import ManifestError, ManifestMismatch
-from pipelines.prepare import STAGES, prepare
+from jobs.run_config import RunConfig, add_config_arguments, load_run_config
+from model.config import HoVLEConfig
+from model.presets import build_processor, config_from_spec, portable_config
+from model.stages import STAGE_NAMES
+from pipelines.manifest import ManifestError, ManifestMismatch, stable_hash
+from pipelines.prepare import prepare
 
 logger = logging.getLogger("jobs.prepare")
+
+
+def config_hash(config: HoVLEConfig) -> str:
+    """sha256 of the model config, the same on every machine (what a prepared dataset's manifest records)."""
+    return stable_hash(portable_config(config.to_dict()))
+
+
+def prepare_stages(
+    run: RunConfig,
+    raw: dict[str, list[str]],
+    outputs: dict[str, str],
+    num_actors: int | None = None,
+    on_unit_done: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each stage's raw inputs -> its prepared dataset at `outputs[stage]`, with the processor the run
+    config's `model:` section builds (once) and its `data:` settings; returns each stage's report."""
+    config = config_from_spec(run.model)
+    processor, key = build_processor(config), config_hash(config)
+    reports = {}
+    for stage, inputs in raw.items():
+        reports[stage] = prepare(
+            processor, stage, inputs, outputs[stage], run.data,
+            num_actors=num_actors, on_unit_done=on_unit_done, config_hash=key,
+        )  # fmt: skip
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--input", action="append", required=True, help="input URI (repeatable)")
     parser.add_argument("--output", required=True, help="dataset URI (local folder or s3://...)")
     add_config_arguments(parser)
@@ -46,25 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     overrides = parse_overrides(parser, args.set)
-    try:
-        settings = load_run_config(args.config, overrides).data
+
+    def body() -> int:
+        run = load_run_config(args.config, overrides)
         hooks = Hooks(from_env())
-        report = prepare(
-            args.config, args.stage, args.input, args.output, settings, num_actors=args.num_actors,
+        report = prepare_stages(
+            run, {args.stage: args.input}, {args.stage: args.output}, num_actors=args.num_actors,
             on_unit_done=lambda done, total: hooks.emit("on_prepare_unit", done, total),
+        )[args.stage]  # fmt: skip
+        logger.info(
+            "read %d, written %d, rejected %d -> %s",
+            report["read"], report["written"], report["rejected"], report["output"],
         )  # fmt: skip
-    except (ConfigError, ManifestError, ManifestMismatch, FileNotFoundError) as err:
-        print(f"hovle prepare: {err}", file=sys.stderr)
-        return 2
-    logger.info(
-        "read %d, written %d, rejected %d -> %s",
-        report["read"],
-        report["written"],
-        report["rejected"],
-        report["output"],
-    )
-    print(json.dumps(report))
-    return 0
+        print(json.dumps(report))
+        return 0
+
+    return run_command("hovle prepare", body, {(ManifestError, ManifestMismatch): USAGE_ERROR})
 
 
 if __name__ == "__main__":

@@ -26,18 +26,16 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from jobs.cli import parse_overrides
+from jobs.cli import FAILED, parse_overrides, run_command
 from jobs.lock import LockHeld, StorageLock
 from jobs.logging_setup import setup_logging
 from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
-from jobs.train_config import STAGE_ORDER
 from model.config import ConfigError
+from model.stages import STAGE_NAMES
 from pipelines import storage
 
 logger = logging.getLogger("jobs.retrain")
@@ -94,16 +92,18 @@ def champion_export(name: str, tracking_uri: str, scratch: str) -> str | None:
 
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """One cycle (see the module docstring); returns the JSON summary."""
+    from jobs.cycle import prepare_cycle, run_cycle
+
     run = load_run_config(config_path, overrides)
-    settings, evaluation = load_settings(run, config_path)
-    train_config, data_settings = run.train, run.data
-    stages = list(STAGE_ORDER) if settings.stages == "all" else ["instruct"]
+    settings, _ = load_settings(run, config_path)
+    stages = list(STAGE_NAMES) if settings.stages == "all" else ["instruct"]
     missing = [s for s in stages if not settings.raw.get(s)]
     if missing:
         raise ConfigError(f"{config_path}: retrain.raw has no inputs for stage(s) {', '.join(missing)}")
-    root = storage.join(resolve_storage(train_config.storage_path), "retrain")
+    root = storage.join(resolve_storage(run.train.storage_path), "retrain")
     with StorageLock(storage.join(root, "lock.json"), settings.lock_ttl_s) as lock:
-        datasets = _prepare(config_path, settings, stages, data_settings)
+        reports = prepare_cycle(run, {stage: settings.raw[stage] for stage in stages}, settings.prepared)
+        datasets = {stage: report["output"] for stage, report in reports.items()}
         version = data_version(datasets)
         state = CycleState(storage.join(root, "state.json"))
         cycle = state.get(version)
@@ -111,81 +111,25 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
             logger.info("nothing new since data version %s (cycle done): nothing to do", version)
             return {"status": "nothing_to_do", "data_version": version, **cycle.get("summary", {})}
         lock.refresh()
-        return _cycle(run, config_path, evaluation, datasets, version, state, lock)
+        named = run.model_copy(
+            update={"train": run.train.model_copy(update={"run_name": f"retrain-{version}"})}
+        )
+        with tempfile.TemporaryDirectory(prefix="hovle-retrain-") as scratch:
+            init = None
+            if settings.stages == "instruct":
+                init = champion_export(run.registry.name, run.train.tracking_uri, scratch)
+                if init is None:
+                    logger.info("no champion yet: instruct starts from the preset's model")
 
+            def save() -> None:  # after each step: the state, and the lock held a while longer
+                state.save()
+                lock.refresh()
 
-def _prepare(config_path, settings: RetrainSettings, stages: list[str], data_settings) -> dict[str, str]:
-    from pipelines.prepare import prepare
-
-    datasets = {}
-    for stage in stages:
-        output = storage.join(settings.prepared, stage)
-        report = prepare(config_path, stage, settings.raw[stage], output, data_settings)
-        logger.info("%s: %d new records written (%s)", stage, report["written"], output)
-        datasets[stage] = output
-    return datasets
-
-
-def _cycle(run: RunConfig, config_path: str, evaluation: EvalSettings, datasets, version, state, lock):
-    from jobs.evaluate import build_parser
-    from jobs.evaluate import evaluate as run_evaluation
-    from jobs.registry import log_hovle_model, promote, register, source_commit
-    from jobs.train import train
-
-    settings, gate, train_config = run.retrain, run.registry, run.train
-    cycle = state.get(version)
-    tracking_uri = train_config.tracking_uri
-    config = train_config.model_copy(
-        update={
-            "run_name": f"retrain-{version}",
-            "data": train_config.data.model_copy(update=datasets),
-        }
-    )
-    with tempfile.TemporaryDirectory(prefix="hovle-retrain-") as scratch:
-        init = champion_export(gate.name, tracking_uri, scratch) if settings.stages == "instruct" else None
-        if settings.stages == "instruct" and init is None:
-            logger.info("no champion yet: instruct starts from the preset's model")
-        stage = "all" if settings.stages == "all" else "instruct"
-        report = train(run.model_copy(update={"train": config}), stage, init=init, source=config_path)
-    final = report["exports"]["instruct"]
-    lock.refresh()
-
-    if "scores" not in cycle:
-        argv = ["--model", final, "--data", evaluation.data, "--run-id", report["mlflow_run_id"]]
-        argv += ["--tracking-uri", tracking_uri]
-        argv += ["--text", evaluation.text] if evaluation.text else []
-        argv += ["--base", evaluation.base] if evaluation.base else []
-        argv += ["--max-samples", str(evaluation.max_samples)] if evaluation.max_samples else []
-        with tempfile.TemporaryDirectory(prefix="hovle-eval-") as out:
-            summary = run_evaluation(build_parser().parse_args(argv), Path(out))
-        cycle["scores"] = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        state.save()
-    if "model_version" not in cycle:
-        model_uri = log_hovle_model(final, report["mlflow_run_id"], tracking_uri)
-        tags = {
-            "hovle.data_version": version,
-            "hovle.data_manifests": json.dumps(datasets),
-            "hovle.config_hash": hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12],
-            "hovle.source_commit": source_commit(),
-            "hovle.run_name": config.run_name,
-        }
-        cycle["model_version"] = register(model_uri, gate.name, tags, cycle["scores"], tracking_uri)
-        state.save()
-    from mlflow import MlflowClient
-
-    decision = promote(MlflowClient(tracking_uri), gate.name, cycle["model_version"], gate)
-    cycle["summary"] = {
-        "model": gate.name,
-        "version": cycle["model_version"],
-        "promoted": decision.champion,
-        "reason": decision.reason,
-        "scores": cycle["scores"],
-        "run_name": config.run_name,
-        "mlflow_run_id": report["mlflow_run_id"],
-    }
-    cycle["done"] = True
-    state.save()
-    return {"status": "trained", "data_version": version, **cycle["summary"]}
+            summary = run_cycle(
+                named, datasets, cycle, save, stage=settings.stages, init=init, source=config_path,
+                tags={"hovle.data_version": version},
+            )  # fmt: skip
+        return {"status": "trained", "data_version": version, **summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,19 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        summary = retrain(args.config, parse_overrides(parser, args.set))
-    except LockHeld as err:
-        print(f"hovle retrain: {err}", file=sys.stderr)
-        return LOCKED
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"hovle retrain: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:
-        print(f"hovle retrain: {err}; rerun to continue from what is done", file=sys.stderr)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    overrides = parse_overrides(parser, args.set)
+
+    def body() -> int:
+        print(json.dumps(retrain(args.config, overrides)))
+        return 0
+
+    return run_command("hovle retrain", body, {LockHeld: LOCKED, StageFailed: FAILED})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -32,20 +31,22 @@ from model.config import ConfigError, config_problems
 from model.presets import SCHEMA_VERSION, ModelSpec, read_run_document
 from pipelines.settings import PrepareSettings
 
-USAGE_ERROR = 2
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class EvalSettings(_Strict):
-    """How a cycle evaluates its model (`hovle evaluate`'s inputs)."""
+    """How a model is evaluated (jobs.evaluate.evaluate; `hovle evaluate`'s flags)."""
 
     data: str = Field(description="held-out conversation JSONL (hovle synth with another seed)")
     text: str | None = Field(None, description="held-out text JSONL for perplexity")
-    base: str | None = Field(None, description="base model for language preservation (an export or URI)")
+    base: str | None = Field(None, description="base model for language preservation (a model URI, preset:)")
+    language_questions: str | None = Field(
+        None, description="keyed general questions JSONL; default: the package's, never trained on"
+    )
     max_samples: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(16, ge=1, description="answer length")
 
 
 class RetrainSettings(_Strict):
@@ -119,7 +120,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import parse_overrides
+    from jobs.cli import parse_overrides, run_command
 
     parser = argparse.ArgumentParser(prog="hovle config", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(RunConfig.model_json_schema(), indent=2))
         return 0
-    try:
-        config = load_run_config(args.config, parse_overrides(parser, args.set))
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"hovle config: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
-    return 0
+    overrides = parse_overrides(parser, args.set)
+
+    def body() -> int:
+        config = load_run_config(args.config, overrides)
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+
+    return run_command("hovle config", body)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.cli import positive_int
+from jobs.cli import FAILED, USAGE_ERROR, positive_int, run_command
 from jobs.logging_setup import setup_logging
-from pipelines.synthetic import INSTRUCT_SKILLS, PHRASINGS, STAGES, MissingPackageError
+from model.stages import STAGE_NAMES
+from pipelines.corpora.synthetic import INSTRUCT_SKILLS, PHRASINGS, MissingPackageError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ DEFAULT_IMAGE_SIZE = {"shapes": 224, "fashion-mnist": 112, "emoji": 112}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hovle synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=STAGES, required=True, help="the HoVLE stage the corpus is for")
+    parser.add_argument(
+        "--stage", choices=STAGE_NAMES, required=True, help="the HoVLE stage the corpus is for"
+    )
     parser.add_argument("--n", type=positive_int, required=True, help="number of records")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0); evaluate on another")
     parser.add_argument("--output", type=Path, required=True, help="folder for data.jsonl and images/")
@@ -60,12 +63,12 @@ def write(args: argparse.Namespace) -> Path:
     """Write the corpus the parsed arguments describe; returns its JSONL path."""
     image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.source]
     if args.source == "shapes":
-        from pipelines.synthetic import generate
+        from pipelines.corpora.synthetic import generate
 
         return generate(args.stage, args.n, args.seed, args.output, image_size, args.phrasing, args.skills)
     if args.skills:
         raise ValueError(f"--skills chooses among the shapes source's skills, not {args.source}'s")
-    from pipelines.importers import import_emoji, import_fashion_mnist
+    from pipelines.corpora.importers import import_emoji, import_fashion_mnist
 
     if args.source == "fashion-mnist":
         return import_fashion_mnist(
@@ -89,28 +92,27 @@ def count_records_and_images(jsonl: Path) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
+
+    def body() -> int:
         jsonl = write(args)
-    except MissingPackageError as err:
-        log.error("%s", err)
-        return 1
-    except ValueError as err:  # a bad size, a request larger than the dataset, an option the stage lacks
-        log.error("%s", err)
-        return 2
-    records, images = count_records_and_images(jsonl)
-    summary = {
-        "output": str(jsonl),
-        "records": records,
-        "images": images,
-        "stage": args.stage,
-        "source": args.source,
-        "phrasing": args.phrasing,
-    }
-    text = jsonl.with_name("text.jsonl")
-    if args.stage == "distill" and text.is_file():
-        summary["text"] = str(text)  # the unpaired text corpus beside the images
-    print(json.dumps(summary))
-    return 0
+        records, images = count_records_and_images(jsonl)
+        summary = {
+            "output": str(jsonl),
+            "records": records,
+            "images": images,
+            "stage": args.stage,
+            "source": args.source,
+            "phrasing": args.phrasing,
+        }
+        text = jsonl.with_name("text.jsonl")
+        if args.stage == "distill" and text.is_file():
+            summary["text"] = str(text)  # the unpaired text corpus beside the images
+        print(json.dumps(summary))
+        return 0
+
+    # a missing package fails (1); a bad size, a request larger than the dataset, an option the stage
+    # lacks is a usage error (2)
+    return run_command("hovle synth", body, {MissingPackageError: FAILED, ValueError: USAGE_ERROR})
 
 
 if __name__ == "__main__":

@@ -52,8 +52,7 @@ class RunTracker:
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
         self.client = _client(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = experiment_id(self.client, experiment)
 
     def _find(self, query: str) -> str | None:
         runs = self.client.search_runs(
@@ -103,6 +102,29 @@ class RunTracker:
 
     def log_file(self, run_id: str, path: str, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, path, folder)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created when it does not exist yet."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def log_results(client, run_id: str, params: dict[str, Any], metrics: dict[str, float], files: list) -> None:
+    """Params, metrics (step 0) and files as artifacts into the run `run_id`; a run that already holds
+    other values for the params keeps them (a model evaluated again with other inputs)."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.time import get_current_time_millis
+
+    try:
+        log_params(client, run_id, params)
+    except MlflowException as err:
+        logger.warning("MLflow run %s already has other params; keeping them (%s)", run_id, err.message)
+    now = get_current_time_millis()
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    for path in files:
+        client.log_artifact(run_id, str(path))
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:

@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import parse_overrides
+from jobs.cli import FAILED, parse_overrides, run_command
 from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import setup_logging
 from jobs.run_config import RunConfig, add_config_arguments, load_run_config
-from jobs.train_config import STAGE_ORDER, TrainConfig
+from jobs.train_config import TrainConfig
 from model.config import ConfigError
+from model.stages import STAGE_NAMES
 from pipelines import storage
 
 logger = logging.getLogger("jobs.train")
@@ -89,7 +89,7 @@ def stage_plan(
     from pipelines.manifest import DatasetNotFound, ManifestError, read_manifest
 
     if stage == "all":
-        stages = [name for name in STAGE_ORDER if name in stages_for(model_type)]
+        stages = [name for name in STAGE_NAMES if name in stages_for(model_type)]
     else:
         stage_spec(model_type, stage)  # raises for a stage this architecture does not have
         stages = [stage]
@@ -144,7 +144,9 @@ def run_stage(job, config: TrainConfig) -> None:
     try:
         trainer.fit()
     except Exception as err:  # Ray wraps the worker's error; the stage failed for good
-        raise StageFailed(f"stage {job.stage} failed: {err}") from err
+        raise StageFailed(
+            f"stage {job.stage} failed: {err}; rerun to continue from its last checkpoint"
+        ) from err
 
 
 def train(
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", required=True, choices=(*STAGE_ORDER, "all"))
+    parser.add_argument("--stage", required=True, choices=(*STAGE_NAMES, "all"))
     parser.add_argument("--init", default=None, help="export to start from (default: the preset's model)")
     parser.add_argument("--data", default=None, help="prepared dataset URI for a single --stage")
     parser.add_argument(
@@ -280,17 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(parser, args.set)
     if args.run_name:
         overrides["train.run_name"] = args.run_name
-    try:
+
+    def body() -> int:
         run = load_run_config(args.config, overrides)
         report = train(run, args.stage, args.data, args.init, args.output, args.config)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"hovle train: {err}", file=sys.stderr)
-        return 2
-    except StageFailed as err:
-        print(f"hovle train: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(report))
-    return 0
+        print(json.dumps(report))
+        return 0
+
+    return run_command("hovle train", body, {StageFailed: FAILED})
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import ConfigError, config_problems
-
-STAGE_ORDER = ("distill", "align", "instruct")
+from model.stages import STAGE_NAMES
 
 
 class _Strict(BaseModel):
@@ -160,12 +159,12 @@ class TrainConfig(_Strict):
         "the embedding layers); project: this platform's defaults (both terms, the preset's init)",
     )
     stages: dict[Literal["distill", "align", "instruct"], StageSettings] = Field(
-        default_factory=lambda: {name: StageSettings() for name in STAGE_ORDER}
+        default_factory=lambda: {name: StageSettings() for name in STAGE_NAMES}
     )
 
     @model_validator(mode="after")
     def _every_stage(self) -> TrainConfig:
-        for name in STAGE_ORDER:
+        for name in STAGE_NAMES:
             self.stages.setdefault(name, StageSettings())
         if self.scaling.use_gpu and self.deepspeed.backend == "gloo" and self.deepspeed.zero_stage == 3:
             raise ValueError("deepspeed.backend gloo with GPUs and ZeRO-3 is unsupported: use nccl (auto)")

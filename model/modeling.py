@@ -19,8 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 from model.config import HoVLEConfig
 from model.defocus import ImageDecayBias, LearnableRotaryEmbedding
 from model.embedding import HolisticEmbedding, default_position_ids
-
-IGNORE_INDEX = -100  # the label transformers' losses skip
+from model.processor import IGNORE_INDEX
 
 
 class HoVLECache(DynamicCache):

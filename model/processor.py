@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -413,39 +413,12 @@ class HoVLEProcessor:
         Raises:
             ValueError: for an empty batch, an unknown padding side or a tokenizer without pad token.
         """
-        if not samples:
-            raise ValueError("collate needs at least one sample")
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError(
                 "the tokenizer has no pad token; prepare it with model.tokenizer.prepare_tokenizer"
             )
-
-        import torch
-
-        rows = [
-            {key: sample[key].reshape(-1) for key in ("input_ids", "attention_mask", "labels")}
-            for sample in samples
-        ]
-        longest = max(row["input_ids"].numel() for row in rows)
-        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        batch: dict[str, Any] = {}
-        for key, value in fill.items():
-            padded = torch.full((len(rows), longest), value, dtype=torch.long)
-            for index, row in enumerate(rows):
-                length = row[key].numel()
-                if padding_side == "right":
-                    padded[index, :length] = row[key]
-                else:
-                    padded[index, longest - length :] = row[key]
-            batch[key] = padded
-
-        pixel_values = [
-            sample["pixel_values"] for sample in samples if sample.get("pixel_values") is not None
-        ]
-        batch["pixel_values"] = torch.cat(pixel_values) if pixel_values else None
+        batch = pad_batch(samples, pad_id, padding_side)
         batch["num_tiles"] = [count for sample in samples for count in sample.get("num_tiles", [])]
         return batch
 
@@ -484,3 +457,48 @@ class HoVLEProcessor:
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         return cls(tokenizer, **config)
+
+
+def pad_batch(
+    samples: Sequence[Mapping[str, Any]], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, Any]:
+    """One sample per row, padded to the longest: the one padding collator (the processor's batches for
+    generation and tests, and the training stream's unpacked batches).
+
+    Args:
+        samples: mappings with `input_ids` and `labels` (lists, arrays or tensors with one row) and
+            optionally `pixel_values` (the sample's tiles; empty or None when it has no image).
+
+    Returns:
+        `input_ids` long [b, L_max] (the pad token on padding), `attention_mask` long [b, L_max] (0 on
+        padding), `labels` long [b, L_max] (-100 on padding), `pixel_values` [tiles, 3, S, S] in sample
+        order, or None when no sample has an image.
+
+    Raises:
+        ValueError: no samples, an unknown padding side, or a sample whose labels and ids differ in length.
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("a batch needs at least one sample")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    ids = [torch.as_tensor(sample["input_ids"], dtype=torch.long).reshape(-1) for sample in samples]
+    labels = [torch.as_tensor(sample["labels"], dtype=torch.long).reshape(-1) for sample in samples]
+    longest = max(t.numel() for t in ids)
+    batch_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
+    batch_labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for row, (tokens, target) in enumerate(zip(ids, labels)):
+        if tokens.numel() != target.numel():
+            raise ValueError(f"sample {row}: {tokens.numel()} input_ids but {target.numel()} labels")
+        span = slice(0, tokens.numel()) if padding_side == "right" else slice(longest - tokens.numel(), None)
+        batch_ids[row, span], batch_labels[row, span], mask[row, span] = tokens, target, 1
+    pixels = [torch.as_tensor(s["pixel_values"]) for s in samples if s.get("pixel_values") is not None]
+    pixels = [p for p in pixels if p.shape[0] > 0]
+    return {
+        "input_ids": batch_ids,
+        "attention_mask": mask,
+        "labels": batch_labels,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }

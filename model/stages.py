@@ -93,6 +93,8 @@ COMPOSITIONAL_STAGES: dict[str, StageSpec] = {
     "instruct": StageSpec("instruct", trainable=("projector.", "language_model."), loss="next_token"),
 }
 
+STAGE_NAMES: tuple[str, ...] = tuple(STAGES)  # in training order: the one list of stage names
+
 # model_type (the model config's) -> its stages
 STAGES_BY_MODEL_TYPE: dict[str, dict[str, StageSpec]] = {
     "hovle": STAGES,

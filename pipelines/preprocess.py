@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,13 +30,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.processor import IGNORE_INDEX, HoVLEProcessor, dynamic_tiles, to_rgb
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines import storage
+from pipelines.manifest import stable_hash
 from pipelines.schema import REJECT_REASONS
 from pipelines.settings import PrepareSettings
 from pipelines.sources import UnsafePath, safe_resolve, split_repeat, stable_fraction
 
 logger = logging.getLogger(__name__)
 
-STAGE_NAMES = ("distill", "align", "instruct")
 
 # The user turn of an `align` sample: `<image>` + one of these, picked by a stable hash of the sample id.
 ALIGN_PROMPTS = (
@@ -74,8 +73,8 @@ class RejectedSample(Exception):
 class PrepareContext:
     """What every row of one prepare run needs: the stage, the settings and the processor.
 
-    Build it once per worker (`build`); it holds a tokenizer, so ship the arguments, not the object.
-    `config_hash` identifies the model config it was built from ("" when built from a processor).
+    The driver builds it once and ships it to the preprocessing actors. `config_hash` identifies the
+    model config the processor was built from (recorded in the manifest; "" when unknown).
     """
 
     stage: str
@@ -85,6 +84,8 @@ class PrepareContext:
     ordinary_token_ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from model.stages import STAGE_NAMES  # deferred: the actors that unpickle a context never need torch
+
         if self.stage not in STAGE_NAMES:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {STAGE_NAMES}")
         tokenizer = self.processor.tokenizer
@@ -92,35 +93,11 @@ class PrepareContext:
         ordinary = sorted(set(tokenizer.get_vocab().values()) - special)
         self.ordinary_token_ids = np.asarray(ordinary, dtype=np.int64)
 
-    @classmethod
-    def build(
-        cls,
-        config: str | Path,
-        stage: str,
-        settings: PrepareSettings | Mapping[str, Any] | None = None,
-    ) -> PrepareContext:
-        """Build from a run config (a YAML path or a preset name; its `model:` section gives the processor).
-
-        Raises:
-            ValueError: for an unknown stage; pydantic's ValidationError for bad settings.
-        """
-        # deferred: presets import the network (torch, transformers' modelling), which the actors that
-        # receive a built context never need
-        from model.presets import build_processor, load_preset
-
-        if not isinstance(settings, PrepareSettings):
-            settings = PrepareSettings.model_validate(dict(settings or {}))
-        model_config = load_preset(config)
-        config_hash = _sha256_json(portable_config(model_config.to_dict()))
-        return cls(
-            stage=stage, settings=settings, processor=build_processor(model_config), config_hash=config_hash
-        )
-
     @cached_property
     def processor_hash(self) -> str:
         """sha256 of what the processor does to a sample: its settings, vocabulary and special tokens."""
         tokenizer = self.processor.tokenizer
-        return _sha256_json(
+        return stable_hash(
             {
                 "processor": self.processor.config,
                 "vocab": sorted(tokenizer.get_vocab().items()),
@@ -133,19 +110,6 @@ class PrepareContext:
         """Ids of (<img>, <IMG_CONTEXT>, </img>)."""
         ids = self.processor.image_token_ids
         return ids[IMG_START], ids[IMG_CONTEXT], ids[IMG_END]
-
-
-def portable_config(values: Any) -> Any:
-    """A config dict without `_name_or_path` entries: transformers records there the absolute folder a
-    config was loaded from (the virtualenv's, for a packaged LLM), which differs between checkouts and
-    machines, so a hash over it would name the same config differently on each."""
-    if isinstance(values, dict):
-        return {key: portable_config(value) for key, value in values.items() if key != "_name_or_path"}
-    return values
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -407,9 +371,15 @@ def _check_text(text: str, where: str) -> None:
             raise RejectedSample("invalid_record", f"{where} contains the reserved image token {token}")
 
 
-def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dict[str, str]]:
-    """Validated chat messages (role user/assistant/system) with exactly one `<image>` per image."""
-    turns = payload.get("conversations")
+def parse_conversation(turns: Any, num_images: int) -> list[dict[str, str]]:
+    """Chat messages (role user/assistant/system) from LLaVA-style turns (`from`/`value` or `role`/`content`)
+    with exactly one `<image>` per image: a single image left implicit goes before the first question, as
+    LLaVA data often leaves it and InternVL places it. Training and evaluation read conversations with this.
+
+    Raises:
+        RejectedSample: not a list of turns, an unknown role, an empty turn, a reserved image token in the
+            text, or a placeholder count that differs from the image count.
+    """
     if not isinstance(turns, list) or not turns:
         raise RejectedSample("invalid_record", "'conversations' must be a non-empty list of turns")
     messages = []
@@ -424,12 +394,9 @@ def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dic
             raise RejectedSample("empty_turn", f"turn {index} ({role}) has no text")
         _check_text(content, f"turn {index}")
         messages.append({"role": ROLES[role.strip().lower()], "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise RejectedSample("bad_turn_order", "no gpt/assistant turn to learn from")
 
     placeholders = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in messages)
     if num_images == 1 and placeholders == 0:
-        # LLaVA data often leaves the single image implicit; InternVL puts it before the first question
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise RejectedSample("image_count_mismatch", "one image but no human turn to place it in")
@@ -439,6 +406,14 @@ def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dic
             "image_count_mismatch",
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)",
         )
+    return messages
+
+
+def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dict[str, str]]:
+    """A training conversation: `parse_conversation`, and at least one assistant turn to learn from."""
+    messages = parse_conversation(payload.get("conversations"), num_images)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise RejectedSample("bad_turn_order", "no gpt/assistant turn to learn from")
     return messages
 
 

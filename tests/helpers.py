@@ -95,3 +95,24 @@ def distill_batch(processor) -> dict[str, torch.Tensor]:
         for i in range(2)
     ]
     return processor.collate(samples)
+
+
+def build_context(preset: str, stage: str, **settings):
+    """A preprocessing context as `hovle prepare` builds one: the processor and config hash of the preset's
+    model section (built afresh on each call), the data settings given."""
+    from jobs.prepare import config_hash
+    from model.presets import load_preset
+    from pipelines.preprocess import PrepareContext
+    from pipelines.settings import PrepareSettings
+
+    config = load_preset(preset)
+    return PrepareContext(stage, PrepareSettings(**settings), build_processor(config), config_hash(config))
+
+
+@cache
+def preset_processor(preset: str = "tiny"):
+    """The processor a preset's model section builds (what `hovle prepare` hands pipelines.prepare); built
+    once per test process and shared, so never changed by a test."""
+    from model.presets import load_preset
+
+    return build_processor(load_preset(preset))

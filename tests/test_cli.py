@@ -133,3 +133,29 @@ def test_demo_tells_the_whole_story_on_the_tiny_preset(tmp_path):
     assert (tmp_path / "demo" / "mlflow.db").is_file()
     # Ray Train's placement-group cleaner finds the State API (the dashboard) and stays quiet
     assert "Failed to query Ray Train Controller" not in done.stdout + done.stderr
+
+
+def test_run_command_maps_expected_errors_to_exit_codes_and_lets_the_rest_through(capsys):
+    """The one error -> exit-code table of every job CLI: the command's own errors first, then a bad config
+    or a missing input as a usage error (2); anything else is a bug and keeps its traceback."""
+    from jobs.cli import FAILED, USAGE_ERROR, run_command
+    from model.config import ConfigError
+
+    class Busy(Exception):
+        pass
+
+    def raising(err: Exception):
+        def body() -> int:
+            raise err
+
+        return body
+
+    assert run_command("hovle x", lambda: 0) == 0
+    assert run_command("hovle x", raising(ConfigError("train.seed: not an int"))) == USAGE_ERROR
+    assert capsys.readouterr().err == "hovle x: train.seed: not an int\n"
+    assert run_command("hovle x", raising(FileNotFoundError("no data.jsonl"))) == USAGE_ERROR
+    assert run_command("hovle x", raising(Busy("held")), {Busy: 3}) == 3
+    assert run_command("hovle x", raising(Busy("held")), {(KeyError, Busy): FAILED}) == FAILED
+    with pytest.raises(ZeroDivisionError):
+        run_command("hovle x", raising(ZeroDivisionError("a bug")), {Busy: 3})
+    assert "Traceback" not in capsys.readouterr().err

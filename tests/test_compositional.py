@@ -37,6 +37,7 @@ from tests.helpers import (
     _tiny_compositional_spec,
     chat_batch,
     distill_batch,
+    preset_processor,
     shapes_image,
     tiny_compositional_model,
     tiny_model,
@@ -357,9 +358,9 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
 
     from jobs.export import load_export
     from jobs.registry import log_hovle_model
+    from pipelines.corpora.synthetic import generate
     from pipelines.prepare import prepare
     from pipelines.settings import PrepareSettings
-    from pipelines.synthetic import generate
 
     root = tmp_path_factory.mktemp("compositional-e2e")
     monkeypatch.chdir(root)
@@ -367,7 +368,13 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
     for stage in ("distill", "align", "instruct"):
         jsonl = generate(stage, 12, seed=0, output_dir=root / "corpus" / stage, image_size=56)
         inputs = [str(jsonl)] + ([str(jsonl.parent / "text.jsonl")] if stage == "distill" else [])
-        prepare("tiny", stage, inputs, str(root / stage), PrepareSettings(max_tokens=256, val_fraction=0.0))
+        prepare(
+            preset_processor("tiny"),
+            stage,
+            inputs,
+            str(root / stage),
+            PrepareSettings(max_tokens=256, val_fraction=0.0),
+        )
         data[stage] = str(root / stage)
 
     def run(config: str, *args: str) -> dict:

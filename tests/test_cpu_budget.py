@@ -18,7 +18,7 @@ from jobs.train import main as train_main
 from jobs.train_config import StageSettings
 from jobs.train_loop import advance_drop_path
 from tests import faults
-from tests.helpers import tiny_model
+from tests.helpers import preset_processor, tiny_model
 
 
 def cosine(floor: float, progress: float) -> float:
@@ -86,14 +86,14 @@ BUDGET = 3.0  # CPU-seconds per rank: a few dozen tiny steps
 
 @pytest.fixture(scope="module")
 def align_data(tmp_path_factory, ray_session) -> str:
+    from pipelines.corpora.synthetic import generate
     from pipelines.prepare import prepare
     from pipelines.settings import PrepareSettings
-    from pipelines.synthetic import generate
 
     root = tmp_path_factory.mktemp("budget-data")
     jsonl = generate("align", 24, seed=0, output_dir=root / "corpus", image_size=56)
     settings = PrepareSettings(max_tokens=256, val_fraction=0.0)
-    prepare("tiny", "align", [str(jsonl)], str(root / "align"), settings)
+    prepare(preset_processor("tiny"), "align", [str(jsonl)], str(root / "align"), settings)
     return str(root / "align")
 
 

@@ -1,4 +1,5 @@
-"""`jobs.evaluate`: VQA accuracy per skill, language preservation, the gallery, MLflow, model URIs."""
+"""`jobs.evaluate` (with jobs.models, jobs.scoring, jobs.gallery): VQA accuracy per skill, language
+preservation, the gallery, MLflow, model URIs."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from PIL import Image
 
 from jobs import evaluate as ev
 from jobs.export import write_export
-from jobs.language import BaseReference
-from pipelines.synthetic import generate
+from jobs.gallery import render_gallery
+from jobs.language import BaseReference, preservation
+from jobs.models import ModelNotFound, generate_answers
+from jobs.scoring import normalize_answer
+from pipelines.corpora.synthetic import generate
 from tests.helpers import tiny_model
 
 MAX_NEW_TOKENS = 4  # short answers keep each generate call fast on CPU
@@ -71,13 +75,13 @@ def logits(model, processor) -> torch.Tensor:
 
 
 def test_normalize_answer():
-    assert ev.normalize_answer("Red.") == ev.normalize_answer("red") == "red"
-    assert ev.normalize_answer("three") == ev.normalize_answer("3") == "3"
-    assert ev.normalize_answer(" Left ") == "left"
-    assert ev.normalize_answer("The  First!") == "the first"
-    assert ev.normalize_answer("Ten") == "10"
-    assert ev.normalize_answer("red") != ev.normalize_answer("blue")
-    assert ev.normalize_answer("stone") == "stone"  # "one" inside a word stays
+    assert normalize_answer("Red.") == normalize_answer("red") == "red"
+    assert normalize_answer("three") == normalize_answer("3") == "3"
+    assert normalize_answer(" Left ") == "left"
+    assert normalize_answer("The  First!") == "the first"
+    assert normalize_answer("Ten") == "10"
+    assert normalize_answer("red") != normalize_answer("blue")
+    assert normalize_answer("stone") == "stone"  # "one" inside a word stays
 
 
 def test_cli_prints_metrics_and_logs_the_run(
@@ -184,8 +188,8 @@ def test_accuracy_is_1_for_the_models_own_answers_and_0_for_wrong_ones(loaded, h
     own = []
     for row in rows:
         prompt = ev.parse_record(json.dumps(row), str(heldout.parent))
-        own += ev.generate_answers(model, processor, [(prompt.messages, prompt.images)], MAX_NEW_TOKENS)
-    assert len({ev.normalize_answer(a) for a in own}) > 1  # real, varied outputs, not one empty string
+        own += generate_answers(model, processor, [(prompt.messages, prompt.images)], MAX_NEW_TOKENS)
+    assert len({normalize_answer(a) for a in own}) > 1  # real, varied outputs, not one empty string
     right = write_records(heldout.with_name("right.jsonl"), [dict(r, answer=a) for r, a in zip(rows, own)])
     wrong = write_records(heldout.with_name("wrong.jsonl"), [dict(r, answer="no such answer") for r in rows])
 
@@ -195,6 +199,55 @@ def test_accuracy_is_1_for_the_models_own_answers_and_0_for_wrong_ones(loaded, h
     assert accurate["vqa_accuracy"] == 1.0 and mistaken["vqa_accuracy"] == 0.0
     for skill in {r["skill"] for r in rows}:
         assert accurate[f"vqa_accuracy/{skill}"] == 1.0 and mistaken[f"vqa_accuracy/{skill}"] == 0.0
+
+
+def test_conversations_in_the_roles_training_reads_are_evaluated_alike(loaded, heldout, tmp_path):
+    """user/assistant/system (the roles `prepare` trains on) read as human/gpt do; an implicit single image
+    goes before the first question, as in training; an unknown role is skipped with its reason."""
+    jsonl = copy_heldout(heldout, tmp_path / "data")
+    original = next(row for row in records(heldout) if isinstance(row["image"], str))  # one image
+    renamed = {"human": "user", "gpt": "assistant"}
+    turns = [{"role": renamed[t["from"]], "content": t["value"]} for t in original["conversations"]]
+    system = [{"from": "system", "value": "Answer in one word."}]
+    implicit = [dict(t, value=t["value"].replace("<image>\n", "")) for t in original["conversations"]]
+    rows = [
+        original,
+        dict(original, id="roles", conversations=turns),
+        dict(original, id="system", conversations=system + original["conversations"]),
+        dict(original, id="implicit", conversations=implicit),
+        dict(original, id="odd", conversations=[{"from": "narrator", "value": "once"}]),
+    ]
+    write_records(jsonl, rows)
+
+    prompts = [ev.parse_record(json.dumps(row), str(jsonl.parent)) for row in rows[:4]]
+    assert prompts[1].messages == prompts[0].messages == prompts[3].messages
+    assert prompts[2].messages[0] == {"role": "system", "content": "Answer in one word."}
+    with pytest.raises(ev.UnusableRecord, match="unknown_role"):
+        ev.parse_record(json.dumps(rows[4]), str(jsonl.parent))
+    report = ev.evaluate_vqa(*loaded, str(jsonl), max_new_tokens=2)
+    assert report.skipped == 1 and [r.id for r in report.results] == [r["id"] for r in rows[:4]]
+    assert len({r.given for r in report.results if r.id != "system"}) == 1  # the same chat, the same answer
+
+
+def test_evaluate_is_a_plain_function_that_returns_its_report(export_dir, heldout, text_jsonl, tmp_path):
+    """No MLflow and no files: `evaluate(model, EvalSettings)` answers, scores and compares; `write` puts
+    the gallery and the results where asked."""
+    from jobs.run_config import EvalSettings
+
+    settings = EvalSettings(
+        data=str(heldout), text=str(text_jsonl), base=str(export_dir), max_samples=3,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )  # fmt: skip
+    report = ev.evaluate(str(export_dir), settings)
+
+    assert report.metrics["vqa_samples"] == 3 and len(report.vqa.results) == 3
+    assert report.metrics["ppl_ratio"] == pytest.approx(1.0) and report.metrics["text_agreement"] == 1.0
+    assert len(report.language) >= 50 and not list(tmp_path.iterdir())
+    files = report.write(tmp_path / "out")
+    assert [f.name for f in files] == ["gallery.html", "eval_results.json"]
+    assert json.loads(files[1].read_text())["metrics"] == pytest.approx(report.metrics, nan_ok=True)
+    with pytest.raises(ev.DataNotFound, match="text file"):
+        ev.evaluate(str(export_dir), settings.model_copy(update={"text": str(tmp_path / "none.jsonl")}))
 
 
 def test_records_without_skill_count_only_overall(loaded, heldout, tmp_path):
@@ -207,14 +260,14 @@ def test_records_without_skill_count_only_overall(loaded, heldout, tmp_path):
 def test_preservation_is_exact_against_itself_and_not_against_another_model(loaded, text_jsonl):
     model, processor = loaded
     texts = ev.read_texts(str(text_jsonl))
-    same, records = ev.preservation(model, processor, BaseReference.of(model, processor), texts)
+    same, records = preservation(model, processor, BaseReference.of(model, processor), texts)
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["text_agreement"] == 1.0
     assert same["answer_ppl_ratio"] == pytest.approx(1.0)
     assert same["text_ppl"] == pytest.approx(same["base_text_ppl"]) and same["text_ppl"] > 1.0
     assert len(records) == same["text_questions"] >= 50
 
     other_model, other_processor = tiny_model(seed=1, init_std=0.3)
-    other, _ = ev.preservation(model, processor, BaseReference.of(other_model.eval(), other_processor), texts)
+    other, _ = preservation(model, processor, BaseReference.of(other_model.eval(), other_processor), texts)
     assert other["ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert other["answer_ppl_ratio"] != pytest.approx(1.0, abs=1e-3)
     assert other["text_ppl"] == pytest.approx(same["text_ppl"])  # the evaluated model's own number
@@ -232,7 +285,8 @@ def test_gallery_escapes_text_and_shrinks_images(loaded, heldout, tmp_path):
     }
     write_records(jsonl, [row])
 
-    page = ev.render_gallery(ev.evaluate_vqa(*loaded, str(jsonl), max_new_tokens=2))
+    report = ev.evaluate_vqa(*loaded, str(jsonl), max_new_tokens=2)
+    page = render_gallery(report.results, report.thumbnails, report.skipped)
 
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;i&gt;red&lt;/i&gt;" in page and "x&lt;b&gt;" in page and "✗" in page
@@ -321,5 +375,5 @@ def test_resolve_model_from_mlflow_runs_and_registry_uris(export_dir, loaded, tm
         model, processor = ev.resolve_model(model_uri, tracking_uri=uri)
         assert torch.equal(logits(model, processor), expected), model_uri
 
-    with pytest.raises(ev.ModelNotFound, match="models:/hovle-test@nobody"):
+    with pytest.raises(ModelNotFound, match="models:/hovle-test@nobody"):
         ev.resolve_model("models:/hovle-test@nobody", tracking_uri=uri)

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from model import gguf_cache
 from model.presets import load_preset, resolve_path
+from tests.helpers import build_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,13 +60,11 @@ def test_second_load_comes_from_the_cache_and_equals_the_conversion(smollm2_gguf
 
 def test_processor_and_config_hashes_do_not_depend_on_the_cache(tmp_path, monkeypatch):
     """The dataset keys (processor hash, config hash) of a cached build equal an uncached one's."""
-    from pipelines.preprocess import PrepareContext
-
     monkeypatch.setenv(gguf_cache.CACHE_ENV, gguf_cache.CACHE_OFF)
-    uncached = PrepareContext.build("smollm2-135m", "instruct")
+    uncached = build_context("smollm2-135m", "instruct")
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
-    PrepareContext.build("smollm2-135m", "instruct")  # fills the cache
-    cached = PrepareContext.build("smollm2-135m", "instruct")
+    build_context("smollm2-135m", "instruct")  # fills the cache
+    cached = build_context("smollm2-135m", "instruct")
     assert list(tmp_path.glob("gguf/*/config.json"))
     assert cached.processor_hash == uncached.processor_hash
     assert cached.config_hash == uncached.config_hash
@@ -101,10 +100,8 @@ def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path, monkeypatch, ca
 
 def test_preprocessing_actors_import_neither_torch_nor_the_network(tmp_path):
     """What a Ray Data preprocessing actor loads: the prepare module and a pickled, built context."""
-    from pipelines.preprocess import PrepareContext
-
     context = tmp_path / "context.pkl"
-    context.write_bytes(pickle.dumps(PrepareContext.build("smollm2-135m", "instruct")))
+    context.write_bytes(pickle.dumps(build_context("smollm2-135m", "instruct")))
     script = textwrap.dedent(
         f"""
         import pickle, sys
@@ -128,14 +125,13 @@ def test_preprocessing_actors_import_neither_torch_nor_the_network(tmp_path):
 def test_config_hash_does_not_depend_on_where_the_llm_is_installed(tmp_path, monkeypatch):
     """The same preset in another checkout or virtualenv (the LLM's folder elsewhere) keeps its hash."""
     import model.presets
-    from pipelines.preprocess import PrepareContext
 
-    here = PrepareContext.build("smollm2-135m", "instruct")
+    here = build_context("smollm2-135m", "instruct")
     installed = Path(resolve_path(load_preset("smollm2-135m").llm_name_or_path))
     elsewhere = tmp_path / "other-venv" / installed.name
     elsewhere.parent.mkdir()
     elsewhere.symlink_to(installed, target_is_directory=True)
     monkeypatch.setattr(model.presets, "resolve_path", lambda path: str(elsewhere))
-    moved = PrepareContext.build("smollm2-135m", "instruct")
+    moved = build_context("smollm2-135m", "instruct")
     assert load_preset("smollm2-135m").text_config._name_or_path == str(elsewhere)  # it did move
     assert moved.config_hash == here.config_hash

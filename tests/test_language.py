@@ -15,10 +15,12 @@ import torch
 import yaml
 
 import jobs.evaluate as ev
-from jobs.evaluate import PRESET_SCHEME, resolve_model
 from jobs.export import write_export
 from jobs.language import BaseReference, answers_key, ask, language_preservation
+from jobs.models import PRESET_SCHEME, resolve_model
+from jobs.run_config import EvalSettings
 from model.presets import find_preset
+from pipelines.corpora.synthetic import generate
 from pipelines.general_text import (
     KeyedQuestion,
     general_chat_records,
@@ -26,7 +28,6 @@ from pipelines.general_text import (
     language_eval_questions,
     write_general_chat,
 )
-from pipelines.synthetic import generate
 from tests.helpers import tiny_model
 
 
@@ -171,10 +172,11 @@ def test_a_wrecked_model_that_beats_the_champion_on_skills_and_domain_perplexity
     scores = {}
     for name in ("champion", "wrecked"):
         run_id = client.create_run(experiment).info.run_id
-        argv = ["--model", str(exports[name]), "--data", str(heldout), "--text", str(domain_text)]
-        argv += ["--base", str(exports["base"]), "--max-new-tokens", "4", "--tracking-uri", uri]
-        argv += ["--run-id", run_id, "--language-questions", str(keyed)]
-        summary = ev.evaluate(ev.build_parser().parse_args(argv), tmp_path / f"eval-{name}")
+        settings = EvalSettings(
+            data=str(heldout), text=str(domain_text), base=str(exports["base"]), max_new_tokens=4,
+            language_questions=str(keyed),
+        )  # fmt: skip
+        summary = ev.run_evaluation(str(exports[name]), settings, uri, run_id, tmp_path / f"eval-{name}")
         scores[name] = {k: v for k, v in summary.items() if isinstance(v, float)}
         version = register(log_hovle_model(str(exports[name]), run_id, uri), gate.name, {}, scores[name], uri)
         decision = promote(client, gate.name, version, gate)

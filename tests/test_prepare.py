@@ -19,7 +19,7 @@ from pipelines.manifest import DatasetNotFound, read_manifest
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
 from tests import faults
-from tests.helpers import shapes_image
+from tests.helpers import preset_processor, shapes_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = PrepareSettings(shard_max_rows=4, val_fraction=0.3)
@@ -109,7 +109,7 @@ def shard_rows(output: Path) -> list[dict]:
 def test_prepare_writes_shards_rejects_and_an_accounted_manifest(tmp_path):
     corpus = write_corpus(tmp_path / "raw", "a", 9)
     output = tmp_path / "prepared"
-    report = prepare("tiny", "instruct", [str(corpus)], str(output), SETTINGS)
+    report = prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(output), SETTINGS)
 
     assert report["read"] == 13 and report["written"] == 9 and report["rejected"] == 4
     assert report["rejected_by_reason"] == {
@@ -154,7 +154,7 @@ def test_shards_open_with_pyarrow_and_datasets(tmp_path):
 
     corpus = write_corpus(tmp_path / "raw", "b", 5, bad=False)
     output = tmp_path / "prepared"
-    prepare("tiny", "instruct", [str(corpus)], str(output), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(output), SETTINGS)
     files = [str(output / s.path) for s in read_manifest(str(output)).shards]
     table = pq.read_table(files[0])
     assert table.schema.field("input_ids").type.value_type.bit_width == 32
@@ -166,10 +166,10 @@ def test_shards_open_with_pyarrow_and_datasets(tmp_path):
 def test_rerun_over_unchanged_inputs_writes_nothing(tmp_path):
     corpus = write_corpus(tmp_path / "raw", "c", 4)
     output = tmp_path / "prepared"
-    prepare("tiny", "instruct", [str(corpus)], str(output), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(output), SETTINGS)
     before = {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
 
-    again = prepare("tiny", "instruct", [str(corpus)], str(output), SETTINGS)
+    again = prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(output), SETTINGS)
 
     assert again["read"] == 0 and again["written"] == 0 and again["changed"] is False
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()} == before
@@ -178,11 +178,11 @@ def test_rerun_over_unchanged_inputs_writes_nothing(tmp_path):
 def test_inputs_added_later_are_processed_without_redoing_old_ones(tmp_path):
     first = write_corpus(tmp_path / "raw", "d1", 4, bad=False)
     output = tmp_path / "prepared"
-    prepare("tiny", "instruct", [str(first)], str(output), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(first)], str(output), SETTINGS)
     old_shards = {s.path: s.sha256 for s in read_manifest(str(output)).shards}
 
     second = write_corpus(tmp_path / "raw", "d2", 3, seed=5, bad=False)
-    report = prepare("tiny", "instruct", [str(first), str(second)], str(output), SETTINGS)
+    report = prepare(preset_processor("tiny"), "instruct", [str(first), str(second)], str(output), SETTINGS)
 
     assert report["units_processed"] == 1 and report["read"] == 3 and report["written"] == 3
     manifest = read_manifest(str(output))
@@ -193,7 +193,7 @@ def test_inputs_added_later_are_processed_without_redoing_old_ones(tmp_path):
 def test_duplicates_across_runs_are_removed_and_counted(tmp_path):
     first = write_corpus(tmp_path / "raw", "e", 3, bad=False)
     output = tmp_path / "prepared"
-    prepare("tiny", "instruct", [str(first)], str(output), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(first)], str(output), SETTINGS)
     copy = tmp_path / "raw" / "e-copy.jsonl"
     copy.write_text(
         "".join(
@@ -201,14 +201,14 @@ def test_duplicates_across_runs_are_removed_and_counted(tmp_path):
             for line in first.read_text().splitlines()
         )
     )
-    report = prepare("tiny", "instruct", [str(first), str(copy)], str(output), SETTINGS)
+    report = prepare(preset_processor("tiny"), "instruct", [str(first), str(copy)], str(output), SETTINGS)
     assert report["read"] == 3 and report["written"] == 0 and report["rejected_by_reason"] == {"duplicate": 3}
 
 
 def test_split_is_a_stable_function_of_the_sample_id(tmp_path):
     corpus = write_corpus(tmp_path / "raw", "f", 12, bad=False)
-    prepare("tiny", "instruct", [str(corpus)], str(tmp_path / "one"), SETTINGS)
-    prepare("tiny", "instruct", [str(corpus)], str(tmp_path / "two"), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(tmp_path / "one"), SETTINGS)
+    prepare(preset_processor("tiny"), "instruct", [str(corpus)], str(tmp_path / "two"), SETTINGS)
     one = {r["id"]: r["split"] for r in shard_rows(tmp_path / "one")}
     assert one == {r["id"]: r["split"] for r in shard_rows(tmp_path / "two")}
     assert set(one.values()) == {"train", "val"}
@@ -232,7 +232,7 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_finishes_only_the_missing_un
     finished = {p: p.stat().st_mtime_ns for p in (output / "shards").glob("*.parquet")}
     assert len(finished) == 4  # two units of 6 rows, shards of at most 4 rows
 
-    report = prepare("tiny", "instruct", inputs, str(output), SETTINGS)
+    report = prepare(preset_processor("tiny"), "instruct", inputs, str(output), SETTINGS)
     assert report["units_processed"] == 6 and report["units_resumed"] == 2
     assert report["read"] == 36  # resumed units count as this run's work ...
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # ... but were not recomputed
@@ -253,6 +253,20 @@ def test_prepare_cli_prints_a_json_report_last(tmp_path):
     assert report["read"] == 7 and report["written"] == 3
 
 
+def test_prepare_cli_builds_the_processor_from_the_resolved_model_section(tmp_path):
+    """`--set model.*` reaches the processor the pipeline is handed (it used to re-read the file): a smaller
+    tile budget is another processor, so the same input makes another dataset key."""
+    corpus = write_corpus(tmp_path / "raw", "g", 3)
+    hashes = []
+    for name, extra in (("as-is", []), ("two-tiles", ["--set", "model.image.max_tiles=2"])):
+        done = prepare_cli([str(corpus)], tmp_path / name, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        manifest = read_manifest(str(tmp_path / name))
+        hashes.append((manifest.processor_hash, manifest.config_hash))
+    assert hashes[0][0] != hashes[1][0] and hashes[0][1] != hashes[1][1]
+    assert all(len(h) == 64 for pair in hashes for h in pair)
+
+
 def test_bad_data_setting_fails_naming_the_field(tmp_path):
     done = prepare_cli(["x"], tmp_path / "o", "--set", "data.overflow=explode")
     assert done.returncode == 2
@@ -266,13 +280,13 @@ def test_prepare_reads_and_writes_s3(tmp_path, s3_bucket):
     fs = s3fs.S3FileSystem()
     fs.put(str(corpus.parent) + "/", f"{s3_bucket.removeprefix('s3://')}/raw/", recursive=True)
     output = f"{s3_bucket}/prepared/instruct"
-    report = prepare("tiny", "instruct", [f"{s3_bucket}/raw/s.jsonl"], output, SETTINGS)
+    report = prepare(preset_processor("tiny"), "instruct", [f"{s3_bucket}/raw/s.jsonl"], output, SETTINGS)
     assert report["written"] == 3 and report["rejected"] == 4
     manifest = read_manifest(output)
     assert manifest.totals()["written"] == 3
     with fs.open(f"{output.removeprefix('s3://')}/{manifest.shards[0].path}", "rb") as f:
         assert pq.read_table(f).num_rows == manifest.shards[0].rows
-    again = prepare("tiny", "instruct", [f"{s3_bucket}/raw/s.jsonl"], output, SETTINGS)
+    again = prepare(preset_processor("tiny"), "instruct", [f"{s3_bucket}/raw/s.jsonl"], output, SETTINGS)
     assert again["written"] == 0 and again["changed"] is False
 
 
@@ -291,20 +305,24 @@ def test_unsafe_image_path_is_a_security_reject(tmp_path):
         for name, image in (("dots", "../secret.png"), ("abs", str(outside)), ("link", "link.png"))
     ]
     (folder / "x.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-    report = prepare("tiny", "instruct", [str(folder / "x.jsonl")], str(tmp_path / "out"), SETTINGS)
+    report = prepare(
+        preset_processor("tiny"), "instruct", [str(folder / "x.jsonl")], str(tmp_path / "out"), SETTINGS
+    )
     assert report["rejected_by_reason"] == {"unsafe_path": 3}
 
 
 def test_synthetic_distill_corpus_gives_image_and_text_rows_and_later_stages_reject_bare_images(tmp_path):
-    from pipelines.synthetic import generate
+    from pipelines.corpora.synthetic import generate
 
     jsonl = generate("distill", 6, seed=0, output_dir=tmp_path / "corpus", image_size=56)
     text = jsonl.parent / "text.jsonl"
-    report = prepare("tiny", "distill", [str(jsonl), str(text)], str(tmp_path / "distill"), SETTINGS)
+    report = prepare(
+        preset_processor("tiny"), "distill", [str(jsonl), str(text)], str(tmp_path / "distill"), SETTINGS
+    )
     assert (report["read"], report["written"], report["rejected"]) == (12, 12, 0)
     rows = shard_rows(tmp_path / "distill")
     with_tiles = [row for row in rows if row["tiles"]]
     assert len(with_tiles) == 6 and all(row["tiles_per_image"] for row in with_tiles)
 
-    bare = prepare("tiny", "align", [str(jsonl)], str(tmp_path / "align"), SETTINGS)
+    bare = prepare(preset_processor("tiny"), "align", [str(jsonl)], str(tmp_path / "align"), SETTINGS)
     assert bare["written"] == 0 and bare["rejected_by_reason"] == {"invalid_record": 6}

@@ -31,7 +31,7 @@ from pipelines.readers import read_unit
 from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA, encode_payload, raw_row
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
-from tests.helpers import shapes_image
+from tests.helpers import build_context, shapes_image
 
 TOKENS_PER_TILE = 4  # model/configs/tiny.yaml: 28 px tiles -> 4 image tokens
 
@@ -484,10 +484,10 @@ def test_preprocess_batch_takes_columns_from_ray_batches(make_ctx):
     assert rejects[0]["reason"] == "invalid_json"
 
 
-def test_context_builds_from_a_preset_and_checks_the_stage():
-    ctx = PrepareContext.build("tiny", "align", {"max_tokens": 512})
+def test_context_from_a_presets_processor_checks_the_stage():
+    ctx = build_context("tiny", "align", max_tokens=512)
     assert ctx.settings.max_tokens == 512 and ctx.processor.image_tokens_per_tile == TOKENS_PER_TILE
     assert len(ctx.processor_hash) == 64 and len(ctx.config_hash) == 64
-    assert PrepareContext.build("tiny", "distill").processor_hash == ctx.processor_hash
+    assert build_context("tiny", "distill").processor_hash == ctx.processor_hash
     with pytest.raises(ValueError, match="unknown stage"):
-        PrepareContext.build("tiny", "pretrain")
+        build_context("tiny", "pretrain")

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from model.presets import CONFIG_DIR
-from pipelines.synthetic import generate
+from pipelines.corpora.synthetic import generate
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ import yaml
 from jobs.retrain import LOCKED
 from jobs.retrain import main as retrain_main
 from model.presets import CONFIG_DIR
-from pipelines.synthetic import generate
+from pipelines.corpora.synthetic import generate
 from tests import faults
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]

@@ -26,7 +26,7 @@ from pipelines.sources import (
     safe_resolve,
     split_repeat,
 )
-from tests.helpers import shapes_image
+from tests.helpers import build_context, shapes_image
 
 
 def png_bytes(seed: int = 0, size: tuple[int, int] = (56, 28)) -> bytes:
@@ -397,7 +397,7 @@ def test_safe_resolve_keeps_paths_inside_the_root(tmp_path):
 
 
 def test_jsonl_with_images_on_s3(tmp_path, s3_bucket):
-    from pipelines.preprocess import PrepareContext, preprocess_row
+    from pipelines.preprocess import preprocess_row
 
     fs = s3fs.S3FileSystem()
     bucket = s3_bucket.removeprefix("s3://")
@@ -423,7 +423,7 @@ def test_jsonl_with_images_on_s3(tmp_path, s3_bucket):
     ]
     assert rows[3]["error"] == "invalid_json"
 
-    ctx = PrepareContext.build("tiny", "instruct", {"val_fraction": 0.0})
+    ctx = build_context("tiny", "instruct", val_fraction=0.0)
     results = [preprocess_row(row, ctx) for row in rows]
     shard, _ = results[0]
     assert shard is not None and shard["tiles_per_image"] == [3]

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from jobs import synth
-from pipelines import importers
-from pipelines.synthetic import (
+from pipelines.corpora import importers
+from pipelines.corpora.synthetic import (
     DESCRIBE_PROMPT,
     PALETTE,
     POSITIONS,

@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 
 from jobs.train import main as train_main
 from model import build_model, load_preset
+from pipelines.corpora.synthetic import generate
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
-from pipelines.synthetic import generate
 from tests import faults
 from tests.conftest import REPO_ROOT
+from tests.helpers import preset_processor
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -39,7 +40,7 @@ def prepared(tmp_path_factory, ray_session) -> dict[str, str]:
     for stage in STAGES:
         jsonl = generate(stage, 24, seed=0, output_dir=root / "corpus" / stage, image_size=56)
         inputs = [str(jsonl)] + ([str(jsonl.parent / "text.jsonl")] if stage == "distill" else [])
-        prepare("tiny", stage, inputs, str(root / stage), settings)
+        prepare(preset_processor("tiny"), stage, inputs, str(root / stage), settings)
         data[stage] = str(root / stage)
     return data
 

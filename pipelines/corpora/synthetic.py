@@ -43,7 +43,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 log = logging.getLogger(__name__)
 
-STAGES = ("distill", "align", "instruct")
 PHRASINGS = ("train", "heldout")
 Phrasing = Literal["train", "heldout"]
 MIN_IMAGE_SIZE = 48  # below this the longest word no longer fits at a legible font size
@@ -513,8 +512,10 @@ def write_corpus(
     Returns the JSONL path. `distill` also writes `text.jsonl` ({"id", "text"}, n documents).
     `phrasing="heldout"` (instruct only) rewords every question with `source.heldout`.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    from model.stages import STAGE_NAMES
+
+    if stage not in STAGE_NAMES:
+        raise ValueError(f"stage must be one of {', '.join(STAGE_NAMES)}, got {stage!r}")
     if phrasing not in PHRASINGS:
         raise ValueError(f"phrasing must be one of {', '.join(PHRASINGS)}, got {phrasing!r}")
     if phrasing == "heldout" and stage != "instruct":

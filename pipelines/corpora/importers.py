@@ -1,4 +1,4 @@
-"""Real labelled images from Debian packages, written as the same corpora as `pipelines.synthetic`.
+"""Real labelled images from Debian packages, written as the same corpora as `pipelines.corpora.synthetic`.
 
 - Fashion-MNIST (`dataset-fashion-mnist`): 70k 28x28 grayscale photos of 10 clothing classes, gzipped IDX
   files under /usr/share/datasets/fashion-mnist; upscaled to RGB.
@@ -6,7 +6,8 @@
   labelled with the lowercased Unicode name of each code point it renders ("grinning face").
 
 Captions and questions come from templates over the true label; `answer`/`skill` are the ground truth.
-`phrasing="heldout"` asks with each source's evaluation-only paraphrases instead (see `pipelines.synthetic`).
+`phrasing="heldout"` asks with each source's evaluation-only paraphrases instead (see
+`pipelines.corpora.synthetic`).
 A missing package raises `MissingPackageError` naming the apt-get command.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.synthetic import (
+from pipelines.corpora.synthetic import (
     ANSWER_FORMS,
     BACKGROUNDS,
     MIN_IMAGE_SIZE,
@@ -74,7 +75,7 @@ EMOJI_RANGES = (
 
 COMPARE_PROBABILITY = 0.15
 MULTI_TURN_PROBABILITY = 0.25
-# Answer-form instructions of held-out questions (see pipelines.synthetic.ANSWER_FORMS), by skill.
+# Answer-form instructions of held-out questions (see pipelines.corpora.synthetic.ANSWER_FORMS), by skill.
 YES_NO_FORMS = ("Answer yes or no.", "Reply with yes or no only.")
 LABEL_ANSWER_FORMS = {"verify": YES_NO_FORMS, "category": YES_NO_FORMS, "compare": ANSWER_FORMS["compare"]}
 
