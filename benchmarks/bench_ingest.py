@@ -3,10 +3,10 @@
 1. Stored tiles vs on the fly: ms per sample to produce normalised pixel tensors (a) from the shard's
    stored PNG tiles (`decode_sample`, what training does) vs (b) from the original image bytes through
    the model processor (decode the image as prepare does, dynamic tiling + resize, normalise).
-2. Decode in the worker vs in Ray Data: epoch time and data-wait share of a `TrainingStream` over
-   `ShardSource(reader="ray", decode="worker" | "ray")`, with a training step simulated by a sleep of
-   `--step-ms` per batch; data-wait = time spent in next(iterator) / epoch time. With decode="worker"
-   a batch's tiles are decoded inside next(), so that decode counts as waiting.
+2. Reading shards in Ray Data tasks vs in this process: epoch time and data-wait share of a
+   `TrainingStream` over `ShardSource(reader="ray" | "local")`, with a training step simulated by a sleep
+   of `--step-ms` per batch; data-wait = time spent in next(iterator) / epoch time. A batch's tiles are
+   decoded inside next() either way (in the worker), so that decode counts as waiting.
 
 The corpus is the synthetic instruct corpus at 448 px (5 tiles of 224 px with the smollm2-135m preset),
 prepared by `pipelines.prepare.prepare`. Ray starts once (2 CPUs) before everything and is shut down after.
@@ -14,7 +14,7 @@ prepared by `pipelines.prepare.prepare`. Ray starts once (2 CPUs) before everyth
     python benchmarks/bench_ingest.py [--n 400] [--epochs 3] [--step-ms 100] [--batch-size 4]
 
 Prints a table and writes results/bench_ingest.json. Decides: whether prepare stores tiles (stored
-must be faster than on the fly) and ShardSource's default `decode` (the lower epoch time and data-wait).
+must be faster than on the fly) and ShardSource's default `reader` (the lower epoch time and data-wait).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def epoch(source: ShardSource, index: int, args: argparse.Namespace, pad_id: int
     total = time.perf_counter() - started
     steps = len(waits) - 1
     return {
-        "decode": source.decode,
+        "reader": source.reader,
         "epoch": index,
         "steps": steps,
         "rows": rows,
@@ -142,16 +142,16 @@ def report_section(
     )
     for label, key in (("stored PNG tiles", "stored"), ("original bytes + processor", "on_the_fly")):
         pixels.add(label, p[f"{key}_ms_per_sample"], p[f"{key}_ms_median"], p[f"{key}_ms_per_tile"])
-    modes = ("worker", "ray")
-    per_mode = {m: [e for e in epochs if e["decode"] == m] for m in modes}  # epoch i of each mode: a pair
-    decode = Table(
+    modes = ("ray", "local")
+    per_mode = {m: [e for e in epochs if e["reader"] == m] for m in modes}  # epoch i of each mode: a pair
+    reading = Table(
         f"Epochs with a {args.step_ms:.0f} ms simulated step (median, min–max over {args.epochs} epochs per "
-        "mode, alternating worker / ray)",
-        ["decode", "epoch s", "data wait", "wait ms/step", "first batch ms"],
+        "reader, alternating ray / local)",
+        ["reader", "epoch s", "data wait", "wait ms/step", "first batch ms"],
     )
     for mode in modes:
         runs = per_mode[mode]
-        decode.add(
+        reading.add(
             mode,
             Spread.of([e["epoch_s"] for e in runs]).text(2),
             Spread.of([e["wait_fraction"] for e in runs]).text(1, scale=100, unit="%"),
@@ -160,16 +160,16 @@ def report_section(
         )
     fly_over_stored = Spread.of(p["per_sample_ratios"])
     return Report(
-        title="ingest: stored tiles vs decoding originals; decode in the worker vs in Ray Data",
+        title="ingest: stored tiles vs decoding originals; shards read in Ray Data vs in the worker",
         description=(
             f"Synthetic instruct corpus of {args.n} records at {args.image_size} px, prepared once. Not an "
             "issue target: the two checks below are the measurements behind prepare storing PNG tiles and "
-            "ShardSource's default decode='worker'."
+            "ShardSource's default reader='ray' (train.data.reader)."
         ),
         command=command_line("bench_ingest.py", argv),
         quick=args.quick,
         duration_s=duration_s,
-        tables=[pixels, decode],
+        tables=[pixels, reading],
         targets=[
             Target(
                 "check: stored tiles beat decoding originals (on the fly / stored, per sample)",
@@ -180,10 +180,10 @@ def report_section(
                 note=f"per-sample ratios, quartiles {fly_over_stored.q1:.2f}–{fly_over_stored.q3:.2f}",
             ),
             Target(
-                "check: the default decode='worker' is not slower (epoch ray / worker, per epoch)",
+                "check: the default reader='ray' is not slower (epoch local / ray, per epoch)",
                 ">=",
                 1.0,
-                ratios([e["epoch_s"] for e in per_mode["ray"]], [e["epoch_s"] for e in per_mode["worker"]]),
+                ratios([e["epoch_s"] for e in per_mode["local"]], [e["epoch_s"] for e in per_mode["ray"]]),
                 unit="x",
             ),
         ],
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=400, help="corpus records")
     parser.add_argument("--image-size", type=int, default=448, help="synthetic image size (448: 5 tiles)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per decode mode (interleaved)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per reader (interleaved)")
     parser.add_argument("--step-ms", type=float, default=100.0, help="simulated training step")
     parser.add_argument("--batch-size", type=int, default=4, help="packs per batch")
     parser.add_argument("--max-tokens", type=int, default=2048)
@@ -220,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             dataset = Path(work) / "dataset"
             start = time.perf_counter()
-            report = prepare(CONFIG, "instruct", [str(jsonl)], str(dataset), settings)
+            report = prepare(processor, "instruct", [str(jsonl)], str(dataset), settings)
             prepare_s = time.perf_counter() - start
             pixels = pixels_per_sample(shard_rows(dataset), jsonl, processor, settings)
             sources = {
-                mode: ShardSource(str(dataset), tile_size=processor.tile_size, reader="ray", decode=mode)
-                for mode in ("worker", "ray")
+                mode: ShardSource(str(dataset), tile_size=processor.tile_size, reader=mode)
+                for mode in ("ray", "local")
             }
             pad_id = processor.tokenizer.pad_token_id
             epochs = [epoch(sources[m], e, args, pad_id) for e in range(args.epochs) for m in sources]
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = {}
     for mode in sources:
-        runs = [r for r in epochs if r["decode"] == mode]
+        runs = [r for r in epochs if r["reader"] == mode]
         modes[mode] = {
             key: round(statistics.mean(r[key] for r in runs), 3)
             for key in ("epoch_s", "wait_fraction", "wait_ms_per_step", "first_batch_ms")
@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": CONFIG,
         "corpus": {"kind": "synthetic instruct", "n": args.n, "seed": 7, "image_size": args.image_size},
         "written": report["written"],
-        "train_rows": len(sources["worker"].index),
+        "train_rows": len(sources["ray"].index),
         "prepare_s": round(prepare_s, 1),
         "stored_vs_on_the_fly": pixels,
-        "decode": {
+        "reader": {
             "step_ms": args.step_ms,
             "batch_size": args.batch_size,
             "max_tokens": args.max_tokens,
@@ -269,13 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"on the fly / stored: {p['on_the_fly_over_stored']:.2f}x (pixels identical: {p['pixels_identical']})"
     )
-    columns = "decode epoch steps epoch_s wait_s wait_fraction wait_ms_per_step first_batch_ms".split()
+    columns = "reader epoch steps epoch_s wait_s wait_fraction wait_ms_per_step first_batch_ms".split()
     print("  ".join(columns))
     for row in epochs:
         print("  ".join(f"{row[c]:>{len(c)}}" for c in columns))
     for mode, m in modes.items():
         print(f"mean {mode:<6}: {m['epoch_s']:.2f} s/epoch, {m['wait_ms_per_step']:.1f} ms waiting per step")
-    print(f"faster: decode={faster}, {'stored tiles' if p['on_the_fly_over_stored'] > 1 else 'on the fly'}")
+    print(f"faster: reader={faster}, {'stored tiles' if p['on_the_fly_over_stored'] > 1 else 'on the fly'}")
     save(args.output, result, report_section(args, argv, result, epochs, time.perf_counter() - started))
     return 0
 

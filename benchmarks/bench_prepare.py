@@ -48,9 +48,11 @@ from benchmarks.results import (  # noqa: E402
     ratios,
     save,
 )
+from jobs.prepare import config_hash  # noqa: E402
+from model.presets import build_processor, load_preset  # noqa: E402
 from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.prepare import parquet_bytes, prepare  # noqa: E402
-from pipelines.preprocess import PrepareContext, preprocess_batch, preprocess_row  # noqa: E402
+from pipelines.preprocess import PrepareContext, preprocess_row  # noqa: E402
 from pipelines.readers import read_unit  # noqa: E402
 from pipelines.schema import SHARD_SCHEMA  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
@@ -71,10 +73,16 @@ def raw_records(corpus: Path) -> list[dict]:
     return [raw for unit in discover_units(str(corpus)) for raw in read_unit(unit)]
 
 
+def context(config: str, settings: PrepareSettings) -> PrepareContext:
+    """What `hovle prepare` builds from a run config: the processor and config hash of its model section."""
+    model = load_preset(config)
+    return PrepareContext("instruct", settings, build_processor(model), config_hash(model))
+
+
 def plain_loop(config: str, corpus: Path, output: Path, settings: PrepareSettings) -> int:
     """The same work, one record at a time in this process, a shard written every `shard_max_rows` rows.
     Returns the samples written."""
-    ctx = PrepareContext.build(config, "instruct", settings)
+    ctx = context(config, settings)
     output.mkdir(parents=True, exist_ok=True)
     rows, shard, written = [], 0, 0
     for raw in raw_records(corpus):
@@ -96,7 +104,9 @@ def _write_shard(table: pa.Table, output: Path, index: int) -> None:
 
 def _preprocess_columns(batch: dict[str, list], ctx: PrepareContext) -> dict[str, list]:
     """A `datasets` batched map function: raw columns in, shard columns out (rejects dropped)."""
-    shards, _ = preprocess_batch(batch, ctx)
+    size = len(next(iter(batch.values())))
+    rows = [preprocess_row({name: values[i] for name, values in batch.items()}, ctx)[0] for i in range(size)]
+    shards = [row for row in rows if row is not None]
     return {name: [row[name] for row in shards] for name in SHARD_SCHEMA.names}
 
 
@@ -107,7 +117,7 @@ def datasets_map(
     from datasets import Dataset, Features, disable_progress_bars
 
     disable_progress_bars()  # one line per run is printed instead
-    ctx = PrepareContext.build(config, "instruct", settings)
+    ctx = context(config, settings)
     raw = Dataset.from_list(raw_records(corpus))
     mapped = raw.map(
         _preprocess_columns,
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     workers = int(ray.cluster_resources().get("CPU", 1))  # prepare's actor count, the map's processes
     settings = PrepareSettings(shard_max_rows=1024)
-    PrepareContext.build(args.config, "instruct", settings)  # fills the GGUF conversion cache
+    context(args.config, settings)  # fills the GGUF conversion cache
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     runs = itertools.count()  # a fresh output folder for every run
 
@@ -169,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             if name == "loop":
                 written = plain_loop(args.config, corpus, output, settings)
             elif name == "ray":
-                written = prepare(args.config, "instruct", [str(corpus)], str(output), settings)["written"]
+                ctx = context(args.config, settings)  # built inside the timing, as the other sides do
+                written = prepare(
+                    ctx.processor,
+                    "instruct",
+                    [str(corpus)],
+                    str(output),
+                    settings,
+                    config_hash=ctx.config_hash,
+                )["written"]
             else:
                 written = datasets_map(args.config, corpus, output, settings, workers, cache)
             seconds = time.perf_counter() - start

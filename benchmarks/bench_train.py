@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         jsonl = generate(args.stage, args.samples, seed=0, output_dir=work / "corpus", image_size=224)
         inputs = [str(jsonl)] + ([str(jsonl.parent / "text.jsonl")] if args.stage == "distill" else [])
         data = str(work / "prepared")
-        prepare(
-            args.config, args.stage, inputs, data, PrepareSettings(max_tokens=args.max_tokens, val_fraction=0)
-        )
+        settings = PrepareSettings(max_tokens=args.max_tokens, val_fraction=0)
+        prepare(build_processor(load_preset(args.config)), args.stage, inputs, data, settings)
         overrides = {
             f"stages.{args.stage}.steps": args.steps,
             f"stages.{args.stage}.micro_batch_size": args.micro_batch,

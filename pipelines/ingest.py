@@ -1,13 +1,12 @@
 """The training side of the data: a prepared dataset (manifest + Parquet shards) -> model batches.
 
-    manifest.json --read_manifest--> listed shards --open_shards--> ray.data.Dataset (a split; eval, stats)
-                  --ShardIndex--> the split's rows and token counts
+    manifest.json --read_manifest--> listed shards --ShardIndex--> the split's rows and token counts
                   --worker_rows--> this worker's rows of an epoch, in training order
     ShardSource.rows: Ray Data reads those rows from the shards in parallel, order kept
     TrainingStream: decode (PNG tiles -> normalised pixels) -> pack or pad -> batches, with state_dict()
 
-This module holds the manifest and shard reading, tile decoding, the per-worker order and the row sources
-(`ShardSource`, `IterableSource`); `pipelines.stream` holds `TrainingStream`, which turns a row source into
+This module holds the manifest and shard reading, tile decoding, the per-worker order and the row source
+(`ShardSource`); `pipelines.stream` holds `TrainingStream`, which turns a row source into
 batches and keeps the resumable position.
 
 Why each worker computes its own rows instead of `ray.train.get_dataset_shard` over one dataset:
@@ -18,8 +17,7 @@ rows in a seeded permutation, rank r taking the r-th contiguous block of the res
 mean a worker reads only ~1/world_size of the shards, and at any moment the workers read different
 shards). A checkpoint stores the stream's position (epoch, step, next row, rows waiting in open packs),
 and a resumed run rebuilds the same order and goes on from there: no row repeated, none skipped. Ray
-Data still does the reading (and optionally the decoding) in parallel tasks; only the assignment of rows
-is ours.
+Data still does the reading in parallel tasks; only the assignment of rows is ours.
 
 Equal steps: every worker gets floor(N / world_size) rows; the last N mod world_size rows of the epoch's
 order are dropped (fewer than world_size, different ones every epoch). With packing the number of packs
@@ -33,7 +31,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 # What training reads from a shard; `source`, `dedup_key`, `truncated` stay on disk.
 TRAINING_COLUMNS = ["id", "input_ids", "labels", "num_tokens", "tiles", "tiles_per_image"]
-Decode = Literal["worker", "ray"]
 Reader = Literal["ray", "local"]
 
 
@@ -64,7 +61,7 @@ class EmptySplit(ValueError):
     """The dataset holds no rows of the requested split (or fewer rows than workers)."""
 
 
-# ---- manifest and whole-split reading -----------------------------------------------------------------
+# ---- manifest -----------------------------------------------------------------
 def _split_shards(dataset_uri: str, split: str) -> list[tuple[str, ShardInfo]]:
     """(URI, manifest entry) of every listed shard that holds rows of `split`, in manifest order."""
     shards = []
@@ -75,43 +72,6 @@ def _split_shards(dataset_uri: str, split: str) -> list[tuple[str, ShardInfo]]:
     if not shards:
         raise EmptySplit(f"{dataset_uri} has no rows in split {split!r}")
     return shards
-
-
-def _arrow_filesystem(uris: Sequence[str]) -> tuple[Any, list[str]]:
-    """(pyarrow filesystem or None for local files, paths inside it) for Ray Data's readers."""
-    if not storage.is_remote(uris[0]):
-        return None, [u.removeprefix("file://") for u in uris]
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, _ = storage.filesystem(uris[0])
-    return PyFileSystem(FSSpecHandler(fs)), [storage.filesystem(u)[1] for u in uris]
-
-
-def open_shards(dataset_uri: str, split: str = "train", columns: Sequence[str] | None = None):
-    """A Ray Dataset of the split's rows, reading only the shards the manifest lists (local or s3://).
-
-    Order is not guaranteed; for training use `ShardSource`, whose order is deterministic.
-
-    Args:
-        dataset_uri: the prepared dataset's folder (local path, file:// or s3://).
-        split: "train" or "val".
-        columns: SHARD_SCHEMA columns to keep (default all).
-
-    Returns:
-        `ray.data.Dataset` of SHARD_SCHEMA rows with `split == split`.
-
-    Raises:
-        DatasetNotFound, ManifestError, EmptySplit.
-    """
-    import ray.data
-    from ray.data.expressions import col
-
-    uris = [uri for uri, _ in _split_shards(dataset_uri, split)]
-    filesystem, paths = _arrow_filesystem(uris)
-    # file_extensions=None: the manifest names the files; nothing is listed or filtered by name.
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
-    dataset = dataset.filter(expr=col("split") == split)
-    return dataset if columns is None else dataset.select_columns(list(columns))
 
 
 # ---- decoding -------------------------------------------------------------------------------------------
@@ -153,8 +113,7 @@ def decode_sample(
     """One shard row -> one training sample.
 
     Args:
-        row: SHARD_SCHEMA fields (values as lists, numpy arrays or Arrow scalars' Python values); a row
-            already decoded (with `pixel_values`) only has its arrays converted.
+        row: SHARD_SCHEMA fields (values as lists, numpy arrays or Arrow scalars' Python values).
         tile_size: the model's tile size S (None: not checked).
         mean, std: the processor's per-channel normalisation.
 
@@ -175,19 +134,12 @@ def decode_sample(
             f"row {row.get('id')!r}: num_tokens={int(row['num_tokens'])} but {input_ids.numel()} input_ids"
         )
     tiles_per_image = [int(n) for n in row.get("tiles_per_image", [])]
-    if "pixel_values" in row:
-        pixels = row["pixel_values"]
-        if pixels is not None and len(pixels):  # Ray hands out read-only arrays: copy those
-            pixels = torch.from_numpy(np.require(pixels, dtype=np.float32, requirements="W"))
-        else:
-            pixels = None
-    else:
-        tiles = list(row.get("tiles", []))
-        if sum(tiles_per_image) != len(tiles):
-            raise ShardMismatch(
-                f"row {row.get('id')!r}: {len(tiles)} tiles but tiles_per_image={tiles_per_image}"
-            )
-        pixels = decode_tiles(tiles, tile_size, mean, std)
+    tiles = list(row.get("tiles", []))
+    if sum(tiles_per_image) != len(tiles):
+        raise ShardMismatch(
+            f"row {row.get('id')!r}: {len(tiles)} tiles but tiles_per_image={tiles_per_image}"
+        )
+    pixels = decode_tiles(tiles, tile_size, mean, std)
     return {
         "id": str(row.get("id", "")),
         "input_ids": input_ids,
@@ -195,20 +147,6 @@ def decode_sample(
         "pixel_values": pixels,
         "tiles_per_image": tiles_per_image,
     }
-
-
-def _decode_batch(
-    batch: dict[str, np.ndarray], tile_size: int, mean: Sequence[float], std: Sequence[float]
-) -> dict[str, Any]:
-    """Ray Data map_batches: replace the PNG `tiles` column by `pixel_values` (ragged [n, 3, S, S])."""
-    empty = np.zeros((0, 3, tile_size, tile_size), dtype=np.float32)
-    pixels = []
-    for tiles in batch["tiles"]:
-        decoded = decode_tiles(list(tiles), tile_size, mean, std)
-        pixels.append(empty if decoded is None else decoded.numpy())
-    out = {key: value for key, value in batch.items() if key != "tiles"}
-    out["pixel_values"] = pixels
-    return out
 
 
 # ---- the deterministic per-worker order ----------------------------------------------------------------
@@ -352,16 +290,13 @@ class ShardSource:
         tile_size, image_mean, image_std: the model's tile size and normalisation (from its processor).
         reader: "ray" reads shards in parallel Ray Data tasks (prefetching ahead of training); "local"
             reads them in this process with pyarrow (no Ray; tests, one-machine debugging).
-        decode: "worker" decodes a row's PNG tiles in this process when its batch is collated; "ray" in a
-            Ray Data `map_batches` stage of `decode_cpus` per task (needs reader="ray"). "worker" is the
-            default by measurement (`benchmarks/bench_ingest.py`: 2 CPUs, 395 rows of 6.0 tiles,
-            2048-token packs, 4 packs per batch, 100 ms steps): 5.0 s per epoch vs 13.5 s with "ray",
-            and 121 vs 500 ms waiting for data per step (with "worker" the wait is mostly the batch's own
-            decode, ~5 ms per row, inside `next()`). Decoded float32 tiles are ~250x their PNG bytes on
-            synthetic images (less on photos), so shipping them through the object store costs more than
-            the parallel decode (~0.9 ms per 224 px tile) saves; and rows wait in the packer undecoded.
-        read_cpus, decode_cpus: fractional CPUs of the Ray tasks (whole CPUs would starve Ray Train).
-        decode_batch_size: rows per decode task.
+        read_cpus: fractional CPUs of the Ray read tasks (whole CPUs would starve Ray Train).
+
+    A row's PNG tiles are decoded in this process when its batch is collated (`prepare`), not in Ray
+    Data: decoded float32 tiles are ~250x their PNG bytes on synthetic images, so shipping them through
+    the object store cost more than a parallel decode saved (measured before the Ray Data decode path was
+    removed: 5.0 s per epoch decoding in the worker vs 13.5 s in Ray Data tasks, 2 CPUs, 395 rows of 6
+    tiles, 100 ms steps).
     """
 
     def __init__(
@@ -376,24 +311,14 @@ class ShardSource:
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         reader: Reader = "ray",
-        decode: Decode = "worker",
         read_cpus: float = 0.25,
-        decode_cpus: float = 0.5,
-        decode_batch_size: int = 16,
     ) -> None:
-        if reader not in ("ray", "local") or decode not in ("worker", "ray"):
-            raise ValueError(
-                f"reader must be 'ray'|'local' and decode 'worker'|'ray', got {reader}, {decode}"
-            )
-        if decode == "ray" and reader != "ray":
-            raise ValueError("decode='ray' needs reader='ray'")
-        if decode == "ray" and tile_size is None:
-            raise ValueError("decode='ray' needs the model's tile_size")
+        if reader not in ("ray", "local"):
+            raise ValueError(f"reader must be 'ray' or 'local', got {reader!r}")
         self.index = ShardIndex.load(dataset_uri, split)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.tile_size, self.image_mean, self.image_std = tile_size, tuple(image_mean), tuple(image_std)
-        self.reader, self.decode = reader, decode
-        self.read_cpus, self.decode_cpus, self.decode_batch_size = read_cpus, decode_cpus, decode_batch_size
+        self.reader, self.read_cpus = reader, read_cpus
         worker_rows(self.index, split, rank, world_size)  # fail now if there are fewer rows than workers
         self._orders: dict[int, list[WorkerRows]] = {}
 
@@ -434,45 +359,8 @@ class ShardSource:
             fn_kwargs={"columns": TRAINING_COLUMNS},
             num_cpus=self.read_cpus,
         )
-        if self.decode == "ray":
-            dataset = dataset.map_batches(
-                _decode_batch,
-                batch_size=self.decode_batch_size,
-                batch_format="numpy",
-                fn_kwargs={"tile_size": self.tile_size, "mean": self.image_mean, "std": self.image_std},
-                num_cpus=self.decode_cpus,
-            )
         dataset.context.execution_options.preserve_order = True  # the order is the contract
         return dataset.iter_rows()
 
     def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         return decode_sample(row, self.tile_size, self.image_mean, self.image_std)
-
-
-class IterableSource:
-    """Rows from any re-iterable of shard rows (a list, a Ray `DataIterator`'s `iter_rows()`, ...).
-
-    `make_rows(epoch)` must give the same rows in the same order each time for resume to be exact;
-    resuming skips `start` rows of it. Without token counts up front, ranks are not equalised.
-    """
-
-    def __init__(
-        self,
-        make_rows: Callable[[int], Iterable[dict[str, Any]]],
-        *,
-        tile_size: int | None = None,
-        image_mean: Sequence[float] = IMAGENET_MEAN,
-        image_std: Sequence[float] = IMAGENET_STD,
-        rank: int = 0,
-    ) -> None:
-        self.make_rows, self.rank = make_rows, rank
-        self.tile_size, self.image_mean, self.image_std = tile_size, tuple(image_mean), tuple(image_std)
-
-    def rows(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        return itertools.islice(iter(self.make_rows(epoch)), start, None)
-
-    def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
-        return decode_sample(row, self.tile_size, self.image_mean, self.image_std)
-
-    def lengths(self, epoch: int) -> None:
-        return None

@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -152,23 +152,6 @@ def preprocess_row(raw: Mapping[str, Any], ctx: PrepareContext) -> tuple[dict | 
             "detail": rejected.detail,
         }
         return None, reject
-
-
-def preprocess_batch(
-    batch: Mapping[str, Sequence[Any]], ctx: PrepareContext
-) -> tuple[list[dict], list[dict]]:
-    """`preprocess_row` over a column batch (lists or numpy arrays): (shard rows, reject rows)."""
-    columns = {name: _as_list(values) for name, values in batch.items()}
-    size = len(columns["id"]) if "id" in columns else 0
-    shards: list[dict] = []
-    rejects: list[dict] = []
-    for index in range(size):
-        shard, reject = preprocess_row({name: values[index] for name, values in columns.items()}, ctx)
-        if shard is not None:
-            shards.append(shard)
-        if reject is not None:
-            rejects.append(reject)
-    return shards, rejects
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -3,13 +3,12 @@
     iter(TrainingStream(source, ...))  ->  the rest of the epoch as batches (collated by `pipelines.packing`)
     state_dict() / load_state_dict()   ->  the position (`StreamPosition`) after the last yielded batch
 
-The source is a `RowSource`: `pipelines.ingest.ShardSource` for training (the deterministic per-worker order
-of a prepared dataset), or `pipelines.ingest.IterableSource` over any re-iterable of rows. It gives an
-epoch's rows in a fixed order from any position, and the stream decodes a row (`source.prepare`) only when
-its batch is collated. The position (epoch, step, next row, rows waiting in open packs) is all a checkpoint
-needs: a resumed stream reads the source again from the first waiting row, reopens those packs and goes on,
-no row repeated, none skipped. With every rank's token counts up front (`RowSource.lengths`), all ranks
-take the same number of steps (see `pipelines.ingest`, "Equal steps").
+The source is a `RowSource`: `pipelines.ingest.ShardSource` (the deterministic per-worker order of a
+prepared dataset). It gives an epoch's rows in a fixed order from any position, and the stream decodes a row
+(`source.prepare`) only when its batch is collated. The position (epoch, step, next row, rows waiting in
+open packs) is all a checkpoint needs: a resumed stream reads the source again from the first waiting row,
+reopens those packs and goes on, no row repeated, none skipped. With every rank's token counts up front
+(`RowSource.lengths`), all ranks take the same number of steps (see `pipelines.ingest`, "Equal steps").
 """
 
 from __future__ import annotations

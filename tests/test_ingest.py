@@ -15,12 +15,10 @@ import torch
 
 from model.processor import dynamic_tiles
 from pipelines.ingest import (
-    IterableSource,
     ShardIndex,
     ShardMismatch,
     ShardSource,
     decode_sample,
-    open_shards,
     worker_rows,
 )
 from pipelines.manifest import (
@@ -170,15 +168,6 @@ def test_manifest_of_another_schema_version_is_refused(tmp_path):
         read_manifest(str(tmp_path))
 
 
-def test_open_shards_reads_only_listed_shards_and_the_split(ray_session, dataset, rows):
-    train = open_shards(str(dataset), "train", columns=["id", "num_tokens"])
-    got = [row["id"] for row in train.iter_rows()]
-    assert sorted(got) == sorted(train_ids(rows))  # no stray-*, no val rows, each row once
-    assert train.columns() == ["id", "num_tokens"]
-    val = {row["id"] for row in open_shards(str(dataset), "val", columns=["id"]).iter_rows()}
-    assert val == train_ids(rows, "val")
-
-
 def test_index_matches_manifest_and_catches_a_changed_shard(dataset, rows, tmp_path):
     index = ShardIndex.load(str(dataset), "train")
     assert len(index) == len(train_ids(rows))
@@ -318,27 +307,9 @@ def test_packed_batches_are_full_rows_that_respect_the_budget(dataset, processor
     assert slots == tiles * processor.image_tokens_per_tile
 
 
-def test_a_plain_iterable_of_rows_resumes_too(rows, processor):
-    train = [row for row in rows if row["split"] == "train"]
-    pad = processor.tokenizer.pad_token_id
-
-    def stream() -> TrainingStream:
-        source = IterableSource(lambda epoch: train, tile_size=processor.tile_size)
-        return TrainingStream(source, batch_size=2, pad_token_id=pad, max_tokens=300, max_open=3)
-
-    full = run(stream())
-    first = stream()
-    head = run(first, limit=3)
-    resumed = stream()
-    resumed.load_state_dict(first.state_dict())
-    assert flat_ids(head + run(resumed)) == flat_ids(full)
-    assert sorted(flat_ids(full)) == sorted(r["id"] for r in train)
-
-
 # ---- Ray Data reading --------------------------------------------------------------------------------
-@pytest.mark.parametrize("decode", ["worker", "ray"])
-def test_ray_reader_gives_the_local_readers_batches(ray_session, dataset, processor, decode):
-    def batches(reader: str, decode: str) -> list[dict]:
+def test_ray_reader_gives_the_local_readers_batches(ray_session, dataset, processor):
+    def batches(reader: str) -> list[dict]:
         source = ShardSource(
             str(dataset),
             rank=0,
@@ -346,14 +317,13 @@ def test_ray_reader_gives_the_local_readers_batches(ray_session, dataset, proces
             seed=7,
             tile_size=processor.tile_size,
             reader=reader,
-            decode=decode,
         )
         stream = TrainingStream(
             source, batch_size=2, pad_token_id=processor.tokenizer.pad_token_id, max_tokens=400, max_open=8
         )
         return run(stream)
 
-    local, remote = batches("local", "worker"), batches("ray", decode)
+    local, remote = batches("local"), batches("ray")
     assert len(local) == len(remote)
     assert all(same_batch(a, b) for a, b in zip(local, remote))
 
@@ -380,9 +350,6 @@ def test_s3_dataset_reads_like_the_local_one(ray_session, s3_bucket, dataset, ro
         read_manifest(remote)
     fs.put(str(dataset) + "/", remote.removeprefix("s3://") + "/", recursive=True)
     assert read_manifest(remote) == read_manifest(str(dataset))
-
-    got = {row["id"] for row in open_shards(remote, "train", columns=["id"]).iter_rows()}
-    assert got == train_ids(rows)
 
     def batches(uri: str, reader: str) -> list[dict]:
         source = ShardSource(uri, rank=1, world_size=2, seed=4, tile_size=processor.tile_size, reader=reader)

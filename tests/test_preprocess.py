@@ -24,7 +24,6 @@ from pipelines.preprocess import (
     align_prompt,
     assign_split,
     decode_image,
-    preprocess_batch,
     preprocess_row,
 )
 from pipelines.readers import read_unit
@@ -474,14 +473,6 @@ def test_dedup_key_is_shared_by_exact_duplicates_only(make_ctx):
     assert key("a/1", "a cat") != key(same_prompt, "a dog")
     assert key("a/1", "a cat") != key(same_prompt, "a cat", seed=5)
     assert key("a/1", "a cat") != key("a/1#rep1", "a cat")  # a repeat copy survives de-duplication
-
-
-def test_preprocess_batch_takes_columns_from_ray_batches(make_ctx):
-    rows = [image_raw("src/a"), raw("text", "", sample_id="src/broken") | {"error": "invalid_json"}]
-    batch = {name: np.array([row[name] for row in rows], dtype=object) for name in rows[0]}
-    shards, rejects = preprocess_batch(batch, make_ctx("distill"))
-    assert [s["id"] for s in shards] == ["src/a"] and [r["id"] for r in rejects] == ["src/broken"]
-    assert rejects[0]["reason"] == "invalid_json"
 
 
 def test_context_from_a_presets_processor_checks_the_stage():
