@@ -37,6 +37,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -429,11 +430,14 @@ class HoVLEProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the tokenizer files and ``processor_config.json`` (all settings, chat template included)."""
+        """Write the tokenizer files, ``processor_config.json`` (the settings) and the chat template as
+        ``chat_template.jinja``, where transformers 5 keeps a processor's and a tokenizer's template."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
-        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+        settings = {key: value for key, value in self.config.items() if key != "chat_template"}
+        (directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+        (directory / CHAT_TEMPLATE_NAME).write_text(self.chat_template, encoding="utf-8")
         logger.info("saved HoVLE processor to %s", directory)
 
     @classmethod
@@ -453,6 +457,9 @@ class HoVLEProcessor:
                 f"{config_path} not found; pass a directory written by HoVLEProcessor.save_pretrained"
             )
         config = json.loads(config_path.read_text())
+        template = directory / CHAT_TEMPLATE_NAME
+        if template.is_file():  # older exports kept it in processor_config.json
+            config["chat_template"] = template.read_text(encoding="utf-8")
         from transformers import AutoTokenizer  # imports torch (see the module docstring)
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

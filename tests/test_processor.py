@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,25 @@ def test_save_then_load_gives_identical_outputs(
     assert before["num_tiles"] == after["num_tiles"] == [3]
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
         assert torch.equal(before[key], after[key]), key
+
+
+def test_the_chat_template_is_saved_as_chat_template_jinja_and_old_folders_still_load(
+    any_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """transformers 5 keeps a processor's template in `chat_template.jinja`; an export written before kept it
+    in processor_config.json, and loads the same."""
+    template = CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> ")  # not the tokenizer's own
+    processor = HoVLEProcessor(any_tokenizer, tile_size=TILE, image_tokens_per_tile=TOKENS_PER_TILE,
+                               chat_template=template)  # fmt: skip
+    processor.save_pretrained(tmp_path / "new")
+    assert (tmp_path / "new" / "chat_template.jinja").read_text() == template
+    assert "chat_template" not in json.loads((tmp_path / "new" / "processor_config.json").read_text())
+    assert HoVLEProcessor.from_pretrained(tmp_path / "new").chat_template == template
+
+    processor.save_pretrained(tmp_path / "old")  # as an older release wrote it: the template in the config
+    (tmp_path / "old" / "chat_template.jinja").unlink()
+    (tmp_path / "old" / "processor_config.json").write_text(json.dumps(processor.config))
+    assert HoVLEProcessor.from_pretrained(tmp_path / "old") == processor
 
 
 def test_from_pretrained_without_config_says_what_to_pass(tmp_path: Path) -> None:
