@@ -49,9 +49,9 @@ from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.ingest import ShardSource, decode_sample  # noqa: E402
 from pipelines.manifest import read_manifest  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
-from pipelines.preprocess import decode_image  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.stream import TrainingStream  # noqa: E402
+from pipelines.validate import decode_image  # noqa: E402
 
 CONFIG = "smollm2-135m"
 QUICK = {"n": 64, "epochs": 2}

@@ -46,7 +46,7 @@ from jobs.tracking import tracking_uri as default_tracking_uri
 from jobs.vision_check import image_token_spread
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
 from pipelines import storage
-from pipelines.preprocess import RejectedSample, parse_conversation
+from pipelines.validate import RejectedSample, parse_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _read_image(uri: str) -> Image.Image:
 def parse_record(line: str, root: str) -> VqaPrompt:
     """A JSONL line -> the chat up to its last user turn, its images (paths relative to `root`), its answer
     (the `answer` field, else the reply that followed). Conversations are read as training reads them
-    (pipelines.preprocess.parse_conversation).
+    (pipelines.validate.parse_conversation).
 
     Raises:
         UnusableRecord: bad JSON, a malformed conversation, no user turn, no answer, a missing or unreadable

@@ -17,19 +17,12 @@ from PIL import Image
 
 from model import build_processor, load_preset
 from model.processor import IGNORE_INDEX
-from pipelines.preprocess import (
-    ALIGN_PROMPTS,
-    PrepareContext,
-    RejectedSample,
-    align_prompt,
-    assign_split,
-    decode_image,
-    preprocess_row,
-)
+from pipelines.preprocess import ALIGN_PROMPTS, PrepareContext, align_prompt, assign_split, preprocess_row
 from pipelines.readers import read_unit
 from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA, encode_payload, raw_row
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
+from pipelines.validate import RejectedSample, decode_image
 from tests.helpers import build_context, shapes_image
 
 TOKENS_PER_TILE = 4  # model/configs/tiny.yaml: 28 px tiles -> 4 image tokens
