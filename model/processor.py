@@ -1,10 +1,8 @@
 """Turn one conversation with images into HoVLE model inputs: tiles, image tokens, chat tokens and labels.
 
-Images follow InternVL's dynamic tiling: pick a grid of ``cols x rows`` tiles whose aspect ratio is
-closest to the image's, resize (bicubic) to that grid, cut ``tile_size`` square tiles row-major and add a
-thumbnail of the whole image when there is more than one tile. Each ``<image>`` placeholder in the text
-becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x tiles) + ``</img>``; the model later
-scatters the image features into the ``<IMG_CONTEXT>`` slots in order.
+Images are tiled by `model.images.dynamic_tiles` (InternVL's dynamic tiling). Each ``<image>``
+placeholder in the text becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x tiles) +
+``</img>``; the model later scatters the image features into the ``<IMG_CONTEXT>`` slots in order.
 
 Text is rendered with the tokenizer's ChatML template and tokenized by transformers'
 ``apply_chat_template``; its assistant-token mask gives the labels (assistant content and its closing
@@ -22,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from model.images import IMAGENET_MEAN, IMAGENET_STD, dynamic_tiles, tiles_to_tensor
 from model.tokenizer import CHATML_TEMPLATE, IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 
 if TYPE_CHECKING:
@@ -33,14 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
-
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
-_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 class ImagePlaceholderMismatch(ValueError):
@@ -66,132 +59,6 @@ class SequenceTooLong(ValueError):
             f"sample has {length} tokens but max_length is {max_length}; raise max_length, lower max_tiles, "
             "or truncate/drop the sample in the data pipeline"
         )
-
-
-def find_closest_grid(
-    width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448
-) -> tuple[int, int]:
-    """Choose the tile grid (cols, rows) for an image, following InternVL's dynamic tiling.
-
-    Candidates are all grids with ``min_tiles <= cols * rows <= max_tiles``, visited in order of
-    increasing area. The grid whose ratio ``cols / rows`` is closest to ``width / height`` wins. On an exact
-    tie (same ratio, e.g. 1x1 and 2x2) the larger grid replaces the current choice only when the image
-    has more than half the pixels of that grid, i.e. ``width * height > 0.5 * tile_size**2 * cols * rows``,
-    so small images are not blown up to many tiles.
-
-    Returns:
-        ``(cols, rows)``.
-
-    Raises:
-        ValueError: for a non-positive image size or an empty tile range.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got width={width}, height={height}")
-    if not 1 <= min_tiles <= max_tiles:
-        raise ValueError(
-            f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
-        )
-    candidates = sorted(
-        (
-            (cols, rows)
-            for cols in range(1, max_tiles + 1)
-            for rows in range(1, max_tiles // cols + 1)
-            if cols * rows >= min_tiles
-        ),
-        key=lambda grid: (grid[0] * grid[1], grid[0]),
-    )
-    aspect_ratio = width / height
-    area = width * height
-    best_grid = candidates[0]
-    best_diff = float("inf")
-    for cols, rows in candidates:
-        diff = abs(aspect_ratio - cols / rows)
-        if diff < best_diff:
-            best_grid, best_diff = (cols, rows), diff
-        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
-            best_grid = (cols, rows)
-    return best_grid
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB.
-
-    Transparent images are composited over white (a plain ``convert`` would show whatever colour hides
-    under transparent pixels, often black). 16-bit greyscale is scaled down to 8 bits rather than
-    clipped; 32-bit ``I`` images are treated as 16-bit when any value exceeds 255, ``F`` images as
-    0..1 when no value exceeds 1.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in {"I", "F"}:
-        values = np.asarray(image).astype(np.float64)
-        if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0
-        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")  # uint8 [H, W] → mode L
-    return image.convert("RGB")
-
-
-def dynamic_tiles(
-    image: Image.Image, tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool
-) -> list[Image.Image]:
-    """Cut an image into ``tile_size`` square RGB tiles on the grid chosen by :func:`find_closest_grid`.
-
-    The image is resized (bicubic) to ``(tile_size * cols, tile_size * rows)`` and cut row-major; when
-    there is more than one tile and ``use_thumbnail`` is set, a ``tile_size`` square thumbnail of the
-    whole image is appended last.
-
-    Returns:
-        ``cols * rows`` tiles, plus one thumbnail where it applies.
-    """
-    image = to_rgb(image)
-    cols, rows = find_closest_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
-    resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
-    tiles = [
-        resized.crop((col * tile_size, row * tile_size, (col + 1) * tile_size, (row + 1) * tile_size))
-        for row in range(rows)
-        for col in range(cols)
-    ]
-    if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
-    return tiles
-
-
-def tiles_to_tensor(
-    tiles: Sequence[Image.Image],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Stack equally sized tiles into a normalised float tensor.
-
-    Args:
-        tiles: n images of the same size T x T, any mode (converted with :func:`to_rgb`).
-        mean, std: per-channel statistics on the 0..1 scale.
-
-    Returns:
-        float32 tensor ``[n, 3, T, T]`` holding ``(pixel / 255 - mean) / std``.
-
-    Raises:
-        ValueError: if there are no tiles or their sizes differ.
-    """
-    import torch
-
-    if not tiles:
-        raise ValueError("tiles_to_tensor needs at least one tile")
-    sizes = {tile.size for tile in tiles}
-    if len(sizes) != 1:
-        raise ValueError(f"all tiles must have the same size, got sizes {sorted(sizes)}")
-    pixels = np.stack([np.asarray(to_rgb(tile), dtype=np.uint8) for tile in tiles])  # [n, T, T, 3]
-    tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (tensor - mean_t) / std_t
 
 
 class HoVLEProcessor:

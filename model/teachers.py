@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.processor import IMAGENET_MEAN, IMAGENET_STD
+from model.images import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from model.processor import IMAGENET_MEAN, IMAGENET_STD, tiles_to_tensor
+from model.images import IMAGENET_MEAN, IMAGENET_STD, tiles_to_tensor
 from pipelines import storage
 from pipelines.manifest import ShardInfo, read_manifest
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from model.processor import IGNORE_INDEX, HoVLEProcessor, dynamic_tiles
+from model.images import dynamic_tiles
+from model.processor import IGNORE_INDEX, HoVLEProcessor
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines import storage
 from pipelines.manifest import stable_hash

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.processor import to_rgb
+from model.images import to_rgb
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines.schema import REJECT_REASONS
 
@@ -45,7 +45,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
     The declared size is checked against `max_pixels` from the header, before any pixel is decoded.
     EXIF orientation is applied; CMYK, 16-bit, palette, alpha and greyscale images become RGB
-    (`model.processor.to_rgb`: transparency over white).
+    (`model.images.to_rgb`: transparency over white).
 
     Raises:
         RejectedSample: empty_file, not_an_image, corrupt_image, truncated_image or decompression_bomb.

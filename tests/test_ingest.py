@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.processor import dynamic_tiles
+from model.images import dynamic_tiles
 from pipelines.ingest import (
     ShardIndex,
     ShardMismatch,

@@ -13,16 +13,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from model.processor import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    HoVLEProcessor,
-    ImagePlaceholderMismatch,
-    SequenceTooLong,
-    dynamic_tiles,
-    find_closest_grid,
-    tiles_to_tensor,
-)
+from model.images import IMAGENET_MEAN, IMAGENET_STD, dynamic_tiles, find_closest_grid, tiles_to_tensor
+from model.processor import HoVLEProcessor, ImagePlaceholderMismatch, SequenceTooLong
 from model.tokenizer import (
     CHATML_TEMPLATE,
     HOVLE_SPECIAL_TOKENS,
