@@ -51,12 +51,13 @@ from benchmarks.results import (  # noqa: E402
 from jobs.prepare import config_hash  # noqa: E402
 from model.presets import build_processor, load_preset  # noqa: E402
 from pipelines.corpora.synthetic import generate  # noqa: E402
-from pipelines.prepare import parquet_bytes, prepare  # noqa: E402
+from pipelines.prepare import prepare  # noqa: E402
 from pipelines.preprocess import PrepareContext, preprocess_row  # noqa: E402
 from pipelines.readers import read_unit  # noqa: E402
 from pipelines.schema import SHARD_SCHEMA  # noqa: E402
 from pipelines.settings import PrepareSettings  # noqa: E402
 from pipelines.sources import discover_units  # noqa: E402
+from pipelines.writer import parquet_bytes  # noqa: E402
 
 SPEEDUP_TARGET = 1.7
 TARGET_SAMPLES = 16_000

@@ -24,17 +24,11 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from model.backbones import MOBILENET_V2_FEATURE_DIM, HFVisionBackbone, MobileNetV2Features, load_mobilenet_v2
 from model.config import ConfigError, HoVLEConfig
 from model.embedding import ImageTokenMismatch, default_position_ids
 from model.modeling import HoVLEOutput, language_model_output
-from model.teachers import (
-    MOBILENET_V2_FEATURE_DIM,
-    MOBILENET_V2_SPEC,
-    HFVisionBackbone,
-    MobileNetV2Features,
-    grid_features,
-    load_mobilenet_v2,
-)
+from model.teachers import MOBILENET_V2_SPEC, grid_features
 
 MODEL_TYPE = "hovle-compositional"
 # HoVLEConfig fields of the holistic embedding module, which this model does not have: left out of its
@@ -61,7 +55,7 @@ class CompositionalConfig(HoVLEConfig):
     The image geometry (`tile_size`, `patch_size`, `pixel_shuffle_ratio` -> `image_grid`), token ids, chat
     template and LLM fields are `HoVLEConfig`'s; the `embedding_*` fields are unused (no embedding module).
 
-    vision_encoder: "mobilenet_v2" (the ImageNet MobileNetV2 of model/teachers.py) or "hf" (a Hugging Face
+    vision_encoder: "mobilenet_v2" (the ImageNet MobileNetV2 of model/backbones.py) or "hf" (a Hugging Face
         vision model shaped by `vision_config`).
     vision_input_size: tiles are resized to this square size before the encoder (None: as given).
     vision_image_mean / vision_image_std: the HF encoder's own pixel normalisation (None: ImageNet's).

@@ -291,8 +291,9 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
 
 def _compositional_config(vision: VisionSpec, shared: dict[str, Any]) -> HoVLEConfig:
     """`CompositionalConfig` for `model.vision`; an HF encoder's config and normalisation are read here."""
+    from model.backbones import read_processor_normalisation
     from model.compositional import CompositionalConfig
-    from model.teachers import MOBILENET_V2_SPEC, read_processor_normalisation
+    from model.teachers import MOBILENET_V2_SPEC
 
     if vision.encoder == MOBILENET_V2_SPEC:
         return CompositionalConfig(

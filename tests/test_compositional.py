@@ -30,8 +30,9 @@ from model import (
     stage_loss,
     stage_spec,
 )
+from model.backbones import load_mobilenet_v2
 from model.presets import config_from_spec, parse_model_spec
-from model.teachers import CompositionalTeacher, build_teacher, load_mobilenet_v2
+from model.teachers import CompositionalTeacher, build_teacher
 from tests.conftest import REPO_ROOT
 from tests.helpers import (
     _tiny_compositional_spec,
@@ -304,7 +305,7 @@ def test_compositional_teacher_targets_are_the_models_projected_tokens_and_it_tr
 def test_compositional_teacher_refuses_other_models(saved, tmp_path):
     hovle, _ = tiny_model()
     hovle.save_pretrained(tmp_path / "hovle")
-    from model.teachers import TeacherUnavailable
+    from model.backbones import TeacherUnavailable
 
     with pytest.raises(TeacherUnavailable, match="'hovle' model"):
         build_teacher(f"compositional:{tmp_path / 'hovle'}", student_hidden=64)

