@@ -30,9 +30,9 @@ from model.images import dynamic_tiles
 from model.processor import IGNORE_INDEX, HoVLEProcessor
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines import storage
+from pipelines.ids import UnsafePath, safe_resolve, split_repeat, stable_fraction
 from pipelines.manifest import stable_hash
 from pipelines.settings import PrepareSettings
-from pipelines.sources import UnsafePath, safe_resolve, split_repeat, stable_fraction
 from pipelines.validate import RejectedSample, check_text, decode_image, parse_conversation
 
 logger = logging.getLogger(__name__)

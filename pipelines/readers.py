@@ -31,16 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.ids import UnsafePath, join_id, repeat_copies, safe_resolve
 from pipelines.schema import RAW_SCHEMA, encode_payload, raw_row
-from pipelines.sources import (
-    IMAGE_EXTENSIONS,
-    UnsafePath,
-    WorkUnit,
-    join_id,
-    parquet_columns,
-    repeat_copies,
-    safe_resolve,
-)
+from pipelines.sources import IMAGE_EXTENSIONS, WorkUnit, parquet_columns
 
 logger = logging.getLogger(__name__)
 

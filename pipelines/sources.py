@@ -13,8 +13,9 @@ an image folder, or its line/row position when it has no id.
 
 Image refs are not opened here: they are resolved against the unit's root by `safe_resolve`, the one
 place that enforces the dataset-root boundary (preprocess calls it for images, the readers for captions).
-It and the other helpers that discovery, the readers and preprocess share (`join_id`, `parquet_columns`,
-`repeat_copies`, ...) live here, so `pipelines.readers` imports this module and never the other way round.
+It, the sample-id helpers (`join_id`, `repeat_copies`, ...) live in `pipelines.ids`; `parquet_columns`,
+which discovery and the readers share, lives here, so `pipelines.readers` imports this module and never
+the other way round.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from pipelines import storage
+from pipelines.ids import (
+    join_id,
+    stable_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 FILES_PER_UNIT = 256  # average folder files per work unit: units stay coarse (one Ray task reads many)
-REPEAT_SEPARATOR = "#rep"  # id suffix of the extra copies that meta JSON `repeat_time` > 1 makes
 PARQUET_TEXT_COLUMNS = ("text", "caption", "txt", "sentence")
 PARQUET_IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
 PARQUET_ID_COLUMNS = ("id", "key")
@@ -61,10 +65,6 @@ class SourceError(ValueError):
 
 class SourceNotFound(FileNotFoundError):
     """An input URI (or a file a meta JSON names) does not exist."""
-
-
-class UnsafePath(ValueError):
-    """A record's file path points outside its dataset root."""
 
 
 @dataclass(frozen=True)
@@ -116,67 +116,6 @@ class WorkUnit:
             values[name] = () if items is None else tuple(str(item) for item in items)
         values["repeat_time"] = float(values.get("repeat_time", 1.0))
         return cls(**values)
-
-
-# ---- small helpers shared with readers and preprocess --------------------------------------------------
-
-
-def stable_fraction(text: str) -> float:
-    """A number in [0, 1) from a stable hash of `text` (blake2b; the same on every machine and run)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def repeat_copies(base_id: str, repeat_time: float) -> list[str]:
-    """The sample ids one record becomes under InternVL's `repeat_time`.
-
-    The integer part gives that many copies (the first keeps `base_id`, copy k >= 1 is
-    ``base_id#rep<k>``); the fractional part adds one more copy to that share of records, chosen by a
-    stable hash of `base_id`. So 0.3 keeps ~30% of the records, 2.5 doubles them and adds a third copy
-    to ~half: the same records on every run.
-    """
-    whole = int(repeat_time)
-    extra = 1 if stable_fraction(f"repeat:{base_id}") < repeat_time - whole else 0
-    return [base_id if k == 0 else f"{base_id}{REPEAT_SEPARATOR}{k}" for k in range(whole + extra)]
-
-
-def split_repeat(sample_id: str) -> tuple[str, int]:
-    """(base id, copy index) of a sample id made by `repeat_copies`; copy 0 for ordinary ids."""
-    base, separator, copy = sample_id.rpartition(REPEAT_SEPARATOR)
-    if separator and copy.isdigit():
-        return base, int(copy)
-    return sample_id, 0
-
-
-def safe_resolve(root: str, ref: str) -> str:
-    """The URI of `ref` (a path relative to `root`), refusing anything that leaves `root`.
-
-    Local roots: absolute refs are refused, and the real path (symlinks followed) must lie inside the
-    root's real path, so ``../x`` and links pointing out are caught. Remote roots (s3://) have no symlinks:
-    absolute refs, URIs and any ``..`` component are refused.
-
-    Raises:
-        UnsafePath: with what was wrong.
-    """
-    if not root:
-        raise UnsafePath(f"image path {ref!r} has no dataset root to resolve against")
-    if not ref or "\x00" in ref:
-        raise UnsafePath(f"invalid file path {ref!r}")
-    if "://" in ref:
-        raise UnsafePath(f"{ref!r} is a URI; records may only name files relative to the dataset root")
-    if storage.is_remote(root):
-        parts = ref.replace("\\", "/").split("/")
-        if ref.startswith(("/", "\\")) or ".." in parts:
-            raise UnsafePath(f"{ref!r} escapes the dataset root {root}")
-        return storage.join(root, "/".join(part for part in parts if part not in ("", ".")))
-    local_root = root.removeprefix("file://")
-    if os.path.isabs(ref):
-        raise UnsafePath(f"{ref!r} is an absolute path; records may only name files inside {root}")
-    real_root = os.path.realpath(local_root)
-    candidate = os.path.realpath(os.path.join(local_root, ref))
-    if os.path.commonpath([real_root, candidate]) != real_root:
-        raise UnsafePath(f"{ref!r} resolves to {candidate}, outside the dataset root {real_root}")
-    return candidate
 
 
 # ---- discovery -----------------------------------------------------------------------------------------
@@ -248,10 +187,6 @@ def _file_fingerprint(info: Mapping[str, Any]) -> str:
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def join_id(*parts: str) -> str:
-    return "/".join(part for part in parts if part)
 
 
 def _peek_jsonl_format(fs: AbstractFileSystem, path: str) -> str:

@@ -14,18 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from pipelines.ids import UnsafePath, repeat_copies, safe_resolve, split_repeat
 from pipelines.readers import read_unit
 from pipelines.schema import RAW_SCHEMA
-from pipelines.sources import (
-    SourceError,
-    SourceNotFound,
-    UnsafePath,
-    WorkUnit,
-    discover_units,
-    repeat_copies,
-    safe_resolve,
-    split_repeat,
-)
+from pipelines.sources import SourceError, SourceNotFound, WorkUnit, discover_units
 from tests.helpers import build_context, shapes_image
 
 
