@@ -142,7 +142,7 @@ def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size
     """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
     when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
     from pipelines.corpora.importers import import_fashion_mnist
-    from pipelines.corpora.synthetic import MissingPackageError
+    from pipelines.corpora.scenes import MissingPackageError
 
     try:
         for stage in ("align", "instruct"):

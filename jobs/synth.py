@@ -19,7 +19,8 @@ from pathlib import Path
 from jobs.cli import FAILED, USAGE_ERROR, positive_int, run_command
 from jobs.logging_setup import setup_logging
 from model.stages import STAGE_NAMES
-from pipelines.corpora.synthetic import INSTRUCT_SKILLS, PHRASINGS, MissingPackageError
+from pipelines.corpora.scenes import MissingPackageError
+from pipelines.corpora.synthetic import INSTRUCT_SKILLS, PHRASINGS
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import random
 import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from jobs.budget import StageClock
+from jobs.checkpoints import load_checkpoint, save_checkpoint, seed_everything
 from jobs.export import load_export, local_copy, write_export
 from jobs.hooks import Hooks, TrainStep
 from jobs.meter import StageMeter
@@ -123,7 +121,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if config.scaling.threads_per_worker:
         torch.set_num_threads(config.scaling.threads_per_worker)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     hooks = Hooks(job.hooks)
 
     # ---- build ------------------------------------------------------------------------------------------
@@ -171,14 +169,9 @@ def train_stage(job_config: dict[str, Any]) -> None:
     step, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            client_state = strategy.load(directory)
-            step = int(client_state["step"])
-            clock.resume(client_state)  # the CPU-seconds and tokens spent before
-            mine = torch.load(os.path.join(directory, _worker_state_file(rank)), weights_only=False)
-        resumed_from = step
-        stream.load_state_dict(mine["stream"])
-        _set_rng_state(mine["rng"])
+        client_state = load_checkpoint(checkpoint, strategy, stream, rank)
+        step = resumed_from = int(client_state["step"])
+        clock.resume(client_state)  # the CPU-seconds and tokens spent before
         if rank == 0:
             logger.info(
                 "%s: resumed at step %d/%d (%.0f CPU-s) from %s",
@@ -225,7 +218,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
                         if log is not None:
                             log.metrics(metrics, step)
                 if step % config.checkpoint.every_n_steps == 0 or last:
-                    _save_checkpoint(strategy, stream, clock, step, job.stage, rank)
+                    save_checkpoint(strategy, stream, clock, step, job.stage, rank)
 
     # ---- export -----------------------------------------------------------------------------------------
     clock.sync()  # every rank (a run resumed from its last checkpoint syncs here)
@@ -345,27 +338,6 @@ def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
     encoder.float()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _endless(stream: TrainingStream):
     """Batches across epochs; an epoch that yields nothing would loop forever, so it raises instead."""
     while True:
@@ -386,35 +358,3 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
             value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
         out[key] = value
     return out
-
-
-def _worker_state_file(rank: int) -> str:
-    return f"worker_{rank:04d}.pt"
-
-
-def _save_checkpoint(
-    strategy: DeepSpeedStrategy, stream: TrainingStream, clock: StageClock, step: int, stage: str, rank: int
-) -> None:
-    """Engine state + step, CPU-seconds and tokens so far, and per rank its data position and RNG; Ray
-    merges the ranks' folders. Every rank calls it (the clock syncs over the ranks).
-
-    The rank's own state goes into its own file: DeepSpeed keeps `client_state` in rank 0's model-states
-    file only (below ZeRO-3), and every rank reads the data at a different position.
-    """
-    import ray.train
-
-    clock.sync()
-    with tempfile.TemporaryDirectory(prefix="hovle-ckpt-") as directory:
-        strategy.save(directory, {"step": step, **clock.state_dict()})
-        torch.save(
-            {"stream": stream.state_dict(), "rng": _rng_state()},
-            os.path.join(directory, _worker_state_file(rank)),
-        )
-        ray.train.report(
-            {"step": step, "stage": stage},
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_{step:07d}",
-        )
-    # Wait until the controller has committed it: a report is registered when the controller next polls
-    # the workers, and a worker dying before that poll would lose the checkpoint it just wrote.
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

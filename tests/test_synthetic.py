@@ -23,16 +23,8 @@ from PIL import Image
 
 from jobs import synth
 from pipelines.corpora import importers
-from pipelines.corpora.synthetic import (
-    DESCRIBE_PROMPT,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    TEXT_COLOURS,
-    MissingPackageError,
-    ShapesSource,
-    generate,
-)
+from pipelines.corpora.scenes import PALETTE, POSITIONS, SHAPES, TEXT_COLOURS, MissingPackageError
+from pipelines.corpora.synthetic import DESCRIBE_PROMPT, ShapesSource, generate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 120  # big enough that the fill ratios below tell the four shapes apart

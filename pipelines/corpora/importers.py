@@ -26,13 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines.corpora.scenes import BACKGROUNDS, MissingPackageError
 from pipelines.corpora.synthetic import (
     ANSWER_FORMS,
-    BACKGROUNDS,
     MIN_IMAGE_SIZE,
     ORDINALS,
     HeldoutPhrasing,
-    MissingPackageError,
     Phrasing,
     Sample,
     Turn,

@@ -1,0 +1,88 @@
+"""A training stage's checkpoints: the DeepSpeed engine, the clock, and per rank its data position and RNG.
+
+    save_checkpoint(strategy, stream, clock, step, stage, rank)   every rank; Ray Train merges the folders
+    load_checkpoint(checkpoint, strategy, stream, rank)           the engine, this rank's stream and RNG;
+                                                                  returns the client state (step, clock)
+
+Resume is exact: the same batches and the same random draws as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.budget import StageClock
+from jobs.strategy import DeepSpeedStrategy
+from pipelines.stream import TrainingStream
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def worker_state_file(rank: int) -> str:
+    return f"worker_{rank:04d}.pt"
+
+
+def save_checkpoint(
+    strategy: DeepSpeedStrategy, stream: TrainingStream, clock: StageClock, step: int, stage: str, rank: int
+) -> None:
+    """Engine state + step, CPU-seconds and tokens so far, and per rank its data position and RNG; Ray
+    merges the ranks' folders. Every rank calls it (the clock syncs over the ranks).
+
+    The rank's own state goes into its own file: DeepSpeed keeps `client_state` in rank 0's model-states
+    file only (below ZeRO-3), and every rank reads the data at a different position.
+    """
+    import ray.train
+
+    clock.sync()
+    with tempfile.TemporaryDirectory(prefix="hovle-ckpt-") as directory:
+        strategy.save(directory, {"step": step, **clock.state_dict()})
+        torch.save(
+            {"stream": stream.state_dict(), "rng": rng_state()},
+            os.path.join(directory, worker_state_file(rank)),
+        )
+        ray.train.report(
+            {"step": step, "stage": stage},
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_{step:07d}",
+        )
+    # Wait until the controller has committed it: a report is registered when the controller next polls
+    # the workers, and a worker dying before that poll would lose the checkpoint it just wrote.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def load_checkpoint(
+    checkpoint, strategy: DeepSpeedStrategy, stream: TrainingStream, rank: int
+) -> dict[str, Any]:
+    """Restore the engine from a Ray Train checkpoint, and this rank's data position and RNG; returns the
+    client state saved with it (`step` and the clock's)."""
+    with checkpoint.as_directory() as directory:
+        client_state = strategy.load(directory)
+        mine = torch.load(os.path.join(directory, worker_state_file(rank)), weights_only=False)
+    stream.load_state_dict(mine["stream"])
+    set_rng_state(mine["rng"])
+    return client_state
