@@ -203,7 +203,7 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -216,13 +216,13 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
         LLM's own embeddings, so a text-preservation term on them is 0.
         """
         use_cache = bool(use_cache)  # training leaves it unset: no cache, packed samples stay apart
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, past_key_values)
+            position_ids = default_position_ids(input_ids, cache)
         embeds = self.embed_inputs(input_ids, pixel_values)
         return language_model_output(
-            self.language_model, embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+            self.language_model, embeds, attention_mask, position_ids, cache, labels, use_cache,
             logits_to_keep, output_embedding_states, **kwargs,
         )  # fmt: skip
 

@@ -91,13 +91,13 @@ def decoder_layer_forward(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    past_key_values=None,
+    cache=None,
     drop_rate: float = 0.0,
     **kwargs,
 ) -> torch.Tensor:
     """A `LlamaDecoderLayer` step on its own submodules: hidden [b, L, hidden] -> [b, L, hidden].
 
-    Mirrors `LlamaDecoderLayer.forward` + `LlamaAttention.forward` (transformers 5.x), except that the
+    Mirrors `LlamaDecoderLayer.forward` + `LlamaAttention.forward` (transformers 5.24), except that the
     rotary (`apply_rotary`) may differ per head and each residual branch (attention, MLP) is dropped with
     `drop_rate` in training. `attention_mask` is the additive or boolean 4D mask (with any per-head bias).
     """
@@ -108,17 +108,17 @@ def decoder_layer_forward(
             layer,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=None,
+            cache=None,
             drop_rate=drop_rate,
             **kwargs,
         )
         return layer._gradient_checkpointing_func(step, hidden)
     return _layer_step(
-        layer, hidden, attention_mask, position_embeddings, past_key_values, drop_rate, **kwargs
+        layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs
     )
 
 
-def _layer_step(layer, hidden, attention_mask, position_embeddings, past_key_values, drop_rate, **kwargs):
+def _layer_step(layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs):
     attn = layer.self_attn
     residual = hidden
     states = layer.input_layernorm(hidden)
@@ -128,8 +128,8 @@ def _layer_step(layer, hidden, attention_mask, position_embeddings, past_key_val
     value = attn.v_proj(states).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, attn.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, attn.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
         attn.config._attn_implementation, eager_attention_forward
     )

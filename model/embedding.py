@@ -125,7 +125,7 @@ class HolisticEmbedding(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
     ) -> torch.Tensor:
         """input_ids [b, L], pixel_values [tiles, 3, T, T] -> LLM input embeddings [b, L, hidden].
@@ -137,7 +137,7 @@ class HolisticEmbedding(nn.Module):
         text = self.embed_tokens(input_ids)
         groups = self._image_groups(pixel_values, image_mask)
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, past_key_values)
+            position_ids = default_position_ids(input_ids, cache)
 
         if self.config.shuffle_location == "pre":
             hidden = text
@@ -149,12 +149,12 @@ class HolisticEmbedding(nn.Module):
                 image_mask,
                 attention_mask,
                 position_ids,
-                past_key_values,
+                cache,
                 use_cache,
                 packed_positions=position_ids,
             )
         return self._forward_post_shuffle(
-            text, groups, image_mask, attention_mask, position_ids, past_key_values, use_cache
+            text, groups, image_mask, attention_mask, position_ids, cache, use_cache
         )
 
     def _image_groups(
@@ -255,7 +255,7 @@ class HolisticEmbedding(nn.Module):
             config=self.layer_config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             position_ids=packed_positions,
             and_mask_function=and_mask,
             layer_idx=self.layer_offset,
@@ -288,7 +288,7 @@ class HolisticEmbedding(nn.Module):
                 hidden,
                 attention_mask=layer_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=rotary,
             )

@@ -68,7 +68,7 @@ class HoVLEOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: DynamicCache | None = None
+    cache: DynamicCache | None = None
     embedding_states: torch.Tensor | None = None
 
 
@@ -84,7 +84,7 @@ def language_model_output(
     embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.LongTensor,
-    past_key_values: DynamicCache | None,
+    cache: DynamicCache | None,
     labels: torch.LongTensor | None,
     use_cache: bool,
     logits_to_keep: int | torch.Tensor,
@@ -106,7 +106,7 @@ def language_model_output(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
+        cache=cache,
         labels=labels if learnt is None else None,
         use_cache=use_cache,
         logits_to_keep=logits_to_keep if learnt is None else learnt,
@@ -116,7 +116,7 @@ def language_model_output(
     return HoVLEOutput(
         loss=loss,
         logits=out.logits,
-        past_key_values=out.past_key_values if use_cache else None,
+        cache=out.cache if use_cache else None,
         embedding_states=embeds if output_embedding_states else None,
     )
 
@@ -163,7 +163,7 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        cache: DynamicCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -173,16 +173,16 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         """input_ids [b, L] -> logits [b, L, vocab]; `labels` [b, L] (-100 = ignored) -> next-token loss."""
         # training calls leave use_cache unset: no cache, so packed samples stay apart (generate sets it)
         use_cache = bool(use_cache)
-        if use_cache and past_key_values is None:
-            past_key_values = HoVLECache()
+        if use_cache and cache is None:
+            cache = HoVLECache()
         if position_ids is None:
-            position_ids = default_position_ids(input_ids, past_key_values)
+            position_ids = default_position_ids(input_ids, cache)
 
         embeds = self.embedding(
-            input_ids, pixel_values, attention_mask, position_ids, past_key_values, bool(use_cache)
+            input_ids, pixel_values, attention_mask, position_ids, cache, bool(use_cache)
         )
         return language_model_output(
-            self.language_model, embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+            self.language_model, embeds, attention_mask, position_ids, cache, labels, use_cache,
             logits_to_keep, output_embedding_states, **kwargs,
         )  # fmt: skip
 
@@ -190,11 +190,11 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         # The cache must hold the embedding module's layers too, which a cache sized from the LLM's config
         # cannot: start generation with a lazily grown HoVLECache.
         if (
-            model_kwargs.get("past_key_values") is None
+            model_kwargs.get("cache") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None
         ):
-            model_kwargs["past_key_values"] = HoVLECache()
+            model_kwargs["cache"] = HoVLECache()
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     # ---- initialisation of the embedding module from the LLM ---------------------------------------
