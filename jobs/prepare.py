@@ -19,7 +19,7 @@ from typing import Any
 
 from jobs.cli import USAGE_ERROR, parse_overrides, positive_int, run_command
 from jobs.hooks import Hooks, from_env
-from jobs.logging_setup import setup_logging
+from jobs.logging_setup import quiet_libraries, setup_logging
 from jobs.run_config import RunConfig, add_config_arguments, load_run_config
 from model.config import HoVLEConfig
 from model.presets import build_processor, config_from_spec, portable_config
@@ -44,6 +44,9 @@ def prepare_stages(
 ) -> dict[str, dict[str, Any]]:
     """Each stage's raw inputs -> its prepared dataset at `outputs[stage]`, with the processor the run
     config's `model:` section builds (once) and its `data:` settings; returns each stage's report."""
+    import ray.data  # noqa: F401 (imported before quieting it: Ray Data resets its loggers on import)
+
+    quiet_libraries()  # one line per unit from prepare, not Ray Data's operator lines every second
     config = config_from_spec(run.model)
     processor, key = build_processor(config), config_hash(config)
     reports = {}

@@ -32,6 +32,7 @@ from jobs.budget import StageClock
 from jobs.checkpoints import load_checkpoint, save_checkpoint, seed_everything
 from jobs.export import load_export, local_copy, write_export
 from jobs.hooks import Hooks, TrainStep
+from jobs.logging_setup import quiet_libraries
 from jobs.meter import StageMeter
 from jobs.strategy import DeepSpeedStrategy
 from jobs.tracking import StageLogger
@@ -114,6 +115,7 @@ class StageModule(nn.Module):
 def train_stage(job_config: dict[str, Any]) -> None:
     import ray.train
 
+    quiet_libraries()  # no GGUF conversion bars in every worker (HOVLE_VERBOSE=1 keeps them)
     job = StageJob(**job_config)
     config = TrainConfig.model_validate(job.config)
     settings = config.stages[job.stage]

@@ -113,9 +113,7 @@ def decoder_layer_forward(
             **kwargs,
         )
         return layer._gradient_checkpointing_func(step, hidden)
-    return _layer_step(
-        layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs
-    )
+    return _layer_step(layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs)
 
 
 def _layer_step(layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs):

@@ -178,9 +178,7 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cache)
 
-        embeds = self.embedding(
-            input_ids, pixel_values, attention_mask, position_ids, cache, bool(use_cache)
-        )
+        embeds = self.embedding(input_ids, pixel_values, attention_mask, position_ids, cache, bool(use_cache))
         return language_model_output(
             self.language_model, embeds, attention_mask, position_ids, cache, labels, use_cache,
             logits_to_keep, output_embedding_states, **kwargs,

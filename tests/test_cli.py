@@ -159,3 +159,29 @@ def test_run_command_maps_expected_errors_to_exit_codes_and_lets_the_rest_throug
     with pytest.raises(ZeroDivisionError):
         run_command("hovle x", raising(ZeroDivisionError("a bug")), {Busy: 3})
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_jobs_are_quiet_by_default_and_verbose_brings_the_libraries_back(monkeypatch):
+    """No transformers progress bars (the GGUF conversion's, in every worker), library progress loggers at
+    WARNING; --verbose turns them back on and exports HOVLE_VERBOSE for the Ray workers the job starts."""
+    import logging
+    import os
+
+    from transformers.utils import logging as transformers_logging
+
+    from jobs.logging_setup import VERBOSE_ENV, setup_logging
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    try:
+        setup_logging()
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert logging.getLogger("transformers").level == logging.WARNING
+        assert VERBOSE_ENV not in os.environ
+        setup_logging(verbose=True)
+        assert transformers_logging.is_progress_bar_enabled()
+        assert logging.getLogger("ray.train").level == logging.INFO
+        assert os.environ[VERBOSE_ENV] == "1"
+    finally:
+        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+        setup_logging()
+        transformers_logging.enable_progress_bar()
