@@ -22,12 +22,21 @@ from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import quiet_libraries, setup_logging
 from jobs.run_config import RunConfig, add_config_arguments, load_run_config
 from model.config import HoVLEConfig
-from model.presets import build_processor, config_from_spec, portable_config
+from model.presets import build_processor, config_from_spec
 from model.stages import STAGE_NAMES
 from pipelines.manifest import ManifestError, ManifestMismatch, stable_hash
 from pipelines.prepare import prepare
 
 logger = logging.getLogger("jobs.prepare")
+
+
+def portable_config(values: Any) -> Any:
+    """A config dict without `_name_or_path` entries: transformers records there the absolute folder a
+    config was loaded from (the virtualenv's, for a packaged LLM), which differs between checkouts and
+    machines, so a hash over it would name the same config differently on each."""
+    if isinstance(values, dict):
+        return {key: portable_config(value) for key, value in values.items() if key != "_name_or_path"}
+    return values
 
 
 def config_hash(config: HoVLEConfig) -> str:

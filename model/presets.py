@@ -217,15 +217,6 @@ def load_preset(name_or_path: str | Path) -> HoVLEConfig:
     return config_from_spec(parse_model_spec(document["model"], str(path)))
 
 
-def portable_config(values: Any) -> Any:
-    """A config dict without `_name_or_path` entries: transformers records there the absolute folder a
-    config was loaded from (the virtualenv's, for a packaged LLM), which differs between checkouts and
-    machines, so a hash over it would name the same config differently on each."""
-    if isinstance(values, dict):
-        return {key: portable_config(value) for key, value in values.items() if key != "_name_or_path"}
-    return values
-
-
 def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
     llm = spec.llm
     if llm.config is not None:
