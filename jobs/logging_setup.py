@@ -83,4 +83,9 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # Ray workers this job starts inherit it
+        os.environ.pop("TQDM_DISABLE", None)
+    elif not is_verbose():
+        # tqdm reads TQDM_* when it is imported: this silences bars made directly with tqdm (transformers'
+        # GGUF conversion) in the Ray workers the job starts from here on
+        os.environ.setdefault("TQDM_DISABLE", "1")
     quiet_libraries(verbose or is_verbose())

@@ -173,14 +173,21 @@ def test_jobs_are_quiet_by_default_and_verbose_brings_the_libraries_back(monkeyp
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     try:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
         setup_logging()
         assert not transformers_logging.is_progress_bar_enabled()
         assert logging.getLogger("transformers").level == logging.WARNING
         assert VERBOSE_ENV not in os.environ
+        # what a Ray worker started now inherits: tqdm bars made directly (the GGUF conversion's) are off
+        child = subprocess.run(
+            [sys.executable, "-c", "import tqdm; print(tqdm.tqdm([1]).disable)"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert child.stdout.strip() == "True", child.stderr
         setup_logging(verbose=True)
         assert transformers_logging.is_progress_bar_enabled()
         assert logging.getLogger("ray.train").level == logging.INFO
-        assert os.environ[VERBOSE_ENV] == "1"
+        assert os.environ[VERBOSE_ENV] == "1" and "TQDM_DISABLE" not in os.environ
     finally:
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
         setup_logging()
