@@ -6,7 +6,7 @@
 
 Everything lands in `--workdir` (default outputs/demo): raw corpora, prepared shards, checkpoints and
 exports under runs/, and the MLflow store (mlflow.db + mlruns/), which `mlflow ui` opens afterwards.
-Preset smollm2-135m (the real SmolLM2-135M-Instruct): ~24 min on 2 bf16-native cores, fp32 slower elsewhere;
+Preset smollm2-135m (the real SmolLM2-135M-Instruct): ~18 min on 2 bf16-native cores, fp32 slower elsewhere;
 `--preset tiny` runs the same story in about a minute with a random model (its answers mean nothing).
 """
 
@@ -41,7 +41,7 @@ PLANS: dict[str, dict[str, Any]] = {
         # tiles; align learns from questions about images as well as captions; the LLM stays frozen (it kept
         # the most language of the plans measured, docs/results/) while the embedding module learns; text
         # preservation 10 kept 38 of 47 general answers where 1.0 kept 31 (docs/results/demo_sweep.md). About
-        # 24 min on 2 bf16-native cores (fp32 elsewhere is slower); half the steps kept almost no language.
+        # 18 min on 2 bf16-native cores (fp32 elsewhere is slower); half the steps kept almost no language.
         # Align keeps stage 1's image term: without it image tokens collapsed (docs/results/findings.md, 5).
         "samples": 320, "heldout": 40, "image_size": 112, "tile_size": 112, "max_tokens": 256,
         "general_text": None, "skills": ("colour", "shape", "count"), "align_questions": 640,
