@@ -51,7 +51,7 @@ def heldout_set(corpora: Corpora, plan: dict[str, Any], folder: Path, seed: int)
     """The demo's held-out shapes questions (`plan["heldout"]` per skill, new images, held-out phrasings)
     and, where Fashion-MNIST is installed, as many class questions on its test photos ("which garment is
     this?", held-out phrasings): folder/reproduce.jsonl and its record count."""
-    from pipelines.corpora.importers import import_fashion_mnist
+    from pipelines.corpora.fashion_mnist import import_fashion_mnist
 
     parts = [folder / "shapes" / "data.jsonl"]
     if corpora.real:  # the importer asks several kinds of question: draw until enough ask the class

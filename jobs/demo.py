@@ -141,7 +141,7 @@ def step(title: str) -> float:
 def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int, seed: int = 0) -> int:
     """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
     when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
-    from pipelines.corpora.importers import import_fashion_mnist
+    from pipelines.corpora.fashion_mnist import import_fashion_mnist
     from pipelines.corpora.scenes import MissingPackageError
 
     try:
@@ -199,7 +199,7 @@ def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0)
         )
     )  # fmt: skip
     if real:
-        from pipelines.corpora.importers import import_fashion_mnist
+        from pipelines.corpora.fashion_mnist import import_fashion_mnist
 
         parts.append(
             import_fashion_mnist(held / "fashion", plan["heldout"], seed, "test", "instruct", size, "heldout")

@@ -19,8 +19,9 @@ from pathlib import Path
 from jobs.cli import FAILED, USAGE_ERROR, positive_int, run_command
 from jobs.logging_setup import setup_logging
 from model.stages import STAGE_NAMES
+from pipelines.corpora.corpus import PHRASINGS
 from pipelines.corpora.scenes import MissingPackageError
-from pipelines.corpora.synthetic import INSTRUCT_SKILLS, PHRASINGS
+from pipelines.corpora.synthetic import INSTRUCT_SKILLS
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def write(args: argparse.Namespace) -> Path:
         return generate(args.stage, args.n, args.seed, args.output, image_size, args.phrasing, args.skills)
     if args.skills:
         raise ValueError(f"--skills chooses among the shapes source's skills, not {args.source}'s")
-    from pipelines.corpora.importers import import_emoji, import_fashion_mnist
+    from pipelines.corpora.emoji import import_emoji
+    from pipelines.corpora.fashion_mnist import import_fashion_mnist
 
     if args.source == "fashion-mnist":
         return import_fashion_mnist(

@@ -44,7 +44,8 @@ from pipelines.preprocess import PrepareContext, preprocess_row
 from pipelines.readers import read_unit_batches
 from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA
 from pipelines.settings import PrepareSettings
-from pipelines.sources import WorkUnit, discover_units
+from pipelines.sources import discover_units
+from pipelines.units import WorkUnit
 from pipelines.writer import UnitWriter
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Corpus readers: one work unit (`pipelines.sources.WorkUnit`) -> raw record rows (schema.RAW_SCHEMA).
+"""Corpus readers: one work unit (`pipelines.units.WorkUnit`) -> raw record rows (schema.RAW_SCHEMA).
 
     read_unit(unit)           ->  raw rows, one per sample, in file order, never raising for bad data
     read_unit_batches(items)  ->  the same rows as Arrow tables, for Ray Data `map_batches` (prepare)
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.ids import UnsafePath, join_id, repeat_copies, safe_resolve
 from pipelines.schema import RAW_SCHEMA, encode_payload, raw_row
-from pipelines.sources import IMAGE_EXTENSIONS, WorkUnit, parquet_columns
+from pipelines.units import IMAGE_EXTENSIONS, WorkUnit, parquet_columns
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pipelines import storage
 from pipelines.manifest import REJECTS_DIR, SHARDS_DIR, WORK_DIR, ShardInfo, UnitRecord
 from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA
 from pipelines.settings import PrepareSettings
-from pipelines.sources import WorkUnit
+from pipelines.units import WorkUnit
 
 _SHARD_FIELDS = SHARD_SCHEMA.names
 _REJECT_FIELDS = REJECT_SCHEMA.names

@@ -17,7 +17,8 @@ import s3fs
 from pipelines.ids import UnsafePath, repeat_copies, safe_resolve, split_repeat
 from pipelines.readers import read_unit
 from pipelines.schema import RAW_SCHEMA
-from pipelines.sources import SourceError, SourceNotFound, WorkUnit, discover_units
+from pipelines.sources import SourceNotFound, discover_units
+from pipelines.units import SourceError, WorkUnit
 from tests.helpers import build_context, shapes_image
 
 

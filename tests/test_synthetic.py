@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from jobs import synth
-from pipelines.corpora import importers
+from pipelines.corpora import emoji, fashion_mnist, labelled
+from pipelines.corpora.corpus import DESCRIBE_PROMPT
 from pipelines.corpora.scenes import PALETTE, POSITIONS, SHAPES, TEXT_COLOURS, MissingPackageError
-from pipelines.corpora.synthetic import DESCRIBE_PROMPT, ShapesSource, generate
+from pipelines.corpora.synthetic import ShapesSource, generate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 120  # big enough that the fill ratios below tell the four shapes apart
@@ -251,18 +252,16 @@ def test_ocr_images_show_the_word_in_the_named_colour(tmp_path):
 
 # Every value a template's placeholder can take, over all sources.
 EMOJI_NAMES = {
-    unicodedata.name(chr(cp), "").lower()
-    for low, high in importers.EMOJI_RANGES
-    for cp in range(low, high + 1)
+    unicodedata.name(chr(cp), "").lower() for low, high in emoji.EMOJI_RANGES for cp in range(low, high + 1)
 } - {""}  # a superset of the emoji labels, found without the font
-LABELS = set(importers.FASHION_CLASSES) | EMOJI_NAMES
+LABELS = set(fashion_mnist.FASHION_CLASSES) | EMOJI_NAMES
 SLOT_VALUES = {
     "colour": set(PALETTE) | set(TEXT_COLOURS),
     "kind": set(SHAPES),
     "label": LABELS,
-    "a_label": {importers._article(label) for label in LABELS},
+    "a_label": {labelled._article(label) for label in LABELS},
 }
-LABELLED_SOURCES = (importers.FashionMnistSource, importers.EmojiSource)
+LABELLED_SOURCES = (fashion_mnist.FashionMnistSource, emoji.EmojiSource)
 HELDOUT_TABLES = (ShapesSource.heldout, *(source.heldout for source in LABELLED_SOURCES))
 
 
@@ -373,8 +372,8 @@ def write_fake_fashion_mnist(folder: Path, n: int = 300) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = np.arange(n, dtype=np.uint8) % len(importers.FASHION_CLASSES)
-    image_file, label_file = importers.FASHION_MNIST_FILES["test"]
+    labels = np.arange(n, dtype=np.uint8) % len(fashion_mnist.FASHION_CLASSES)
+    image_file, label_file = fashion_mnist.FASHION_MNIST_FILES["test"]
     header = struct.pack(">HBB3I", 0, 8, 3, n, 28, 28)
     (folder / image_file).write_bytes(gzip.compress(header + images.tobytes()))
     (folder / label_file).write_bytes(gzip.compress(struct.pack(">HBBI", 0, 8, 1, n) + labels.tobytes()))
@@ -383,11 +382,11 @@ def write_fake_fashion_mnist(folder: Path, n: int = 300) -> None:
 def test_fashion_mnist_heldout_phrasing_rewords_every_question_of_the_same_records(
     tmp_path, monkeypatch, fresh_asset_caches
 ):
-    monkeypatch.setattr(importers, "FASHION_MNIST_DIR", tmp_path / "fashion-mnist")
-    write_fake_fashion_mnist(importers.FASHION_MNIST_DIR)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", tmp_path / "fashion-mnist")
+    write_fake_fashion_mnist(fashion_mnist.FASHION_MNIST_DIR)
     args = {"n": 60, "seed": 2, "split": "test", "stage": "instruct", "image_size": 48}
-    train = read_jsonl(importers.import_fashion_mnist(tmp_path / "train", **args))
-    heldout = read_jsonl(importers.import_fashion_mnist(tmp_path / "heldout", **args, phrasing="heldout"))
+    train = read_jsonl(fashion_mnist.import_fashion_mnist(tmp_path / "train", **args))
+    heldout = read_jsonl(fashion_mnist.import_fashion_mnist(tmp_path / "heldout", **args, phrasing="heldout"))
     train_set, heldout_set = train_questions(), heldout_questions()
 
     assert {"class", "verify", "category", "compare"} <= {r["skill"] for r in heldout}
@@ -401,11 +400,11 @@ def test_fashion_mnist_heldout_phrasing_rewords_every_question_of_the_same_recor
 # ---- importers (Debian packages) --------------------------------------------------------------------
 
 needs_fashion_mnist = pytest.mark.skipif(
-    not importers.FASHION_MNIST_DIR.is_dir(),
+    not fashion_mnist.FASHION_MNIST_DIR.is_dir(),
     reason="dataset-fashion-mnist is not installed: sudo apt-get install -y dataset-fashion-mnist",
 )
 needs_emoji_font = pytest.mark.skipif(
-    not importers.EMOJI_FONT.is_file(),
+    not emoji.EMOJI_FONT.is_file(),
     reason="fonts-noto-color-emoji is not installed: sudo apt-get install -y fonts-noto-color-emoji",
 )
 
@@ -413,7 +412,7 @@ needs_emoji_font = pytest.mark.skipif(
 @pytest.fixture
 def fresh_asset_caches():
     """Loaders cache per process; a test that points them elsewhere must not leave its result behind."""
-    caches = (importers.load_fashion_mnist, importers._emoji_font, importers.renderable_emoji)
+    caches = (fashion_mnist.load_fashion_mnist, emoji._emoji_font, emoji.renderable_emoji)
     for cached in caches:
         cached.cache_clear()
     yield
@@ -423,17 +422,17 @@ def fresh_asset_caches():
 
 @needs_fashion_mnist
 def test_fashion_mnist_answers_are_the_dataset_labels(tmp_path):
-    jsonl = importers.import_fashion_mnist(
+    jsonl = fashion_mnist.import_fashion_mnist(
         tmp_path, 40, seed=0, split="test", stage="instruct", image_size=56
     )
-    images, labels = importers.load_fashion_mnist("test")
+    images, labels = fashion_mnist.load_fashion_mnist("test")
 
     records = read_jsonl(jsonl)
     assert len(records) == 40
     for record in records:
         facts = record["meta"]["images"] if "images" in record["meta"] else [record["meta"]]
         for path, fact in zip(image_paths(record), facts):
-            true_class = importers.FASHION_CLASSES[labels[fact["index"]]]
+            true_class = fashion_mnist.FASHION_CLASSES[labels[fact["index"]]]
             assert fact["class"] == true_class
             back = np.asarray(Image.open(tmp_path / path).convert("L").resize((28, 28), Image.Resampling.BOX))
             assert np.abs(back.astype(int) - images[fact["index"]]).mean() < 12, (
@@ -451,10 +450,10 @@ def test_fashion_mnist_answers_are_the_dataset_labels(tmp_path):
 @needs_fashion_mnist
 @pytest.mark.parametrize("stage", ["align", "distill"])
 def test_fashion_mnist_is_deterministic_for_every_stage(tmp_path, stage):
-    first = importers.import_fashion_mnist(
+    first = fashion_mnist.import_fashion_mnist(
         tmp_path / "a", 8, seed=4, split="test", stage=stage, image_size=56
     )
-    again = importers.import_fashion_mnist(
+    again = fashion_mnist.import_fashion_mnist(
         tmp_path / "b", 8, seed=4, split="test", stage=stage, image_size=56
     )
 
@@ -466,8 +465,8 @@ def test_fashion_mnist_is_deterministic_for_every_stage(tmp_path, stage):
 
 @needs_emoji_font
 def test_emoji_records_are_named_by_unicode_and_drawn(tmp_path):
-    jsonl = importers.import_emoji(tmp_path, 20, seed=0, stage="instruct", image_size=64)
-    again = importers.import_emoji(tmp_path / "again", 20, seed=0, stage="instruct", image_size=64)
+    jsonl = emoji.import_emoji(tmp_path, 20, seed=0, stage="instruct", image_size=64)
+    again = emoji.import_emoji(tmp_path / "again", 20, seed=0, stage="instruct", image_size=64)
 
     assert jsonl.read_bytes() == again.read_bytes()
     for record in read_jsonl(jsonl):
@@ -482,9 +481,9 @@ def test_emoji_records_are_named_by_unicode_and_drawn(tmp_path):
 
 @needs_emoji_font
 def test_emoji_heldout_phrasing_asks_the_same_records_in_other_words(tmp_path):
-    train = read_jsonl(importers.import_emoji(tmp_path / "train", 30, seed=1, image_size=48))
+    train = read_jsonl(emoji.import_emoji(tmp_path / "train", 30, seed=1, image_size=48))
     heldout = read_jsonl(
-        importers.import_emoji(tmp_path / "heldout", 30, seed=1, image_size=48, phrasing="heldout")
+        emoji.import_emoji(tmp_path / "heldout", 30, seed=1, image_size=48, phrasing="heldout")
     )
 
     for ours, theirs in zip(heldout, train, strict=True):
@@ -494,13 +493,13 @@ def test_emoji_heldout_phrasing_asks_the_same_records_in_other_words(tmp_path):
 
 
 def test_missing_debian_packages_name_the_apt_get_command(tmp_path, monkeypatch, fresh_asset_caches):
-    monkeypatch.setattr(importers, "FASHION_MNIST_DIR", tmp_path / "no-fashion-mnist")
-    monkeypatch.setattr(importers, "EMOJI_FONT", tmp_path / "NoEmoji.ttf")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", tmp_path / "no-fashion-mnist")
+    monkeypatch.setattr(emoji, "EMOJI_FONT", tmp_path / "NoEmoji.ttf")
 
     with pytest.raises(MissingPackageError, match="apt-get install -y dataset-fashion-mnist"):
-        importers.import_fashion_mnist(tmp_path / "out", 2, seed=0)
+        fashion_mnist.import_fashion_mnist(tmp_path / "out", 2, seed=0)
     with pytest.raises(MissingPackageError, match="apt-get install -y fonts-noto-color-emoji"):
-        importers.import_emoji(tmp_path / "out", 2, seed=0)
+        emoji.import_emoji(tmp_path / "out", 2, seed=0)
 
 
 # ---- the job ----------------------------------------------------------------------------------------
