@@ -41,8 +41,9 @@ test: venv system-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
+# DEMO_ARGS passes options through, e.g. DEMO_ARGS="--preset tiny" (two minutes) or "--seed 3".
 demo: venv system-deps
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.demo $(DEMO_ARGS)
 
 # Issue 11's reproduction study (about an hour on 2 cores): rows a-f at equal training CPU-seconds on the
 # smollm2 preset -> docs/results/reproduce.md, results/reproduce.json, plots; MLflow in outputs/reproduce.

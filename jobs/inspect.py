@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs.cli import run_command
 from jobs.logging_setup import setup_logging
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def zero_model_states_bytes(
     return {"1": zero1, "2": int(zero2), "3": int(zero3)}
 
 
-def inspect_config(config_path: Path, gpus_per_node: int = 8, nodes: int = 1) -> ModelReport:
+def inspect_config(config_path: str | Path, gpus_per_node: int = 8, nodes: int = 1) -> ModelReport:
     """Build the config's model on the meta device and report its size and ZeRO memory needs."""
     # The model package pulls in torch and transformers (seconds); importing it here keeps
     # `--help` and argument errors instant.
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="hovle inspect",
         description="Parameter counts per part and stage, and ZeRO model-state memory per GPU, for a config.",
     )
-    parser.add_argument("config", type=Path, help="a YAML run config or preset, e.g. hovle-2.6b")
+    parser.add_argument("config", help="a preset name (e.g. hovle-2.6b) or a YAML run config")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
@@ -173,16 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.nodes < 1:
         parser.error(f"--gpus and --nodes must be at least 1, got --gpus {args.gpus} --nodes {args.nodes}")
-    if not args.config.is_file():
-        parser.error(f"config file not found: {args.config}")
     setup_logging(args.verbose)
 
-    report = inspect_config(args.config, gpus_per_node=args.gpus, nodes=args.nodes)
-    if args.json:
-        print(json.dumps(asdict(report)))
-    else:
-        print(format_report(report))
-    return 0
+    def body() -> int:
+        report = inspect_config(args.config, gpus_per_node=args.gpus, nodes=args.nodes)
+        print(json.dumps(asdict(report)) if args.json else format_report(report))
+        return 0
+
+    return run_command("hovle inspect", body)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def stage_plan(
     model_type: str = "hovle",
 ):
     """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
+    Local paths come back absolute: the workers run elsewhere.
 
     `all` is every stage of the model's architecture (`model.stages.stages_for(model_type)`).
 
@@ -95,12 +96,15 @@ def stage_plan(
         stages = [stage]
     if data is not None and len(stages) > 1:
         raise ConfigError("--data names one dataset: use it with one --stage, or set train.data.<stage>")
-    exports = output or storage.join(resolve_storage(config.storage_path), config.run_name, "exports")
+    exports = resolve_storage(output or storage.join(config.storage_path, config.run_name, "exports"))
+    if init is not None and Path(init).exists():
+        init = str(Path(init).resolve())  # the workers do not run in this folder
     plan = []
     for name in stages:
         uri = data if data is not None else getattr(config.data, name)
         if uri is None:
             raise ConfigError(f"train.data.{name}: no prepared dataset for stage {name} (or pass --data)")
+        uri = resolve_storage(uri)
         try:
             manifest = read_manifest(uri)
         except (DatasetNotFound, ManifestError) as err:

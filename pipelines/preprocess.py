@@ -2,7 +2,7 @@
 
     preprocess_row(raw, ctx)  ->  (shard_row, None)  |  (None, reject_row)
 
-Per row: reader error -> reject; image refs resolved inside the dataset root (`sources.safe_resolve`) and
+Per row: reader error -> reject; image refs resolved inside the dataset root (`ids.safe_resolve`) and
 read; images validated and decoded (`decode_image`: bomb check from the header before any pixel is
 decoded, EXIF orientation, RGB); tiled with the processor's dynamic tiling (tiles stored as PNG); the
 stage's token sequence built (`distill`: image block and/or text tokens, labels all -100; `align`: a chat

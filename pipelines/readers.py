@@ -10,10 +10,10 @@ reads them.
 The raw-row contract (`schema.raw_row`): every sample gives one row with its stable id
 (``<id_prefix>/<key>``, see `pipelines.sources`), its source, unit key, root and kind (conversation,
 caption, image, text), a JSON payload, and its images as refs (paths relative to the root, not opened
-here: preprocess resolves them with `sources.safe_resolve`) or as inline bytes. Bad data never raises: a
+here: preprocess resolves them with `ids.safe_resolve`) or as inline bytes. Bad data never raises: a
 bad record becomes a row with `error` and `detail` set (invalid_json, invalid_utf8, invalid_record,
 missing_image, empty_file, unsafe_path), and a file that cannot be read on ends with one `unreadable_file`
-row. Meta JSON `repeat_time` is applied here (`sources.repeat_copies`).
+row. Meta JSON `repeat_time` is applied here (`ids.repeat_copies`).
 
 Nothing here imports torch or transformers: `read_unit_batches` runs in Ray Data's lightweight read tasks.
 """

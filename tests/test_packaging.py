@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,14 @@ def test_an_installed_wheel_finds_its_presets_outside_the_checkout(wheel, tmp_pa
     assert Path(found["package"]).is_relative_to(target)  # not this checkout
     assert Path(found["preset"]).is_relative_to(target / "model" / "configs")
     assert found["image_tokens"] > 0
+    hovle = target / "bin" / "hovle"  # the console script pip wrote
+    shown = subprocess.run(
+        [str(hovle), "config", "show", "smollm2-135m"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["model"]["llm"]["gguf_file"]
+    inspected = subprocess.run(
+        [str(hovle), "inspect", "hovle-2.6b", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout.strip().splitlines()[-1])["params_total"] > 2.5e9

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,11 @@ def mlflow_client(workdir: Path):
 @pytest.fixture(scope="module")
 def three_stages(prepared, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("three-stages")
+    # the datasets as relative paths, the way a person types them: the workers do not run in this folder
+    relative = {stage: os.path.relpath(uri, workdir) for stage, uri in prepared.items()}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
-        report = train("--stage", "all", "--run-name", "e2e", data=prepared)
+        report = train("--stage", "all", "--run-name", "e2e", data=relative)
     return workdir, report
 
 
