@@ -50,6 +50,8 @@ from pipelines.validate import RejectedSample, parse_conversation
 
 logger = logging.getLogger(__name__)
 
+VISION_CHECK_IMAGES = 16  # held-out images the blindness check compares
+
 
 class DataNotFound(FileNotFoundError):
     """A data file is missing, or none of its records could be evaluated."""
@@ -68,11 +70,13 @@ class UnusableRecord(ValueError):
 
 @dataclass
 class VqaReport:
-    """Results of the evaluated records, the count of skipped ones, thumbnails of the first few (gallery)."""
+    """Results of the evaluated records, the count of skipped ones, thumbnails of the first few (gallery),
+    and the first records' images (the blindness check's input: no second read of the data)."""
 
     results: list[RecordResult] = field(default_factory=list)
     skipped: int = 0
     thumbnails: list[list[str]] = field(default_factory=list)  # base64 PNGs, aligned with results[:50]
+    images: list[Image.Image] = field(default_factory=list, repr=False)  # at most VISION_CHECK_IMAGES
 
     def metrics(self) -> dict[str, float]:
         return vqa_metrics(self.results, self.skipped)
@@ -134,11 +138,21 @@ def parse_record(line: str, root: str) -> VqaPrompt:
     return VqaPrompt(str(record.get("id", "")), skill, prompt, images, prompt[-1]["content"], expected)
 
 
+MAX_INPUT_BYTES = 1 << 30  # a held-out file larger than this is not one
+
+
 def read_lines(uri: str, what: str) -> list[str]:
-    """The non-empty lines of a text file at `uri`. Raises DataNotFound when it is not there."""
+    """The non-empty lines of a text file at `uri`. Raises DataNotFound when it is not there, or is not a
+    regular UTF-8 text file of at most MAX_INPUT_BYTES."""
     if not storage.exists(uri):
         raise DataNotFound(f"{what} file {uri} not found")
-    return [line for line in storage.read_text(uri).splitlines() if line.strip()]
+    try:
+        text = storage.read_text(uri, limit=MAX_INPUT_BYTES)
+    except UnicodeDecodeError:
+        raise DataNotFound(f"{what} file {uri}: not UTF-8 text") from None
+    except ValueError as err:
+        raise DataNotFound(f"{what} file {err}") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def evaluate_vqa(
@@ -176,6 +190,7 @@ def evaluate_vqa(
             )
             if len(report.thumbnails) < GALLERY_MAX_RECORDS:
                 report.thumbnails.append([thumbnail(image) for image in prompt.images])
+            report.images += prompt.images[: VISION_CHECK_IMAGES - len(report.images)]
         done = len(report.results)
         if done // progress_every != (done - len(batch)) // progress_every or done == len(prompts):
             logger.info(
@@ -188,19 +203,6 @@ def evaluate_vqa(
             "see the warnings): check the file's format and that image paths are relative to its folder"
         )
     return report
-
-
-def image_check(model, processor, data: str, images: int = 16) -> dict[str, float]:
-    """`jobs.vision_check` on the images of the first records of `data` (none when it has fewer than two)."""
-    found: list[Image.Image] = []
-    for line in read_lines(data, "data"):
-        try:
-            found += parse_record(line, _parent(data)).images
-        except UnusableRecord:
-            continue
-        if len(found) >= images:
-            break
-    return image_token_spread(model, processor, found[:images]) if len(found) >= 2 else {}
 
 
 # ---- language preservation ---------------------------------------------------------------------------
@@ -248,15 +250,16 @@ class EvalReport:
 
 
 def check_inputs(settings: EvalSettings) -> list | None:
-    """Fail before any model loads: every input file exists; returns the parsed language questions."""
+    """Fail before any model loads: every input file is readable text; returns the parsed language
+    questions."""
     inputs = (
         (settings.data, "data"),
         (settings.text, "text"),
         (settings.language_questions, "language questions"),
     )
     for uri, what in inputs:
-        if uri and not storage.exists(uri):
-            raise DataNotFound(f"{what} file {uri} not found")
+        if uri:
+            read_lines(uri, what)  # there, and readable text: small files, read again where used
     if not settings.language_questions:
         return None
     from pipelines.general_text import parse_keyed_questions
@@ -287,7 +290,9 @@ def evaluate(model_uri: str, settings: EvalSettings, tracking_uri: str | None = 
         "evaluating %s on %s (max %s records)", model_uri, settings.data, settings.max_samples or "all"
     )
     vqa = evaluate_vqa(model, processor, settings.data, settings.max_samples, settings.max_new_tokens)
-    metrics = {**vqa.metrics(), **image_check(model, processor, settings.data)}
+    metrics = vqa.metrics()
+    if len(vqa.images) >= 2:  # is the model blind: do different images look alike to the LLM
+        metrics.update(image_token_spread(model, processor, vqa.images))
     language: list[dict] = []
     if base is None:
         logger.info("no --base model given: language preservation not measured (the gate refuses it)")
@@ -320,13 +325,13 @@ def run_evaluation(
     from mlflow.tracking import MlflowClient
 
     tracking_uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri=tracking_uri)
     if run_id:
         try:
-            client.get_run(run_id)  # fails now, not after the evaluation
+            MlflowClient(tracking_uri=tracking_uri).get_run(run_id)  # fails now, not after the evaluation
         except MlflowException as err:
             raise RunNotFound(f"MLflow run {run_id} not found at {tracking_uri}: {err.message}") from err
-    report = evaluate(model_uri, settings, tracking_uri)
+    report = evaluate(model_uri, settings, tracking_uri)  # bad inputs fail before a store is touched
+    client = MlflowClient(tracking_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="hovle-evaluate-") as scratch:
         files = report.write(output or Path(scratch))
         target = (

@@ -169,9 +169,7 @@ def read_run_document(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
         if len(chain) >= MAX_EXTENDS:
             raise ConfigError(f"{chain[0]}: `extends` chain longer than {MAX_EXTENDS}")
         chain.append(path.resolve())
-        document = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(document, dict):
-            raise ConfigError(f"{path}: a run config is a YAML mapping, got {type(document).__name__}")
+        document = _read_yaml(path)
         version = document.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ConfigError(
@@ -184,12 +182,40 @@ def read_run_document(name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
                 )
             )
         source = document.pop("extends", None)
+        if source is not None and not isinstance(source, str):
+            raise ConfigError(f"{path}: extends: a preset name or a YAML path, got {type(source).__name__}")
         documents.append(document)
     merged: dict[str, Any] = {}
     for document in reversed(documents):  # the base first, each extension over it
         merged = _deep_merge(merged, document)
     merged["schema_version"] = SCHEMA_VERSION
     return merged, chain[0]
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a page of YAML; anything larger is not one
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in the YAML file at `path`; anything else (a folder, a device, a huge or binary file,
+    text that is not YAML, a list or a scalar) is a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes, too large for a run config (at most {MAX_CONFIG_BYTES})")
+    try:
+        document = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}: not YAML{line}: {getattr(err, 'problem', None) or err}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: a run config is a YAML mapping, got {type(document).__name__}")
+    return document
 
 
 def _find_base(source: str | Path, child: Path) -> Path:

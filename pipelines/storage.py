@@ -55,14 +55,22 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The file's bytes. With `limit`: only a regular file (not a folder, FIFO or device) of at most
+    `limit` bytes, else ValueError, so a hostile path cannot hang or exhaust the reader."""
     fs, path = filesystem(uri)
+    if limit is not None and fs.info(path).get("type") != "file":
+        raise ValueError(f"{uri}: not a regular file")
     with fs.open(path, "rb") as f:
-        return f.read()
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{uri}: larger than {limit} bytes")
+    return data
 
 
-def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+def read_text(uri: str, limit: int | None = None) -> str:
+    """UTF-8 text (UnicodeDecodeError, a ValueError, when it is not); `limit` as read_bytes."""
+    return read_bytes(uri, limit).decode("utf-8")
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

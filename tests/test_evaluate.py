@@ -316,6 +316,29 @@ def test_missing_model_or_data_exits_2_with_a_message(heldout, tmp_path, capsys)
     assert f"MLflow run {'0' * 32} not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("binary", "not UTF-8 text"), ("device", "not a regular file"), ("folder", "not a regular file")],
+)
+def test_data_that_is_not_a_text_file_exits_2_in_one_line_before_any_model_loads(
+    kind, message, tmp_path, capsys
+):
+    """A binary file, /dev/zero (it would be read until memory runs out) or a folder as --data or --text."""
+    data = {"binary": tmp_path / "data.bin", "device": Path("/dev/zero"), "folder": tmp_path}[kind]
+    if kind == "binary":
+        data.write_bytes(bytes(range(256)) * 64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for flag in ("--data", "--text"):
+        argv = ["--model", str(tmp_path / "nope"), "--data", str(data), "--tracking-uri", uri]
+        if flag == "--text":
+            good = tmp_path / "heldout.jsonl"
+            good.write_text('{"id": "a"}\n')
+            argv[3], argv = str(good), [*argv, "--text", str(data)]
+        assert ev.main(argv) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and str(data) in err[0], (flag, err)  # not "no model at"
+
+
 def test_resolve_model_from_an_export_and_a_plain_folder(export_dir, loaded, tmp_path):
     model, processor = loaded
     plain = tmp_path / "plain"

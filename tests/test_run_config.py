@@ -118,12 +118,50 @@ def test_config_schema_is_the_run_configs_json_schema():
     assert schema["additionalProperties"] is False
 
 
-def test_every_command_refuses_a_bad_set_the_same_way(tmp_path):
-    for command in (
-        ["prepare", "--config", "tiny", "--stage", "align", "--input", "x", "--output", str(tmp_path / "o")],
-        ["train", "--config", "tiny", "--stage", "align"],
-        ["retrain", "--config", "tiny"],
+def test_every_command_refuses_a_bad_set_the_same_way(tmp_path, capsys):
+    from jobs import prepare, retrain, train
+
+    output = str(tmp_path / "o")
+    for main, argv in (
+        (prepare.main, ["--config", "tiny", "--stage", "align", "--input", "x", "--output", output]),
+        (train.main, ["--config", "tiny", "--stage", "align"]),
+        (retrain.main, ["--config", "tiny"]),
     ):
-        result = hovle(*command, "--set", "data.max_tokens=-1", cwd=tmp_path)
-        assert result.returncode == 2, (command, result.stderr)
-        assert "data.max_tokens" in result.stderr and "Traceback" not in result.stderr, command
+        assert main([*argv, "--set", "data.max_tokens=-1"]) == 2, argv
+        err = capsys.readouterr().err
+        assert "data.max_tokens" in err and "Traceback" not in err, argv
+
+
+NOT_A_RUN_CONFIG = {
+    "not YAML": (b"model: [unclosed\n", "not YAML at line 2"),
+    "a YAML list": (b"- model\n- train\n", "a run config is a YAML mapping, got list"),
+    "a YAML scalar": (b"just some words\n", "a run config is a YAML mapping, got str"),
+    "a binary file": (bytes(range(256)) * 4, "not a text file (not UTF-8)"),
+    "extends a list": (b"extends: [tiny]\n", "extends: a preset name or a YAML path, got list"),
+    "too large": (b"# " + b"x" * (1 << 20) + b"\n", "too large for a run config"),
+    "a folder": (None, "not a file"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_A_RUN_CONFIG)
+def test_every_command_refuses_a_config_that_is_not_a_run_config_in_one_line(kind, tmp_path, capsys):
+    """Each kind of broken --config, through every command that takes one, in this process: exit 2 and
+    one line naming the file and what is wrong, before any Ray, model or data work."""
+    from jobs import inspect, prepare, retrain, run_config, train
+
+    content, message = NOT_A_RUN_CONFIG[kind]
+    config = tmp_path / "run.yaml"
+    config.mkdir() if content is None else config.write_bytes(content)
+    commands = {
+        "prepare": (prepare.main, ["--config", str(config), "--stage", "align", "--input", str(tmp_path),
+                                   "--output", str(tmp_path / "out")]),
+        "train": (train.main, ["--config", str(config), "--stage", "align"]),
+        "retrain": (retrain.main, ["--config", str(config)]),
+        "config show": (run_config.main, ["show", str(config)]),
+        "inspect": (inspect.main, [str(config)]),
+    }  # fmt: skip
+    for name, (main, argv) in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(config) in err[0] and message in err[0], (name, err)
+    assert not (tmp_path / "out").exists()
