@@ -7,8 +7,9 @@
 
 `state` is a mutable mapping the caller may persist (`save` is called after each step that must not be
 repeated): a cycle that crashed after evaluation registers without evaluating again, one that crashed
-after registration only applies the gate. Training itself resumes from its checkpoints when the run name
-is reused (jobs.train).
+after registration only applies the gate. `fence` is called before the registry changes (a version, an
+alias); a caller that may have lost its lock raises there. Training itself resumes from its checkpoints
+when the run name is reused (jobs.train).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run_cycle(
     state: MutableMapping[str, Any],
     save: Callable[[], None] = lambda: None,
     *,
+    fence: Callable[[], None] = lambda: None,
     stage: str = "all",
     init: str | None = None,
     source: str = "",
@@ -94,8 +96,10 @@ def run_cycle(
             "hovle.run_name": config.run_name,
             **(tags or {}),
         }
+        fence()
         state["model_version"] = register(model_uri, gate.name, all_tags, state["scores"], tracking_uri)
         save()
+    fence()
     decision = promote(MlflowClient(tracking_uri), gate.name, state["model_version"], gate)
     timings["register"] = time.perf_counter() - started
     state["summary"] = {

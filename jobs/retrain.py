@@ -17,7 +17,8 @@ Exit codes (for schedulers):
     0  the cycle finished (promoted or not: see `promoted` in the JSON line), or nothing new to train on
     2  a bad config or missing input
     3  another retrain holds the lock (not an error: the next schedule tick retries)
-    1  the cycle failed (a stage failed beyond max_failures, or anything unexpected); rerun to continue
+    1  the cycle failed (a stage failed beyond max_failures, this run lost its lock to another because it
+       was paused past the lock's TTL, or anything unexpected); rerun to continue
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 from typing import Any
 
 from jobs.cli import FAILED, parse_overrides, run_command
-from jobs.lock import LockHeld, StorageLock
+from jobs.lock import LockHeld, LockLost, StorageLock
 from jobs.logging_setup import setup_logging
 from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
@@ -110,7 +111,7 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
         if cycle.get("done"):
             logger.info("nothing new since data version %s (cycle done): nothing to do", version)
             return {"status": "nothing_to_do", "data_version": version, **cycle.get("summary", {})}
-        lock.refresh()
+        lock.check()
         named = run.model_copy(
             update={"train": run.train.model_copy(update={"run_name": f"retrain-{version}"})}
         )
@@ -121,13 +122,13 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
                 if init is None:
                     logger.info("no champion yet: instruct starts from the preset's model")
 
-            def save() -> None:  # after each step: the state, and the lock held a while longer
+            def save() -> None:  # after each step: the state, only while this run still holds the lock
+                lock.check()
                 state.save()
-                lock.refresh()
 
             summary = run_cycle(
-                named, datasets, cycle, save, stage=settings.stages, init=init, source=config_path,
-                tags={"hovle.data_version": version},
+                named, datasets, cycle, save, fence=lock.check, stage=settings.stages, init=init,
+                source=config_path, tags={"hovle.data_version": version},
             )  # fmt: skip
         return {"status": "trained", "data_version": version, **summary}
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(retrain(args.config, overrides)))
         return 0
 
-    return run_command("hovle retrain", body, {LockHeld: LOCKED, StageFailed: FAILED})
+    return run_command("hovle retrain", body, {LockHeld: LOCKED, (StageFailed, LockLost): FAILED})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ class RetrainSettings(_Strict):
     raw: dict[Literal["distill", "align", "instruct"], list[str]]
     prepared: str = Field(description="prepared datasets root: <prepared>/<stage>")
     stages: Literal["all", "instruct"] = Field("all", description="instruct: fine-tune the champion only")
-    lock_ttl_s: float = Field(24 * 3600, gt=0, description="a lock older than this belonged to a dead run")
+    lock_ttl_s: float = Field(
+        900, gt=0, description="a lock not renewed this long (every ttl/4 while a cycle runs) is stale"
+    )
 
 
 class RunConfig(_Strict):
