@@ -82,3 +82,11 @@ def test_an_installed_wheel_finds_its_presets_outside_the_checkout(wheel, tmp_pa
     )
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout.strip().splitlines()[-1])["params_total"] > 2.5e9
+
+
+def test_the_compose_stack_publishes_its_ports_on_loopback_only():
+    """MLflow has no authentication of its own and Ray's dashboard submits jobs: nothing of the stack
+    is published on the host's other interfaces."""
+    stack = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    published = [port for service in stack["services"].values() for port in service.get("ports", [])]
+    assert published and all(str(port).startswith("127.0.0.1:") for port in published), published
