@@ -30,8 +30,11 @@ def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens
 def answer_all(
     model_uri: str, questions: list[tuple[str, str | None]], max_new_tokens: int = 32
 ) -> list[str]:
-    """Answers to (prompt, image path or None) pairs from the model at `model_uri`, loaded once."""
-    rows = [{"prompt": prompt, "image": image or ""} for prompt, image in questions]
+    """Answers to (prompt, image path or URI or None) pairs from the model at `model_uri`, loaded once.
+
+    The images are read here and sent as base64, as an HTTP client would: the served model reads no path
+    or URI its deployment does not allow (`jobs/serving.py`)."""
+    rows = [{"prompt": prompt, "image": _base64(image) if image else ""} for prompt, image in questions]
     params = {"max_new_tokens": max_new_tokens}
     if model_uri.startswith(("models:/", "runs:/")):
         import mlflow
@@ -50,6 +53,15 @@ def answer_all(
         local = HoVLEPyfunc()
         local.load_context(types.SimpleNamespace(artifacts={"hf_model": local_copy(model_uri, scratch)}))
         return [str(a) for a in local.predict(None, rows, params)["answer"]]
+
+
+def _base64(image: str) -> str:
+    import base64
+
+    from jobs.serving import MAX_IMAGE_BYTES
+    from pipelines.storage import read_bytes
+
+    return base64.b64encode(read_bytes(image, limit=MAX_IMAGE_BYTES)).decode("ascii")
 
 
 def main(argv: list[str] | None = None) -> int:

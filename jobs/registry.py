@@ -142,7 +142,8 @@ def log_hovle_model(export_uri: str, run_id: str, tracking_uri: str) -> str:
                 name="model",
                 python_model=str(SERVING_CODE),
                 artifacts={HF_ARTIFACT: folder},
-                code_paths=[str(REPO_ROOT / "model")],
+                # pipelines/: storage.read_bytes, for an image named by an allowed path or URI
+                code_paths=[str(REPO_ROOT / "model"), str(REPO_ROOT / "pipelines")],
                 signature=signature(),
                 input_example=pd.DataFrame(
                     [{"prompt": "What colour is the square?", "image": _example_image()}]

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -195,54 +194,6 @@ def test_the_logged_model_carries_the_hugging_face_folder_and_a_signature(store,
     assert (local / "artifacts" / "hf_model" / "model.safetensors").is_file()
     assert {c.name for c in info.signature.inputs.inputs} == {"prompt", "image", "image_bytes"}
     assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
-
-
-def test_mlflow_models_serve_answers_an_http_request(store, client, tmp_path):
-    import socket
-    import urllib.request
-
-    version = new_version(store, "http", vqa_accuracy=1.0, **KEPT)
-    assert promote(client, "http", version, GateSettings(name="http")).champion
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    bin_dir = Path(sys.executable).parent  # the serve command runs `uvicorn` from the PATH, as when activated
-    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PATH": path}
-    mlflow_cli = str(bin_dir / "mlflow")
-    server = subprocess.Popen(
-        [mlflow_cli, "models", "serve", "-m", "models:/http@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        buffer = io.BytesIO()
-        shapes_image(56, 56).save(buffer, format="PNG")
-        image = base64.b64encode(buffer.getvalue()).decode()
-        body = {
-            "dataframe_records": [{"prompt": "What is this?", "image": image}],
-            "params": {"max_new_tokens": 3},
-        }
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    reply = json.loads(response.read())
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                assert time.monotonic() < deadline, "the model server did not come up in 180 s"
-                time.sleep(2)
-        [answer] = reply["predictions"]
-        assert isinstance(answer["answer"], str)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_predict_answers_from_the_registry_and_from_an_export(store, client, tmp_path, monkeypatch, capsys):
