@@ -76,7 +76,7 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)  # `ray start --block` often outlives SIGTERM: the group is killed then
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
