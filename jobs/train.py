@@ -32,7 +32,7 @@ from typing import Any
 
 from jobs.cli import FAILED, parse_overrides, run_command
 from jobs.hooks import Hooks, from_env
-from jobs.logging_setup import setup_logging
+from jobs.logging_setup import is_verbose, setup_logging
 from jobs.run_config import RunConfig, add_config_arguments, load_run_config
 from jobs.train_config import TrainConfig
 from model.config import ConfigError
@@ -143,6 +143,8 @@ def run_stage(job, config: TrainConfig) -> None:
             storage_path=resolve_storage(config.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
+            # Ray Train's own lines (resources requested, worker group started) only with --verbose
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
         ),
     )
     try:
