@@ -260,7 +260,7 @@ def _process(
             ray.data.from_items(items, override_num_blocks=len(items))
             .map_batches(
                 read_unit_batches,
-                fn_kwargs={"rows_per_batch": _BATCH_ROWS},
+                fn_kwargs={"rows_per_batch": _BATCH_ROWS, "settings": settings},
                 batch_size=1,
                 num_cpus=actor_cpus / 2,
             )

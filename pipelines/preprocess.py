@@ -2,12 +2,14 @@
 
     preprocess_row(raw, ctx)  ->  (shard_row, None)  |  (None, reject_row)
 
-Per row: reader error -> reject; image refs resolved inside the dataset root (`ids.safe_resolve`) and
-read; images validated and decoded (`decode_image`: bomb check from the header before any pixel is
-decoded, EXIF orientation, RGB); tiled with the processor's dynamic tiling (tiles stored as PNG); the
-stage's token sequence built (`distill`: image block and/or text tokens, labels all -100; `align`: a chat
-sample whose answer is the caption; `instruct`: the conversation, labels on assistant turns); the token
-budget applied (`settings.overflow`).
+Per row: reader error -> reject; the text bounded before it is tokenized (`max_text_chars`: tokenizing
+grows memory ~200 bytes a character); image refs resolved inside the dataset root (`ids.safe_resolve`)
+and read (regular files of at most `max_file_bytes` only); images validated and decoded (`decode_image`:
+bomb check from the header before any pixel is decoded, EXIF orientation, RGB); tiled with the
+processor's dynamic tiling (tiles stored as PNG); the stage's token sequence built (`distill`: image block
+and/or text tokens, labels all -100; `align`: a chat sample whose answer is the caption; `instruct`: the
+conversation, labels on assistant turns); the token budget applied (`settings.overflow`). A row that
+still raises is quarantined as `internal_error`.
 
 Pure Python + PIL + the HoVLE processor: no Ray here, so the same code runs in a Ray actor or a test.
 """
@@ -32,7 +34,7 @@ from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 from pipelines import storage
 from pipelines.ids import UnsafePath, safe_resolve, split_repeat, stable_fraction
 from pipelines.manifest import stable_hash
-from pipelines.settings import PrepareSettings
+from pipelines.settings import TEXT_CHARS_PER_TOKEN, PrepareSettings
 from pipelines.validate import RejectedSample, check_text, decode_image, parse_conversation
 
 logger = logging.getLogger(__name__)
@@ -114,8 +116,10 @@ class _Sample:
 def preprocess_row(raw: Mapping[str, Any], ctx: PrepareContext) -> tuple[dict | None, dict | None]:
     """Turn one raw row (schema.RAW_SCHEMA) into (shard row, None) or (None, reject row).
 
-    Never raises for bad data; storage errors other than a missing or unreadable file propagate (so a
-    Ray task retries them instead of quarantining good records).
+    Never raises for bad data: what the checks do not foresee (an error inside Pillow or the tokenizer,
+    a tokenizer panic, MemoryError) is quarantined as `internal_error` with the error named, so one
+    record cannot end the run. Storage errors (OSError) other than a missing or unreadable file
+    propagate (so a Ray task retries them instead of quarantining good records).
     """
     raw = _normalise(raw)
     try:
@@ -128,14 +132,16 @@ def preprocess_row(raw: Mapping[str, Any], ctx: PrepareContext) -> tuple[dict | 
             sample = _chat_sample(raw, payload, ctx)
         return _shard_row(raw, sample, ctx), None
     except RejectedSample as rejected:
-        reject = {
-            "id": raw["id"],
-            "source": raw["source"],
-            "unit": raw["unit"],
-            "reason": rejected.reason,
-            "detail": rejected.detail,
-        }
-        return None, reject
+        return None, _reject(raw, rejected.reason, rejected.detail)
+    except (OSError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # BaseException: the tokenizers' Rust panics (PyO3) are not Exceptions
+        logger.exception("%s: preprocessing failed; quarantined as internal_error", raw["id"])
+        return None, _reject(raw, "internal_error", f"{type(err).__name__}: {err}"[:2000])
+
+
+def _reject(raw: dict[str, Any], reason: str, detail: str) -> dict[str, str]:
+    return {"id": raw["id"], "source": raw["source"], "unit": raw["unit"], "reason": reason, "detail": detail}
 
 
 def align_prompt(sample_id: str) -> str:
@@ -190,11 +196,13 @@ def _load_image(raw: dict[str, Any], index: int, ctx: PrepareContext) -> tuple[I
         except UnsafePath as err:
             raise RejectedSample("unsafe_path", str(err)) from err
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, limit=ctx.settings.max_file_bytes)
         except FileNotFoundError as err:
             raise RejectedSample("missing_image", f"{ref} not found under {raw['root']}") from err
-        except IsADirectoryError as err:
-            raise RejectedSample("not_an_image", f"{ref} is a directory") from err
+        except storage.NotRegularFile as err:  # a FIFO would block the reader forever, a device never end
+            raise RejectedSample("not_a_file", f"{ref} is not a regular file") from err
+        except storage.FileTooLarge as err:
+            raise RejectedSample("file_too_large", f"{ref}: {err} (max_file_bytes)") from err
         except PermissionError as err:
             raise RejectedSample("unreadable_file", f"{ref}: {err}") from err
     try:
@@ -232,6 +240,9 @@ def _distill_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareCo
             raise RejectedSample("invalid_record", "a text record needs a string 'text'")
         if not text.strip():
             raise RejectedSample("no_content", "the document is empty")
+        if len(text) > settings.max_text_chars:  # a window of the document: tokenizing all of it is unbounded
+            start = int(rng.integers(0, len(text) - settings.max_text_chars + 1))
+            text = text[start : start + settings.max_text_chars]
         tokens = ctx.processor.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
         ids, window = tokens["input_ids"], settings.distill_text_tokens
         start = int(rng.integers(0, len(ids) - window + 1)) if len(ids) > window else 0
@@ -298,6 +309,13 @@ def _chat_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareConte
             "no_content", f"a {kind or 'record'} record has no text to supervise in {ctx.stage}"
         )
 
+    characters = sum(len(message["content"]) for message in messages)
+    if characters > ctx.settings.max_text_chars:  # refused before the tokenizer sees it (memory, time)
+        raise RejectedSample(
+            "text_too_long",
+            f"{characters} characters > {ctx.settings.max_text_chars} "
+            f"({TEXT_CHARS_PER_TOKEN} per token of max_tokens {ctx.settings.max_tokens})",
+        )
     # text problems are found above, before any image is read
     loaded = [_load_image(raw, index, ctx) for index in range(num_images)]
     tiles = [_image_tiles(image, ctx.processor) for image, _ in loaded]

@@ -1,7 +1,7 @@
 """Corpus readers: one work unit (`pipelines.units.WorkUnit`) -> raw record rows (schema.RAW_SCHEMA).
 
-    read_unit(unit)           ->  raw rows, one per sample, in file order, never raising for bad data
-    read_unit_batches(items)  ->  the same rows as Arrow tables, for Ray Data `map_batches` (prepare)
+    read_unit(unit, settings)  ->  raw rows, one per sample, in file order, never raising for bad data
+    read_unit_batches(items)   ->  the same rows as Arrow tables, for Ray Data `map_batches` (prepare)
 
 One reader per `WorkUnit.format` (`_READERS`): conversation JSONL and JSON arrays, text JSONL, WebDataset
 tars, Parquet, image-caption folders and text files. `pipelines.sources` finds the units; this module only
@@ -12,8 +12,12 @@ The raw-row contract (`schema.raw_row`): every sample gives one row with its sta
 caption, image, text), a JSON payload, and its images as refs (paths relative to the root, not opened
 here: preprocess resolves them with `ids.safe_resolve`) or as inline bytes. Bad data never raises: a
 bad record becomes a row with `error` and `detail` set (invalid_json, invalid_utf8, invalid_record,
-missing_image, empty_file, unsafe_path), and a file that cannot be read on ends with one `unreadable_file`
-row. Meta JSON `repeat_time` is applied here (`ids.repeat_copies`).
+missing_image, empty_file, unsafe_path, not_a_file, record_too_large, file_too_large), and a file that
+cannot be read on ends with one `unreadable_file` row (`internal_error` when the reader itself failed).
+Every read is bounded before it is parsed (`PrepareSettings.max_record_bytes`, `max_file_bytes`; regular
+files only), so no record can hang a reader or exhaust its memory. Meta JSON `repeat_time` is applied
+here (`ids.repeat_copies`); a meta entry whose root was refused (`WorkUnit.root_error`) has every record
+rejected as unsafe_path.
 
 Nothing here imports torch or transformers: `read_unit_batches` runs in Ray Data's lightweight read tasks.
 """
@@ -33,6 +37,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.ids import UnsafePath, join_id, repeat_copies, safe_resolve
 from pipelines.schema import RAW_SCHEMA, encode_payload, raw_row
+from pipelines.settings import PrepareSettings
 from pipelines.units import IMAGE_EXTENSIONS, WorkUnit, parquet_columns
 
 logger = logging.getLogger(__name__)
@@ -40,28 +45,44 @@ logger = logging.getLogger(__name__)
 PARQUET_BATCH_ROWS = 256
 
 
-def read_unit(unit: WorkUnit | Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def read_unit(
+    unit: WorkUnit | Mapping[str, Any], settings: PrepareSettings | None = None
+) -> Iterator[dict[str, Any]]:
     """Yield the raw rows (schema.RAW_SCHEMA) of one work unit, one per sample, in file order.
 
     Bad records become rows with `error` set (invalid_json, invalid_utf8, invalid_record,
-    missing_image); a file that cannot be read at all (or breaks off, e.g. a truncated tar) ends with
-    one `unreadable_file` row. Meta JSON `repeat_time` is applied here (`repeat_copies`); error rows are
-    emitted once, whatever the repeat.
+    missing_image, record_too_large, ...), with reads bounded by `settings` (max_record_bytes,
+    max_file_bytes); a file that cannot be read at all (or breaks off, e.g. a truncated tar) ends with
+    one `unreadable_file` row, and a reader that fails on a record in a way not foreseen ends the unit
+    with one `internal_error` row instead of failing the run. A unit whose root was refused
+    (`root_error`) has each record rejected as unsafe_path. Meta JSON `repeat_time` is applied here
+    (`repeat_copies`); error rows are emitted once, whatever the repeat.
     """
     if not isinstance(unit, WorkUnit):
         unit = WorkUnit.from_dict(unit)
+    settings = settings or PrepareSettings()
     reader = _READERS[unit.format]
     try:
-        yield from reader(unit)
+        for row in reader(unit, settings):
+            if unit.root_error and not row["error"]:
+                row = {**row, "payload": "", "error": "unsafe_path", "detail": unit.root_error}
+            yield row
     except (OSError, EOFError, tarfile.TarError, pa.ArrowException) as err:
         logger.warning("%s: cannot read on: %s", unit.key, err)
         detail = f"{unit.key}: {type(err).__name__}: {err}"
         yield _row(unit, join_id(unit.id_prefix, "#unreadable"), "", error="unreadable_file", detail=detail)
+    except Exception as err:  # a hostile record the checks above missed: quarantine it, keep the run
+        logger.exception("%s: the reader failed", unit.key)
+        detail = f"{unit.key}: the reader failed: {type(err).__name__}: {err}"
+        yield _row(unit, join_id(unit.id_prefix, "#failed"), "", error="internal_error", detail=detail)
 
 
-def read_unit_batches(items: Mapping[str, Any], rows_per_batch: int = 64) -> Iterator[pa.Table]:
+def read_unit_batches(
+    items: Mapping[str, Any], rows_per_batch: int = 64, settings: PrepareSettings | None = None
+) -> Iterator[pa.Table]:
     """Ray Data `map_batches` over work units (columns `unit`: WorkUnit JSON, `unit_key`): each unit's raw
-    rows as RAW_SCHEMA tables of at most `rows_per_batch` rows, with a `unit_key` column.
+    rows (`read_unit` with `settings`) as RAW_SCHEMA tables of at most `rows_per_batch` rows, with a
+    `unit_key` column.
 
     It lives here, away from the preprocessing code, so the reading tasks import neither torch nor
     transformers: on a small machine their start-up would compete with the preprocessing actors'.
@@ -69,7 +90,7 @@ def read_unit_batches(items: Mapping[str, Any], rows_per_batch: int = 64) -> Ite
     for unit_json, key in zip(items["unit"], items["unit_key"]):
         unit = WorkUnit.from_dict(json.loads(unit_json))
         rows: list[dict[str, Any]] = []
-        for raw in read_unit(unit):
+        for raw in read_unit(unit, settings):
             rows.append(raw)
             if len(rows) == rows_per_batch:
                 yield _raw_table(str(key), rows)
@@ -102,11 +123,17 @@ class _Ids:
         return join_id(self.prefix, key)
 
 
-def _json_lines(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
-    """(position, record, error, detail) per non-blank line; position is "L<line number>"."""
+def _json_lines(unit: WorkUnit, settings: PrepareSettings) -> Iterator[tuple[str, Any, str, str]]:
+    """(position, record, error, detail) per non-blank line; position is "L<line number>". A line over
+    `max_record_bytes` is skipped unparsed (record_too_large)."""
     fs, path = storage.filesystem(unit.uri)
+    limit = settings.max_record_bytes
     with fs.open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(storage.bounded_lines(f, limit), 1):
+            if line is None:
+                detail = f"line {number}: over max_record_bytes ({limit} bytes)"
+                yield f"L{number}", None, "record_too_large", detail
+                continue
             if number == 1:
                 line = line.removeprefix(b"\xef\xbb\xbf")
             if not line.strip():
@@ -116,17 +143,28 @@ def _json_lines(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
             except UnicodeDecodeError as err:
                 yield f"L{number}", None, "invalid_utf8", f"line {number}: {err}"
                 continue
-            try:
-                yield f"L{number}", json.loads(text), "", ""
-            except json.JSONDecodeError as err:
-                yield f"L{number}", None, "invalid_json", f"line {number}: {err.msg} (column {err.colno})"
+            yield f"L{number}", *_parse_json(text, f"line {number}")
 
 
-def _json_array(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
+def _parse_json(text: str | bytes, where: str) -> tuple[Any, str, str]:
+    """(document, error, detail): invalid_json also for nesting too deep for the parser."""
     try:
-        document = json.loads(storage.read_bytes(unit.uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        yield "file", None, "invalid_json", f"{unit.uri}: {err}"
+        return json.loads(text), "", ""
+    except json.JSONDecodeError as err:
+        return None, "invalid_json", f"{where}: {err.msg} (line {err.lineno}, column {err.colno})"
+    except RecursionError:
+        return None, "invalid_json", f"{where}: nested too deeply to parse"
+
+
+def _json_array(unit: WorkUnit, settings: PrepareSettings) -> Iterator[tuple[str, Any, str, str]]:
+    data, error, detail = _read_whole(unit.uri, settings.max_file_bytes, "file_too_large")
+    if not error:
+        try:
+            document, error, detail = _parse_json(data.decode("utf-8"), unit.uri)
+        except UnicodeDecodeError as err:
+            error, detail = "invalid_utf8", f"{unit.uri}: {err}"
+    if error:
+        yield "file", None, error, detail
         return
     if not isinstance(document, list):
         yield "file", None, "invalid_record", f"{unit.uri}: expected a JSON array of records"
@@ -135,9 +173,23 @@ def _json_array(unit: WorkUnit) -> Iterator[tuple[str, Any, str, str]]:
         yield f"i{index}", record, "", ""
 
 
-def _read_conversations(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_whole(uri: str, limit: int, too_large: str) -> tuple[bytes, str, str]:
+    """(bytes, error, detail) of a file read whole: a regular file (else not_a_file) of at most `limit`
+    bytes (else the reason `too_large`)."""
+    try:
+        return storage.read_bytes(uri, limit), "", ""
+    except storage.NotRegularFile as err:
+        return b"", "not_a_file", str(err)
+    except storage.FileTooLarge as err:
+        return b"", too_large, str(err)
+
+
+def _read_conversations(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     ids = _Ids(unit)
-    records = _json_array(unit) if unit.format == "conversation_json" else _json_lines(unit)
+    if unit.format == "conversation_json":
+        records = _json_array(unit, settings)
+    else:
+        records = _json_lines(unit, settings)
     for position, record, error, detail in records:
         own = record.get("id") if isinstance(record, dict) else None
         sample_id = ids(own, position)
@@ -162,9 +214,9 @@ def _read_conversations(unit: WorkUnit) -> Iterator[dict[str, Any]]:
         )
 
 
-def _read_text_jsonl(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_text_jsonl(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     ids = _Ids(unit)
-    for position, record, error, detail in _json_lines(unit):
+    for position, record, error, detail in _json_lines(unit, settings):
         sample_id = ids(record.get("id") if isinstance(record, dict) else None, position)
         if not error and not (isinstance(record, dict) and isinstance(record.get("text"), str)):
             error, detail = "invalid_record", f"{position}: needs a string 'text' field"
@@ -174,21 +226,24 @@ def _read_text_jsonl(unit: WorkUnit) -> Iterator[dict[str, Any]]:
             yield _row(unit, sample_id, "text", payload=encode_payload(text=record["text"]))
 
 
-def _read_member_text(unit: WorkUnit, rel: str) -> tuple[str | None, str, str]:
-    """(text, error, detail) of a .txt file inside the unit's root."""
+def _read_member_text(unit: WorkUnit, rel: str, settings: PrepareSettings) -> tuple[str | None, str, str]:
+    """(text, error, detail) of a .txt file inside the unit's root, of at most max_record_bytes."""
     try:
-        data = storage.read_bytes(safe_resolve(unit.root, rel))
+        uri = safe_resolve(unit.root, rel)
+        data, error, detail = _read_whole(uri, settings.max_record_bytes, "record_too_large")
     except UnsafePath as err:
         return None, "unsafe_path", str(err)
     except FileNotFoundError as err:
         return None, "unreadable_file", f"{rel} disappeared after it was listed: {err}"
+    if error:
+        return None, error, detail
     try:
         return data.decode("utf-8").removeprefix("\ufeff"), "", ""
     except UnicodeDecodeError as err:
         return None, "invalid_utf8", f"{rel}: {err}"
 
 
-def _read_image_folder(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_image_folder(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     for image, caption_file in zip(unit.members, unit.companions):
         sample_id = join_id(unit.id_prefix, image or caption_file)
         if not image:
@@ -198,7 +253,7 @@ def _read_image_folder(unit: WorkUnit) -> Iterator[dict[str, Any]]:
         if not caption_file:
             yield _row(unit, sample_id, "image", payload=encode_payload(), image_refs=[image])
             continue
-        caption, error, detail = _read_member_text(unit, caption_file)
+        caption, error, detail = _read_member_text(unit, caption_file, settings)
         if error:
             yield _row(unit, sample_id, "caption", image_refs=[image], error=error, detail=detail)
         else:
@@ -211,9 +266,9 @@ def _read_image_folder(unit: WorkUnit) -> Iterator[dict[str, Any]]:
             )
 
 
-def _read_text_files(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_text_files(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     for rel in unit.members:
-        text, error, detail = _read_member_text(unit, rel)
+        text, error, detail = _read_member_text(unit, rel, settings)
         sample_id = join_id(unit.id_prefix, rel)
         if error:
             yield _row(unit, sample_id, "text", error=error, detail=detail)
@@ -244,7 +299,7 @@ def _tar_samples(unit: WorkUnit) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def _read_webdataset(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_webdataset(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     ids = _Ids(unit)
     for key, files in _tar_samples(unit):
         sample_id = ids(key, key)
@@ -261,11 +316,11 @@ def _read_webdataset(unit: WorkUnit) -> Iterator[dict[str, Any]]:
                 error, detail = "invalid_utf8", f"{key}.txt: {err}"
         elif "json" in files:
             try:
-                meta = json.loads(files["json"])
-                if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-                    caption = meta["caption"]
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                error, detail = "invalid_json", f"{key}.json: {err}"
+                meta, error, detail = _parse_json(files["json"], f"{key}.json")
+            except UnicodeDecodeError as err:
+                meta, error, detail = None, "invalid_json", f"{key}.json: {err}"
+            if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+                caption = meta["caption"]
         kind = "image" if caption is None else "caption"
         payload = encode_payload() if caption is None else encode_payload(caption=caption.strip())
         yield _row(
@@ -279,7 +334,7 @@ def _read_webdataset(unit: WorkUnit) -> Iterator[dict[str, Any]]:
         )
 
 
-def _read_parquet(unit: WorkUnit) -> Iterator[dict[str, Any]]:
+def _read_parquet(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     fs, path = storage.filesystem(unit.uri)
     ident, image_column, text_column = parquet_columns(fs, path)
     columns = [name for name in (ident, image_column, text_column) if name]

@@ -46,7 +46,14 @@ REJECT_REASONS = {
     "invalid_utf8": "the bytes are not valid UTF-8",
     "invalid_record": "a required field is missing or has the wrong type",
     "missing_image": "an image file named by the record does not exist",
-    "unsafe_path": "security: an image path escapes the dataset root (../, absolute path or symlink out)",
+    "unsafe_path": (
+        "security: an image path escapes the dataset root (../, absolute path or symlink out), or a meta "
+        "JSON root leaves the meta file's folder"
+    ),
+    "not_a_file": "a path names a folder, FIFO, device or socket, not a regular file",
+    "record_too_large": "a JSONL line, caption or text document over data.max_record_bytes (left unparsed)",
+    "file_too_large": "an image or JSON array file over data.max_file_bytes (left unread)",
+    "text_too_long": "the text is over 32 characters per token of max_tokens (refused before tokenizing)",
     "empty_file": "the image file is empty (0 bytes)",
     "not_an_image": "the file is not an image format Pillow can identify",
     "corrupt_image": "the image data is corrupt and cannot be decoded",
@@ -60,6 +67,7 @@ REJECT_REASONS = {
     "no_content": "the sample has nothing to train on",
     "duplicate": "an exact duplicate (same image bytes and text) of a sample already kept",
     "unreadable_file": "an input file could not be read to its end (I/O error, or a cut-off tar/Parquet)",
+    "internal_error": "reading or preprocessing the record raised an unexpected error (the detail names it)",
 }
 
 REJECT_SCHEMA = pa.schema(

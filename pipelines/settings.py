@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# A text longer than this many characters per token of `max_tokens` is refused before it is tokenized:
+# no real text comes near it (~4 characters a token), and tokenizing grows ~200 bytes of memory a character.
+TEXT_CHARS_PER_TOKEN = 32
+
 
 class PrepareSettings(BaseModel):
     """How raw corpora become shards. Every field can be set in the run config's `data:` section."""
@@ -20,6 +24,16 @@ class PrepareSettings(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="images declaring more pixels are rejected (decompression bombs)"
     )
+    max_record_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="a JSONL line, caption or text document larger is rejected unparsed (record_too_large)",
+    )
+    max_file_bytes: int = Field(
+        2 * 1024 * 1024 * 1024,
+        ge=1024,
+        description="an image or a JSON array of records larger is rejected unread (file_too_large)",
+    )
     shard_max_rows: int = Field(1024, ge=1)
     shard_max_bytes: int = Field(128 * 1024 * 1024, ge=1024)
     distill_text: Literal["corpus", "random"] = Field(
@@ -28,3 +42,8 @@ class PrepareSettings(BaseModel):
     )
     distill_text_tokens: int = Field(64, ge=1, description="text tokens per stage-1 sample")
     seed: int = 0
+
+    @property
+    def max_text_chars(self) -> int:
+        """The longest text (all of a sample's turns together) that is tokenized at all."""
+        return TEXT_CHARS_PER_TOKEN * self.max_tokens

@@ -30,15 +30,13 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from pipelines import storage
-from pipelines.ids import (
-    join_id,
-    stable_fraction,
-)
+from pipelines.ids import UnsafePath, join_id, safe_resolve, stable_fraction
 from pipelines.units import IMAGE_EXTENSIONS, SourceError, WorkUnit, parquet_columns
 
 logger = logging.getLogger(__name__)
 
 FILES_PER_UNIT = 256  # average folder files per work unit: units stay coarse (one Ray task reads many)
+PEEK_LINE_BYTES = 1024 * 1024  # longer lines are passed over when peeking at a JSONL file's format
 
 
 class SourceNotFound(FileNotFoundError):
@@ -55,7 +53,9 @@ def discover_units(
 
     A file input is read by its extension: ``.jsonl`` (conversations, or a text corpus when its first
     record has "text" and no "conversations"), ``.json`` (an InternVL meta JSON object -> one unit per
-    dataset, or a JSON array of conversations), ``.parquet``, ``.tar`` (WebDataset), ``.txt`` (one
+    dataset, whose `root` must lie inside the meta file's folder or be an s3:// URI (`_meta_root`: any
+    other root has its records rejected as unsafe_path) and whose `annotation` must be a regular file;
+    or a JSON array of conversations), ``.parquet``, ``.tar`` (WebDataset), ``.txt`` (one
     document), an image (one image, with ``x.txt`` beside it as caption).
 
     A folder input is listed recursively (names starting with "." or "_" skipped) and each file is read
@@ -119,10 +119,12 @@ def _fingerprint(*parts: Any) -> str:
 def _peek_jsonl_format(fs: AbstractFileSystem, path: str) -> str:
     """'text_jsonl' when the first parseable record has "text" and no "conversations", else conversations."""
     with fs.open(path, "rb") as f:
-        for _, line in zip(range(100), f):
+        for _, line in zip(range(100), storage.bounded_lines(f, PEEK_LINE_BYTES)):
+            if line is None:
+                continue
             try:
                 record = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 continue
             if isinstance(record, dict):
                 is_text = "text" in record and "conversations" not in record
@@ -227,11 +229,19 @@ def _discover_json(
         afs, apath = storage.filesystem(annotation)
         if not afs.exists(apath):
             raise SourceNotFound(f"{source}: meta entry {name!r} names {annotation}, which does not exist")
+        ainfo = afs.info(apath)
+        if ainfo.get("type") != "file":
+            raise SourceError(
+                f"{source}: meta entry {name!r} names {annotation}, which is not a regular file"
+            )
         fmt = "conversation_json" if _extension(apath) == "json" else _peek_jsonl_format(afs, apath)
-        root = _relative_to(base, entry["root"]) if entry.get("root") else ""
-        root = root or storage.to_uri(afs, posixpath.dirname(apath))
-        afingerprint = _file_fingerprint(afs.info(apath))
-        fingerprint = _fingerprint(fmt, root, join_id(id_prefix, name), afingerprint, float(repeat_time))
+        root, root_error = _meta_root(base, entry.get("root"), f"{source}: meta entry {name!r}")
+        if not root and not root_error:
+            root = storage.to_uri(afs, posixpath.dirname(apath))
+        afingerprint = _file_fingerprint(ainfo)
+        fingerprint = _fingerprint(
+            fmt, root, root_error, join_id(id_prefix, name), afingerprint, float(repeat_time)
+        )
         units.append(
             WorkUnit(
                 key=f"{annotation}#{name}",
@@ -242,9 +252,39 @@ def _discover_json(
                 fingerprint=fingerprint,
                 id_prefix=join_id(id_prefix, name),
                 repeat_time=float(repeat_time),
+                root_error=root_error,
             )
         )
     return units
+
+
+def _meta_root(base: str, root: Any, where: str) -> tuple[str, str]:
+    """(root, "") for a meta entry's `root`, or ("", why it is refused); ("", "") when none is given.
+
+    A root is a folder inside the meta file's folder `base` (given relative to it, or as an absolute path
+    that lies inside it; checked like an image path, `safe_resolve`: no ``..`` out, no symlink out), or
+    an s3:// URI. Any other root (``/``, ``/dev``, ``../..``, ``file://...``) would let a meta JSON read
+    any file of the host (``/dev/zero``, ``/etc``): its entry's records are rejected (unsafe_path)
+    instead of read.
+    """
+    if root is None or root == "":
+        return "", ""
+    if not isinstance(root, str):
+        raise SourceError(f"{where}: 'root' must be a path relative to the meta file (or an s3:// URI)")
+    if root.startswith(("s3://", "s3a://")):
+        return root, ""
+    inside = root
+    if not storage.is_remote(base) and os.path.isabs(root):
+        inside = os.path.relpath(root, base.removeprefix("file://"))
+    try:
+        safe_resolve(base, inside)
+    except UnsafePath as err:
+        logger.warning("%s: root %r refused: %s", where, root, err)
+        return "", (
+            f"{where}: root {root!r} is refused ({err}); a meta root must be a folder inside the meta "
+            f"file's folder {base}, given relative to it, or an s3:// URI"
+        )
+    return _relative_to(base, root), ""
 
 
 def _relative_to(base: str, path: str) -> str:

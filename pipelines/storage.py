@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -55,17 +56,51 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+class NotRegularFile(ValueError):
+    """A path names a folder, FIFO, device or socket where a regular file was expected."""
+
+
+class FileTooLarge(ValueError):
+    """A file is larger than the limit it was read with."""
+
+
 def read_bytes(uri: str, limit: int | None = None) -> bytes:
     """The file's bytes. With `limit`: only a regular file (not a folder, FIFO or device) of at most
-    `limit` bytes, else ValueError, so a hostile path cannot hang or exhaust the reader."""
+    `limit` bytes, else NotRegularFile or FileTooLarge (ValueErrors), so a hostile path cannot hang or
+    exhaust the reader."""
     fs, path = filesystem(uri)
     if limit is not None and fs.info(path).get("type") != "file":
-        raise ValueError(f"{uri}: not a regular file")
+        raise NotRegularFile(f"{uri}: not a regular file")
     with fs.open(path, "rb") as f:
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:
-        raise ValueError(f"{uri}: larger than {limit} bytes")
+        raise FileTooLarge(f"{uri}: larger than {limit} bytes")
     return data
+
+
+_LINE_CHUNK = 1024 * 1024
+
+
+def bounded_lines(f: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """Each line of an open binary file (without its newline), in order; a line over `limit` bytes comes
+    back as None, read past in chunks but never held whole, so one huge line costs no memory."""
+    pending: list[bytes] = []  # the current line's pieces so far
+    size, oversized = 0, False
+    while chunk := f.read(_LINE_CHUNK):
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start:end]
+            yield None if oversized or size + len(piece) > limit else b"".join(pending) + piece
+            pending, size, oversized = [], 0, False
+            start = end + 1
+        if not oversized:
+            size += len(chunk) - start
+            oversized = size > limit
+            pending = [] if oversized else pending + [chunk[start:]]
+    if oversized:
+        yield None
+    elif size:
+        yield b"".join(pending)
 
 
 def read_text(uri: str, limit: int | None = None) -> str:

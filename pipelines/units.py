@@ -53,6 +53,8 @@ class WorkUnit:
         members: folder chunks: paths relative to `root` (images, or .txt documents; "" = no image).
         companions: image folder chunks: caption .txt path beside each member ("" = none).
         repeat_time: InternVL meta JSON sampling factor (see `repeat_copies`).
+        root_error: why the unit's root was refused (a meta JSON root outside the meta file's folder):
+            then `root` is "" and every record of the unit is rejected as unsafe_path with this detail.
     """
 
     key: str
@@ -65,6 +67,7 @@ class WorkUnit:
     members: tuple[str, ...] = ()
     companions: tuple[str, ...] = ()
     repeat_time: float = 1.0
+    root_error: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
