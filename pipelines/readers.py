@@ -276,10 +276,14 @@ def _read_text_files(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict
             yield _row(unit, sample_id, "text", payload=encode_payload(text=text))
 
 
-def _tar_samples(unit: WorkUnit) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per WebDataset sample: consecutive files whose names agree up to a dot."""
+def _tar_samples(
+    unit: WorkUnit, settings: PrepareSettings
+) -> Iterator[tuple[str, dict[str, bytes], tuple[str, str]]]:
+    """(key, {extension: bytes}, (error, detail)) per WebDataset sample: consecutive files whose names
+    agree up to a dot. A member over its bound (text: max_record_bytes, else max_file_bytes) is passed
+    over unread and makes the sample's error (record_too_large or file_too_large)."""
     fs, path = storage.filesystem(unit.uri)
-    key, files = None, {}
+    key, files, error = None, {}, ("", "")
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
@@ -290,19 +294,28 @@ def _tar_samples(unit: WorkUnit) -> Iterator[tuple[str, dict[str, bytes]]]:
             stem, _, extension = base.partition(".")
             member_key = join_id(directory, stem)
             if member_key != key and key is not None:
-                yield key, files
-                files = {}
+                yield key, files, error
+                files, error = {}, ("", "")
             key = member_key
+            is_text = extension.lower() in ("txt", "json")
+            limit = settings.max_record_bytes if is_text else settings.max_file_bytes
+            if member.size > limit:
+                reason = "record_too_large" if is_text else "file_too_large"
+                error = error if error[0] else (reason, f"{member.name}: {member.size} bytes > {limit}")
+                continue
             handle = tar.extractfile(member)
             files[extension.lower()] = handle.read() if handle else b""
     if key is not None:
-        yield key, files
+        yield key, files, error
 
 
 def _read_webdataset(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     ids = _Ids(unit)
-    for key, files in _tar_samples(unit):
+    for key, files, (too_large, why) in _tar_samples(unit, settings):
         sample_id = ids(key, key)
+        if too_large:
+            yield _row(unit, sample_id, "caption", error=too_large, detail=why)
+            continue
         image_ext = next((ext for ext in sorted(files) if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             detail = f"sample {key} has no image file (.jpg, .png, ...)"

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -270,4 +271,30 @@ def test_prepare_quarantines_every_hostile_input_and_writes_the_rest(tmp_path):
         "record_too_large": 1,
         "text_too_long": 1,
         "unsafe_path": 1,
+    }
+
+
+def test_tar_member_over_its_bound_is_passed_over_unread(tmp_path):
+    path = tmp_path / "00000.tar"
+    png = io.BytesIO()
+    shapes_image().save(png, format="PNG")
+    with tarfile.open(path, "w") as tar:
+        for name, data in [
+            ("big.jpg", bytes(64 * 1024)),
+            ("big.txt", b"c"),
+            ("ok.png", png.getvalue()),
+            ("ok.txt", b"caption"),
+            ("long.png", png.getvalue()),
+            ("long.txt", b"w" * 2048),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    [unit] = discover_units(str(path))
+    settings = PrepareSettings(max_file_bytes=32 * 1024, max_record_bytes=1024)
+    rows = {row["id"].rsplit("/", 1)[-1]: row for row in read_unit(unit, settings)}
+    assert {key: row["error"] for key, row in rows.items()} == {
+        "big": "file_too_large",
+        "ok": "",
+        "long": "record_too_large",
     }
