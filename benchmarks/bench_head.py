@@ -43,7 +43,8 @@ from benchmarks.results import (  # noqa: E402
     save,
 )
 from model import build_model, build_processor  # noqa: E402
-from model.presets import config_from_spec, find_preset, parse_model_spec  # noqa: E402
+from model.config_files import find_preset
+from model.presets import config_from_spec, parse_model_spec  # noqa: E402
 from pipelines.packing import collate_packed, pack_sequences  # noqa: E402
 
 PRESET = "smollm2-135m"

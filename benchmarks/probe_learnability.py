@@ -38,7 +38,8 @@ from jobs.evaluate import evaluate_vqa  # noqa: E402
 from jobs.models import generate_answers  # noqa: E402
 from jobs.scoring import answers_match  # noqa: E402
 from model import build_model, build_processor  # noqa: E402
-from model.presets import config_from_spec, find_preset, parse_model_spec  # noqa: E402
+from model.config_files import find_preset
+from model.presets import config_from_spec, parse_model_spec  # noqa: E402
 from pipelines.corpora.scenes import PALETTE  # noqa: E402
 from pipelines.corpora.synthetic import generate  # noqa: E402
 from pipelines.validate import parse_conversation  # noqa: E402

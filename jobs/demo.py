@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from jobs.logging_setup import setup_logging
 from jobs.strategy import cpu_bf16_is_native
 from model import build_model, load_preset
-from model.presets import find_preset
+from model.config_files import find_preset
 from model.stages import STAGE_NAMES
 from pipelines.general_text import write_general_chat
 

@@ -177,8 +177,9 @@ class BaseReference:
 def preset_fingerprint(preset: str) -> str | None:
     """A key for the untrained preset's model, or None when it cannot be fingerprinted (no weight files:
     a randomly initialised LLM) or the cache is off."""
+    from model.config_files import read_run_document
     from model.gguf_cache import cache_root
-    from model.presets import read_run_document, resolve_path
+    from model.presets import resolve_path
 
     if cache_root() is None:
         return None

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from jobs.registry import GateSettings
 from jobs.train_config import TrainConfig
 from model.config import ConfigError, config_problems
-from model.presets import SCHEMA_VERSION, ModelSpec, read_run_document
+from model.config_files import SCHEMA_VERSION, read_run_document
+from model.presets import ModelSpec
 from pipelines.settings import PrepareSettings
 
 

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 from model import HoVLEConfig, build_model, build_processor
-from model.presets import CONFIG_DIR, config_from_spec, parse_model_spec
+from model.config_files import CONFIG_DIR
+from model.presets import config_from_spec, parse_model_spec
 
 
 @cache

@@ -19,7 +19,7 @@ from jobs.export import write_export
 from jobs.language import BaseReference, answers_key, ask, language_preservation
 from jobs.models import PRESET_SCHEME, resolve_model
 from jobs.run_config import EvalSettings
-from model.presets import find_preset
+from model.config_files import find_preset
 from pipelines.corpora.synthetic import generate
 from pipelines.general_text import (
     KeyedQuestion,

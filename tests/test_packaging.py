@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, model
-from model.presets import find_preset, load_preset
+from model.presets import load_preset
+from model.config_files import find_preset
 print(json.dumps({
     "package": model.__file__,
     "preset": str(find_preset("smollm2-135m")),

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.presets import CONFIG_DIR
+from model.config_files import CONFIG_DIR
 from pipelines.corpora.synthetic import generate
 from tests.conftest import REPO_ROOT
 

@@ -16,7 +16,7 @@ import yaml
 
 from jobs.retrain import LOCKED
 from jobs.retrain import main as retrain_main
-from model.presets import CONFIG_DIR
+from model.config_files import CONFIG_DIR
 from pipelines.corpora.synthetic import generate
 from tests import faults
 

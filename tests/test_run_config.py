@@ -14,7 +14,8 @@ import yaml
 
 from jobs.run_config import SECTIONS, RunConfig, load_run_config
 from model.config import ConfigError
-from model.presets import SCHEMA_VERSION, load_preset
+from model.config_files import SCHEMA_VERSION
+from model.presets import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
