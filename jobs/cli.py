@@ -38,19 +38,26 @@ ErrorTypes = type[BaseException] | tuple[type[BaseException], ...]
 
 def run_command(prog: str, body: Callable[[], int], errors: Mapping[ErrorTypes, int] | None = None) -> int:
     """Every job CLI's error -> exit code mapping: run `body`; an expected error prints `prog: message` on
-    stderr (no traceback) and returns its code. `errors` come first; then for every command a bad config
-    or a missing input (`ConfigError`, `FileNotFoundError`) is a usage error (2). Anything else propagates:
-    a traceback and exit 1, for a person to read."""
+    stderr (no traceback) and returns its code. `errors` come first; then for every command a bad config,
+    a missing or unreadable input, or object storage it cannot reach or sign requests for (no endpoint,
+    no credentials) is a usage error (2). Anything else propagates: a traceback and exit 1, for a person
+    to read."""
     from model.config import ConfigError  # deferred: `hovle --help` imports nothing heavy
+    from pipelines.storage import UNREACHABLE, UNREACHABLE_HINT
 
-    table = {**(errors or {}), (ConfigError, FileNotFoundError): USAGE_ERROR}
+    table = {
+        **(errors or {}),
+        (ConfigError, FileNotFoundError, PermissionError): USAGE_ERROR,
+        UNREACHABLE: USAGE_ERROR,
+    }
     try:
         return body()
     except Exception as err:
         code = next((code for types, code in table.items() if isinstance(err, types)), None)
         if code is None:
             raise
-        print(f"{prog}: {err}", file=sys.stderr)
+        hint = f" ({UNREACHABLE_HINT})" if isinstance(err, UNREACHABLE) else ""
+        print(f"{prog}: {err}{hint}", file=sys.stderr)
         return code
 
 

@@ -16,6 +16,23 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec import AbstractFileSystem
 
+# Object storage that cannot be reached or signed for: a configuration error, not a bug (jobs.cli).
+try:
+    from botocore import exceptions as _boto
+except ImportError:  # a served model's environment: no S3 client at all
+    UNREACHABLE: tuple[type[Exception], ...] = ()
+else:
+    UNREACHABLE = (
+        _boto.NoCredentialsError,
+        _boto.PartialCredentialsError,
+        _boto.EndpointConnectionError,
+        _boto.ConnectTimeoutError,
+    )
+UNREACHABLE_HINT = (
+    "S3: set AWS_ENDPOINT_URL for an S3-compatible store, and credentials: AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role"
+)
+
 
 def storage_options(uri: str) -> dict[str, Any]:
     """fsspec options for `uri`: the S3 endpoint from AWS_ENDPOINT_URL(_S3) when one is set."""

@@ -163,3 +163,38 @@ def test_jobs_are_quiet_by_default_and_verbose_brings_the_libraries_back(monkeyp
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
         setup_logging()
         transformers_logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("fault", ["no credentials", "no endpoint"])
+def test_object_storage_out_of_reach_is_one_line_and_exit_2_for_every_command(
+    fault, tmp_path, monkeypatch, capsys
+):
+    """An s3:// input with no credentials anywhere (environment, profile, instance role), or with an
+    endpoint nothing listens on: every command says so in one line, in bounded time, instead of a
+    traceback."""
+    from jobs import evaluate, prepare, train
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role here: do not wait for one
+    if fault == "no credentials":
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # bounded either way; one attempt keeps the test short
+    uri = "s3://hovle-unreachable/data"
+    commands = {
+        "prepare": (prepare.main, ["--config", "tiny", "--stage", "align", "--input", uri,
+                                   "--output", str(tmp_path / "out")]),
+        "train": (train.main, ["--config", "tiny", "--stage", "align", "--data", uri]),
+        "evaluate": (evaluate.main, ["--model", str(tmp_path), "--data", f"{uri}/heldout.jsonl",
+                                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]),
+    }  # fmt: skip
+    for name, (main, argv) in commands.items():
+        assert main(argv) == 2, name
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hovle ")]
+        assert len(err) == 1 and "AWS_ENDPOINT_URL" in err[0], (name, err)
