@@ -26,6 +26,7 @@ from model.presets import build_processor, config_from_spec
 from model.stages import STAGE_NAMES
 from pipelines.manifest import ManifestError, ManifestMismatch, stable_hash
 from pipelines.prepare import prepare
+from pipelines.units import SourceError
 
 logger = logging.getLogger("jobs.prepare")
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report))
         return 0
 
-    return run_command("hovle prepare", body, {(ManifestError, ManifestMismatch): USAGE_ERROR})
+    return run_command("hovle prepare", body, {(ManifestError, ManifestMismatch, SourceError): USAGE_ERROR})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import logging
 import tempfile
 from typing import Any
 
-from jobs.cli import FAILED, parse_overrides, run_command
+from jobs.cli import FAILED, USAGE_ERROR, parse_overrides, run_command
 from jobs.lock import LockHeld, LockLost, StorageLock
 from jobs.logging_setup import setup_logging
 from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
@@ -38,6 +38,7 @@ from jobs.train import StageFailed, resolve_storage
 from model.config import ConfigError
 from model.stages import STAGE_NAMES
 from pipelines import storage
+from pipelines.units import SourceError
 
 logger = logging.getLogger("jobs.retrain")
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(retrain(args.config, overrides)))
         return 0
 
-    return run_command("hovle retrain", body, {LockHeld: LOCKED, (StageFailed, LockLost): FAILED})
+    errors = {LockHeld: LOCKED, (StageFailed, LockLost): FAILED, SourceError: USAGE_ERROR}
+    return run_command("hovle retrain", body, errors)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,31 @@ def test_object_storage_out_of_reach_is_one_line_and_exit_2_for_every_command(
         assert main(argv) == 2, name
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hovle ")]
         assert len(err) == 1 and "AWS_ENDPOINT_URL" in err[0], (name, err)
+
+
+def test_an_input_prepare_cannot_read_is_one_line_and_exit_2(tmp_path, capsys):
+    """A Parquet file with neither image nor text columns, and a device, as --input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import prepare
+
+    pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), tmp_path / "no-columns.parquet")
+    for source, message in (
+        (tmp_path / "no-columns.parquet", "no image column"),
+        (Path("/dev/zero"), "/dev/zero"),
+    ):
+        argv = [
+            "--config",
+            "tiny",
+            "--stage",
+            "align",
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+        assert prepare.main(argv) == 2, source
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hovle ")]
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "o" / "manifest.json").exists()
