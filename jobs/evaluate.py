@@ -22,7 +22,6 @@ exist; 1 anything unexpected (a traceback).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -46,11 +45,13 @@ from jobs.tracking import tracking_uri as default_tracking_uri
 from jobs.vision_check import image_token_spread
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
 from pipelines import storage
-from pipelines.validate import RejectedSample, parse_conversation
+from pipelines.settings import PrepareSettings
+from pipelines.validate import RejectedSample, load_image, parse_conversation
 
 logger = logging.getLogger(__name__)
 
 VISION_CHECK_IMAGES = 16  # held-out images the blindness check compares
+_LIMITS = PrepareSettings()  # the image bounds a record is read with: prepare's defaults
 
 
 class DataNotFound(FileNotFoundError):
@@ -96,14 +97,6 @@ def _parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
 
 
-def _read_image(uri: str) -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as err:  # missing, truncated, not an image, too large
-        raise UnusableRecord(f"image {uri}: {type(err).__name__}: {err}") from err
-
-
 def parse_record(line: str, root: str) -> VqaPrompt:
     """A JSONL line -> the chat up to its last user turn, its images (paths relative to `root`), its answer
     (the `answer` field, else the reply that followed). Conversations are read as training reads them
@@ -131,7 +124,11 @@ def parse_record(line: str, root: str) -> VqaPrompt:
         expected = messages[last + 1]["content"]  # no "answer" field: the reply that followed in the data
     if not isinstance(expected, str):
         raise UnusableRecord("no answer: neither an 'answer' field nor a reply to the last question")
-    images = [_read_image(storage.join(root, str(ref))) for ref in refs]
+    try:  # as prepare reads them: inside the file's folder, regular files, bounded bytes and pixels
+        limits = (_LIMITS.max_file_bytes, _LIMITS.max_image_pixels)
+        images = [load_image(str(ref), None, root, *limits, index)[0] for index, ref in enumerate(refs)]
+    except RejectedSample as err:
+        raise UnusableRecord(str(err)) from err
     skill = record.get("skill")
     skill = skill if isinstance(skill, str) else None
     prompt = messages[: last + 1]

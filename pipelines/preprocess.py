@@ -31,11 +31,10 @@ from PIL import Image
 from model.images import dynamic_tiles
 from model.processor import IGNORE_INDEX, HoVLEProcessor
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
-from pipelines import storage
-from pipelines.ids import UnsafePath, safe_resolve, split_repeat, stable_fraction
+from pipelines.ids import split_repeat, stable_fraction
 from pipelines.manifest import stable_hash
 from pipelines.settings import TEXT_CHARS_PER_TOKEN, PrepareSettings
-from pipelines.validate import RejectedSample, check_text, decode_image, parse_conversation
+from pipelines.validate import RejectedSample, check_text, load_image, parse_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -190,26 +189,8 @@ def _payload(raw: dict[str, Any]) -> dict[str, Any]:
 def _load_image(raw: dict[str, Any], index: int, ctx: PrepareContext) -> tuple[Image.Image, bytes]:
     """(decoded RGB image, original bytes) of the row's `index`-th image."""
     ref, data = raw["image_refs"][index], raw["image_bytes"][index]
-    if ref and not data:
-        try:
-            uri = safe_resolve(raw["root"], ref)
-        except UnsafePath as err:
-            raise RejectedSample("unsafe_path", str(err)) from err
-        try:
-            data = storage.read_bytes(uri, limit=ctx.settings.max_file_bytes)
-        except FileNotFoundError as err:
-            raise RejectedSample("missing_image", f"{ref} not found under {raw['root']}") from err
-        except storage.NotRegularFile as err:  # a FIFO would block the reader forever, a device never end
-            raise RejectedSample("not_a_file", f"{ref} is not a regular file") from err
-        except storage.FileTooLarge as err:
-            raise RejectedSample("file_too_large", f"{ref}: {err} (max_file_bytes)") from err
-        except PermissionError as err:
-            raise RejectedSample("unreadable_file", f"{ref}: {err}") from err
-    try:
-        return decode_image(data, ctx.settings.max_image_pixels), data
-    except RejectedSample as rejected:
-        name = ref or f"image {index}"
-        raise RejectedSample(rejected.reason, f"{name}: {rejected.detail}") from None
+    settings = ctx.settings
+    return load_image(ref, data, raw["root"], settings.max_file_bytes, settings.max_image_pixels, index)
 
 
 def _image_tiles(image: Image.Image, processor: HoVLEProcessor) -> list[Image.Image]:

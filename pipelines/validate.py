@@ -1,6 +1,7 @@
 """Validation: is a raw record's image an image, is its conversation a conversation? The reject reasons.
 
     decode_image(data, max_pixels)       image bytes -> an upright RGB image, or RejectedSample
+    load_image(ref, data, root, ...)     a record's image (its bytes, or a path inside its root) -> the same
     parse_conversation(turns, n_images)  LLaVA-style turns -> chat messages, or RejectedSample
 
 Training (`pipelines.preprocess`) and evaluation (`jobs.evaluate`) read records with these, so a record
@@ -18,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.images import to_rgb
 from model.tokenizer import IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
+from pipelines import storage
+from pipelines.ids import UnsafePath, safe_resolve
 from pipelines.schema import REJECT_REASONS
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,32 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         return to_rgb(image)
     except (ValueError, OSError) as err:
         raise RejectedSample("corrupt_image", f"cannot convert mode {image.mode} to RGB: {err}") from err
+
+
+def load_image(
+    ref: str | None, data: bytes | None, root: str, max_bytes: int, max_pixels: int, index: int = 0
+) -> tuple[Image.Image, bytes]:
+    """(decoded RGB image, original bytes) of a record's image: `data` itself, or the file `ref` names,
+    resolved inside `root` and read only if it is a regular file of at most `max_bytes`."""
+    if ref and not data:
+        try:
+            uri = safe_resolve(root, ref)
+        except UnsafePath as err:
+            raise RejectedSample("unsafe_path", str(err)) from err
+        try:
+            data = storage.read_bytes(uri, limit=max_bytes)
+        except FileNotFoundError as err:
+            raise RejectedSample("missing_image", f"{ref} not found under {root}") from err
+        except storage.NotRegularFile as err:  # a FIFO would block the reader forever, a device never end
+            raise RejectedSample("not_a_file", f"{ref} is not a regular file") from err
+        except storage.FileTooLarge as err:
+            raise RejectedSample("file_too_large", f"{ref}: {err} (max_file_bytes)") from err
+        except PermissionError as err:
+            raise RejectedSample("unreadable_file", f"{ref}: {err}") from err
+    try:
+        return decode_image(data, max_pixels), data
+    except RejectedSample as rejected:
+        raise RejectedSample(rejected.reason, f"{ref or f'image {index}'}: {rejected.detail}") from None
 
 
 def _is_webp(data: bytes) -> bool:

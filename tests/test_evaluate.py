@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -155,6 +156,22 @@ def test_cli_logs_into_a_given_run_and_omits_preservation_without_base(
     assert run.data.params["max_samples"] == "3" and run.data.params["base"] == ""
     assert run.data.metrics["vqa_samples"] == 3
     assert run.info.status == "RUNNING"  # someone else's run: left for its owner to close
+
+
+def test_a_record_is_read_as_prepare_reads_it_no_image_outside_its_folder_nor_a_fifo(tmp_path):
+    """The held-out file's images resolve inside its folder and are read only as bounded regular files,
+    so a hostile held-out set cannot make evaluation read /etc or hang on a FIFO."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.mkfifo(tmp_path / "data" / "pipe.png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    for ref, reason in (
+        ("../secret.png", "unsafe_path"),
+        ("/etc/hostname", "unsafe_path"),
+        ("pipe.png", "not_a_file"),
+    ):
+        with pytest.raises(ev.UnusableRecord, match=reason):
+            ev.parse_record(json.dumps({"image": ref, "conversations": turns}), str(tmp_path / "data"))
 
 
 def test_missing_or_unreadable_images_are_skipped_and_counted(loaded, heldout, tmp_path, caplog):
