@@ -108,11 +108,11 @@ class _S3Record:
     """The record as an S3 object; each change a conditional request on its ETag."""
 
     def __init__(self, uri: str) -> None:
-        import boto3
+        import botocore.session  # s3fs's own client library: no second AWS SDK to keep in step with it
 
         self.bucket, _, self.key = uri.split("://", 1)[1].partition("/")
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        self.client = boto3.client("s3", endpoint_url=endpoint)
+        self.client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint)
 
     def _refused(self, err: Exception) -> bool:
         code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
