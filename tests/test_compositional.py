@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -413,9 +414,10 @@ def test_compositional_trains_on_ray_and_teaches_a_hovle_distill_stage(tmp_path_
     from jobs.tracking import use_tracking_uri
 
     shapes_image().save(root / "question.png")
+    image = base64.b64encode((root / "question.png").read_bytes()).decode()  # a served model reads no paths
     with use_tracking_uri(tracking):  # not process-wide: later tests' MLflow stores stay their own
         answers = mlflow.pyfunc.load_model(uri).predict(
-            [{"prompt": "What is it?", "image": str(root / "question.png")}], params={"max_new_tokens": 2}
+            [{"prompt": "What is it?", "image": image}], params={"max_new_tokens": 2}
         )
     assert list(answers.columns) == ["answer"] and len(answers) == 1
     distilled = run(

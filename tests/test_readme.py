@@ -155,8 +155,6 @@ def test_the_demo_tells_the_whole_story_on_the_tiny_preset(walkthrough):
     assert (clone / "outputs" / "demo" / "mlflow.db").is_file()
     # Ray Train's placement-group cleaner finds the State API (the dashboard) and stays quiet
     assert "Failed to query Ray Train Controller" not in out
-    # quiet by default: Ray Train's own progress lines only with --verbose
-    assert "Requesting resources" not in out and "Started training worker group" not in out
 
 
 @pytest.mark.slow

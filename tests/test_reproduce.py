@@ -4,6 +4,7 @@ registered per row; the table, JSON and plots come from the run."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -91,9 +92,10 @@ def test_rows_d_and_e_train_evaluate_log_and_register_at_equal_cpu_seconds(tmp_w
     [version] = client.search_model_versions("name = 'hovle-repro-e'")
     assert str(version.version) == "1" and version.run_id == by_row["e"].info.run_id
     shapes_image().save(tmp_workdir / "question.png")
+    question = base64.b64encode((tmp_workdir / "question.png").read_bytes()).decode()  # no paths served
     with use_tracking_uri(tracking):
         answers = mlflow.pyfunc.load_model("models:/hovle-repro-e/1").predict(
-            [{"prompt": "What colour is the circle?", "image": str(tmp_workdir / "question.png")}],
+            [{"prompt": "What colour is the circle?", "image": question}],
             params={"max_new_tokens": 2},
         )
     assert list(answers.columns) == ["answer"] and len(answers) == 1
