@@ -90,7 +90,7 @@ def test_a_holder_paused_past_its_ttl_finds_it_lost_the_lock_before_acting(tmp_p
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockHeld, match=f"pid {holder.pid}"):
-            StorageLock(uri, ttl_s=1.0).acquire()  # its heartbeat keeps it fresh
+            StorageLock(uri, ttl_s=30).acquire()  # held, and fresh to a reader with a long ttl
         holder.send_signal(signal.SIGSTOP)  # a frozen VM, a stopped container: no heartbeat
         time.sleep(1.5)
         taker = StorageLock(uri, ttl_s=1.0, heartbeat_s=0.2)
@@ -115,7 +115,7 @@ def test_s3_lock_writes_are_conditional_on_what_was_read(s3_bucket):
     record = first.record
     assert record.put(b"{}", None) is None  # a second create (If-None-Match: *) is refused
     with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
-        StorageLock(uri, ttl_s=1.0).acquire()
+        StorageLock(uri, ttl_s=3600).acquire()  # a reader's ttl judges staleness: not stale to this one
     stale_etag = first.version
     time.sleep(1.2)
     second = StorageLock(uri, ttl_s=1.0, heartbeat_s=3600)
