@@ -186,7 +186,13 @@ def download_hf_folder(uri: str, tracking_uri: str | None, scratch: str) -> Path
 
 
 def source_commit() -> str:
-    """The git commit of this checkout (with `-dirty` when it has changes), or "unknown"."""
+    """The commit the running code was built from: HOVLE_SOURCE_COMMIT when set (the container image
+    bakes it in; a Ray runtime env uploads no .git), else this checkout's git commit (with `-dirty`
+    when it has changes), else "unknown"."""
+    import os
+
+    if commit := os.environ.get("HOVLE_SOURCE_COMMIT", "").strip():
+        return commit
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
