@@ -8,8 +8,10 @@ with packing the context is the sample, not the row, so the average sample lengt
     distill:  only the embedding module runs (the LLM is not called): 6 * N_embedding
     align:    all forward, backward through the LLM down to the embedding: 2N + 2N + 2 * N_embedding
     instruct: all train: 6N
-The vision teacher's forward (stage 1) is per tile, not per token, and is left out; so is the compositional
-model's frozen vision encoder, whose projector plays the embedding module's part (no attention layers).
+Embedding tables (the LLM's untied input table, the embedding module's text table) are lookups and are
+left out of N. The vision teacher's forward (stage 1) is per tile, not per token, and is left out; so is
+the compositional model's frozen vision encoder, whose projector plays the embedding module's part (no
+attention layers).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def flops_per_token(model: nn.Module, stage: str, context: float) -> float:
     config = model.config
     front = getattr(model, "embedding", None)  # the compositional model: its projector instead
     embedding = _count(front if front is not None else model.projector)
+    table = getattr(front, "embed_tokens", None)
+    if table is not None:
+        embedding -= _count(table)  # the module's text table: a lookup, not a matmul
     llm = _count(model.language_model)
     if not getattr(config.text_config, "tie_word_embeddings", False):
         llm -= config.text_config.vocab_size * config.text_config.hidden_size  # a lookup, not a matmul

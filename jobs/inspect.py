@@ -1,9 +1,16 @@
-"""`python -m jobs.inspect CONFIG [--json] [--gpus N] [--nodes N]`: size a HoVLE config before a run.
+"""`python -m jobs.inspect CONFIG [--json] [--gpus N] [--gpus-per-node G] [--mfu F] ...`: size a HoVLE config
+before a run.
 
 Builds the model on the meta device (no weights, no memory), counts parameters per part
 (holistic embedding module, LLM) and per training stage, and estimates the GPU memory
-the model states need under ZeRO-1/2/3 on the given cluster. Prints a table, or with
+the model states need under ZeRO-1/2/3 on the given cluster. Then sizes each stage at HoVLE's
+data sizes (`PAPER_DATA`: samples and the tokens one sample is assumed to hold): training FLOPs
+(jobs.flops), GPU-hours at a stated MFU of a stated peak, wall-clock time on N GPUs, the nodes they
+take, and the model states per GPU of that stage under the chosen ZeRO stage. Prints a table, or with
 `--json` one JSON object as the last line of stdout (libraries may print before it).
+
+`--gpus` counts all GPUs; `--nodes` is derived from `--gpus-per-node` unless given (then `--gpus`
+must split evenly over it).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +36,51 @@ GIB = 1024**3
 
 
 @dataclass(frozen=True)
+class StageData:
+    """One stage's training data at paper scale: samples seen (one epoch) and the tokens one sample holds."""
+
+    samples: float
+    tokens_per_sample: int
+    sample: str  # what one sample is assumed to be
+
+
+# HoVLE's data per stage (HOVLE.md, "The three training stages"; the sizes are unconfirmed) and the tokens
+# one sample is assumed to hold in the LLM's sequence (448-px tiles -> 256 image tokens each).
+PAPER_DATA: dict[str, StageData] = {
+    "distill": StageData(550e6, 256, "one 448-px tile (256 image tokens) or a 256-token text snippet"),
+    "align": StageData(50e6, 320, "an image-text pair: one tile (256 image tokens) + 64 text tokens"),
+    "instruct": StageData(7e6, 1536, "a conversation: 4 tiles + thumbnail (1,280 image tokens) + 256 text"),
+}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the GPU-hours are computed at: a model FLOPs utilisation of a peak, and the ZeRO stage whose
+    per-GPU model states are shown."""
+
+    mfu: float = 0.4
+    peak_tflops: float = 989.0  # H100 / H200 SXM dense bf16 (no sparsity), per GPU
+    zero_stage: int = 2  # the platform's default (jobs.train_config)
+
+
+@dataclass(frozen=True)
+class StageSizing:
+    """One stage at paper scale on the report's cluster."""
+
+    samples: float
+    tokens: float
+    flops_per_token: float
+    flops: float
+    gpu_hours: float
+    wall_hours: float  # GPU-hours / GPUs: perfect scaling at the stated MFU
+    nodes: int
+    model_states_per_gpu: int  # bytes: trainable states under the ZeRO stage + frozen weights in bf16
+
+
+@dataclass(frozen=True)
 class ModelReport:
-    """Parameter counts of one config and the ZeRO model-state memory it needs per GPU."""
+    """Parameter counts of one config, the ZeRO model-state memory it needs per GPU, and each stage's
+    size at HoVLE's data sizes."""
 
     config: str
     params_total: int
@@ -44,6 +94,8 @@ class ModelReport:
     gpus: int
     gpus_per_node: int
     nodes: int
+    throughput: Throughput = field(default_factory=Throughput)
+    sizing: dict[str, StageSizing] = field(default_factory=dict)  # stage -> its size at paper scale
 
 
 def count_parameters(params: Iterable[nn.Parameter]) -> int:
@@ -93,12 +145,63 @@ def zero_model_states_bytes(
     return {"1": zero1, "2": int(zero2), "3": int(zero3)}
 
 
-def inspect_config(config_path: str | Path, gpus_per_node: int = 8, nodes: int = 1) -> ModelReport:
-    """Build the config's model on the meta device and report its size and ZeRO memory needs."""
+def size_stages(
+    model: nn.Module,
+    trainable: dict[str, int],
+    largest_layer: int,
+    gpus_per_node: int,
+    nodes: int,
+    throughput: Throughput,
+    data: dict[str, StageData] = PAPER_DATA,
+) -> dict[str, StageSizing]:
+    """Each stage of `trainable` that `data` sizes: FLOPs (jobs.flops, at the sample's length as context),
+    GPU-hours at `throughput`, wall-clock hours on the cluster, and the model states per GPU: the stage's
+    trainable parameters under `throughput.zero_stage` plus its frozen weights in bf16 (partitioned only
+    under ZeRO-3)."""
+    from jobs.flops import flops_per_token
+
+    gpus = gpus_per_node * nodes
+    total = count_parameters(model.parameters())
+    rate = throughput.peak_tflops * 1e12 * throughput.mfu  # FLOP/s per GPU
+    sizing = {}
+    for stage, params in trainable.items():
+        if stage not in data:
+            continue
+        stage_data = data[stage]
+        tokens = stage_data.samples * stage_data.tokens_per_sample
+        per_token = flops_per_token(model, stage, stage_data.tokens_per_sample)
+        gpu_hours = tokens * per_token / rate / 3600
+        states = zero_model_states_bytes(params, largest_layer, gpus_per_node, nodes)[
+            str(throughput.zero_stage)
+        ]
+        frozen_weights = 2 * (total - params)
+        states += frozen_weights // gpus if throughput.zero_stage == 3 else frozen_weights
+        sizing[stage] = StageSizing(
+            samples=stage_data.samples,
+            tokens=tokens,
+            flops_per_token=per_token,
+            flops=tokens * per_token,
+            gpu_hours=gpu_hours,
+            wall_hours=gpu_hours / gpus,
+            nodes=nodes,
+            model_states_per_gpu=int(states),
+        )
+    return sizing
+
+
+def inspect_config(
+    config_path: str | Path,
+    gpus_per_node: int = 8,
+    nodes: int = 1,
+    throughput: Throughput | None = None,
+) -> ModelReport:
+    """Build the config's model on the meta device and report its size, ZeRO memory needs and each
+    stage's size at HoVLE's data sizes (`throughput`: the MFU, peak and ZeRO stage they assume)."""
     # The model package pulls in torch and transformers (seconds); importing it here keeps
     # `--help` and argument errors instant.
     from model import build_model, load_preset, stages_for
 
+    throughput = throughput or Throughput()
     config = load_preset(config_path)
     log.info("building %s on the meta device", config_path)
     model = build_model(config, device="meta")
@@ -129,6 +232,8 @@ def inspect_config(config_path: str | Path, gpus_per_node: int = 8, nodes: int =
         gpus=gpus_per_node * nodes,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
+        throughput=throughput,
+        sizing=size_stages(model, trainable, largest, gpus_per_node, nodes, throughput),
     )
 
 
@@ -158,26 +263,133 @@ def format_report(report: ModelReport) -> str:
     lines.append(f"for the {report.zero_basis_stage} stage's {basis_params / 1e9:.2f} B trainable params")
     lines += [f"  ZeRO-{stage:<13}{n / GIB:>15.1f} GiB" for stage, n in report.zero.items()]
     lines.append("activations, communication buffers and fragmentation come on top")
+    if report.sizing:
+        lines += format_sizing(report)
     return "\n".join(lines)
+
+
+def _scaled(n: float) -> str:
+    """1.4e11 -> '140.8 B', 5.5e8 -> '550 M'."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.1f} B"
+    return f"{n / 1e6:,.0f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def format_sizing(report: ModelReport) -> list[str]:
+    """The per-stage sizing table and the assumptions behind it."""
+    t = report.throughput
+    lines = [
+        f"training at HoVLE's data sizes, one epoch, on {report.gpus} GPUs ({report.nodes} node(s) x "
+        f"{report.gpus_per_node}),",
+        f"at MFU {t.mfu:.2f} of {t.peak_tflops:,.0f} TFLOP/s bf16 peak per GPU, "
+        f"model states under ZeRO-{t.zero_stage}",
+        f"  {'stage':<10}{'samples':>9}{'tok/sample':>12}{'tokens':>11}{'GFLOP/tok':>11}"
+        f"{'GPU-hours':>11}{'wall-clock':>19}{'nodes':>7}{'states/GPU':>12}",
+    ]
+    for stage, size in report.sizing.items():
+        per_sample = size.tokens / size.samples
+        wall = f"{size.wall_hours:,.1f} h ({size.wall_hours / 24:,.1f} d)"
+        lines.append(
+            f"  {stage:<10}{_scaled(size.samples):>9}{per_sample:>12,.0f}{_scaled(size.tokens):>11}"
+            f"{size.flops_per_token / 1e9:>11.2f}{size.gpu_hours:>11,.0f}{wall:>19}{size.nodes:>7}"
+            f"{size.model_states_per_gpu / GIB:>8.1f} GiB"
+        )
+    total_gpu_hours = sum(size.gpu_hours for size in report.sizing.values())
+    total_wall = total_gpu_hours / report.gpus
+    lines.append(
+        f"  {'all':<10}{'':>9}{'':>12}{'':>11}{'':>11}{total_gpu_hours:>11,.0f}"
+        f"{f'{total_wall:,.1f} h ({total_wall / 24:,.1f} d)':>19}"
+    )
+    lines.append("assumptions:")
+    lines += [
+        f"  {stage}: {PAPER_DATA[stage].samples / 1e6:,.0f} M samples (HOVLE.md, unconfirmed), each "
+        f"{PAPER_DATA[stage].sample}"
+        for stage in report.sizing
+    ]
+    lines += [
+        "  FLOPs per token: jobs.flops (2N per weight pass, attention over the sample's length);",
+        "  the distill teacher's forward is left out (InternViT-300M at 1,025 tokens per tile would",
+        "  add ~2.4 GFLOP per image token unless its features are precomputed)",
+        "  GPU-hours = tokens x FLOP/token / (MFU x peak) / 3600;",
+        "  wall-clock = GPU-hours / GPUs (no scaling loss)",
+        "  states/GPU: the stage's trainable weights, gradients and Adam states (DeepSpeed's estimate) + its",
+        "  frozen weights in bf16 (split over the GPUs only under ZeRO-3); activations come on top",
+    ]
+    return lines
+
+
+def cluster_shape(gpus: int, gpus_per_node: int, nodes: int | None) -> tuple[int, int]:
+    """(GPUs per node, nodes) for `gpus` GPUs in all: over `nodes` when given (an even split), else as few
+    nodes of `gpus_per_node` as hold them (one node when `gpus` <= `gpus_per_node`).
+
+    Raises:
+        ValueError: the GPUs do not split evenly (the message says which option to change).
+    """
+    if gpus < 1 or gpus_per_node < 1 or (nodes is not None and nodes < 1):
+        raise ValueError(
+            f"--gpus, --gpus-per-node and --nodes must be at least 1 (got {gpus}, {gpus_per_node}, {nodes})"
+        )
+    if nodes is not None:
+        if gpus % nodes:
+            raise ValueError(f"--gpus {gpus} does not split evenly over --nodes {nodes}")
+        return gpus // nodes, nodes
+    if gpus <= gpus_per_node:
+        return gpus, 1
+    if gpus % gpus_per_node:
+        raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}")
+    return gpus_per_node, gpus // gpus_per_node
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle inspect",
-        description="Parameter counts per part and stage, and ZeRO model-state memory per GPU, for a config.",
+        description="Parameter counts per part and stage, ZeRO model-state memory per GPU, and GPU-hours and "
+        "nodes per stage at HoVLE's data sizes, for a config.",
     )
     parser.add_argument("config", help="a preset name (e.g. hovle-2.6b) or a YAML run config")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the last line of stdout)")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
-    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs in all (default: 8)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="nodes to split --gpus over (default: as few nodes of --gpus-per-node as hold them)",
+    )
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=Throughput.mfu,
+        help=f"model FLOPs utilisation the GPU-hours assume (default: {Throughput.mfu})",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=Throughput.peak_tflops,
+        help="peak bf16 TFLOP/s of one GPU (default: 989, H100/H200 SXM dense)",
+    )
+    parser.add_argument(
+        "--zero",
+        type=int,
+        choices=(1, 2, 3),
+        default=Throughput.zero_stage,
+        help="the ZeRO stage of the per-stage model states per GPU (default: 2)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    if args.gpus < 1 or args.nodes < 1:
-        parser.error(f"--gpus and --nodes must be at least 1, got --gpus {args.gpus} --nodes {args.nodes}")
+    try:
+        gpus_per_node, nodes = cluster_shape(args.gpus, args.gpus_per_node, args.nodes)
+    except ValueError as err:
+        parser.error(str(err))
+    if not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
+        parser.error(
+            f"--mfu must be in (0, 1] and --peak-tflops positive, got {args.mfu} and {args.peak_tflops}"
+        )
     setup_logging(args.verbose)
+    throughput = Throughput(mfu=args.mfu, peak_tflops=args.peak_tflops, zero_stage=args.zero)
 
     def body() -> int:
-        report = inspect_config(args.config, gpus_per_node=args.gpus, nodes=args.nodes)
+        report = inspect_config(args.config, gpus_per_node=gpus_per_node, nodes=nodes, throughput=throughput)
         print(json.dumps(asdict(report)) if args.json else format_report(report))
         return 0
 
