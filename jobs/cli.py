@@ -23,6 +23,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("jobs.prepare", "raw corpora -> validated Parquet shards + manifest (Ray Data)"),
     "train": ("jobs.train", "the HoVLE stages on Ray Train + DeepSpeed, tracked in MLflow (resumable)"),
     "retrain": ("jobs.retrain", "one scheduled cycle: new data -> prepare -> train -> evaluate -> register"),
+    "submit": (
+        "jobs.submit",
+        "a retrain cycle as a Ray job: its outcome as one JSON line and an exit code, posted to a webhook",
+    ),
+    "registry": ("jobs.registry_cli", "the gate's history of a registered model; roll its champion back"),
     "predict": ("jobs.predict", "ask a registered model (models:/hovle@champion) or an export a question"),
     "evaluate": (
         "jobs.evaluate",

@@ -3,7 +3,8 @@
     lock -> prepare new raw data (incremental) -> nothing new? exit 0 -> train (all stages, or instruct from
     the champion) -> evaluate -> log + register -> the promotion gate -> record the cycle -> unlock
 
-Run it from cron, a Kubernetes CronJob or a RayCronJob (`ray job submit ... -- python -m jobs.retrain ...`).
+Run it from cron, a Kubernetes CronJob or a RayCronJob; on a Ray cluster through `hovle submit` (jobs.submit),
+which submits it as a Ray job and turns its final line back into an exit code and a webhook post.
 A cycle is keyed by the data version (a hash of the prepared manifests' contents): its training run is
 named `retrain-<version>`, so a cycle that crashed part-way continues when rerun (prepared data stays,
 finished stages are skipped, the interrupted one resumes from its checkpoint, and evaluation and
@@ -13,12 +14,19 @@ The run config's `retrain:` section names the raw inputs per stage, where prepar
 stages train; `eval:` the held-out set; `registry:` the model name and the gate (jobs.registry.GateSettings);
 `train:` and `data:` as for `hovle train` / `hovle prepare` (jobs.run_config).
 
-Exit codes (for schedulers):
-    0  the cycle finished (promoted or not: see `promoted` in the JSON line), or nothing new to train on
-    2  a bad config or missing input
-    3  another retrain holds the lock (not an error: the next schedule tick retries)
-    1  the cycle failed (a stage failed beyond max_failures, this run lost its lock to another because it
-       was paused past the lock's TTL, or anything unexpected); rerun to continue
+Every outcome ends with one JSON line on stdout, `{"status": ..., ...}` (its last line; a failure's
+traceback goes to stderr before it), so a scheduler that only sees the job's logs (`ray job submit`
+reports every non-zero exit as FAILED; `hovle submit` reads this line) still tells the outcomes apart:
+
+    status         exit  the line also has
+    promoted       0     data_version, model, version, promoted, reason (the gate's), scores, run_name, ...
+    not_promoted   0     the same; the gate kept the champion (reason says why)
+    nothing_to_do  0     data_version, and the summary of the cycle that already trained on it
+    bad_config     2     reason: a bad config or a missing input (or storage it cannot reach)
+    locked         3     reason: who holds the lock (not an error: the next schedule tick retries)
+    failed         1     reason (one line): a stage failed beyond max_failures, this run lost its lock to
+                         another because it was paused past the lock's TTL, or anything unexpected;
+                         rerun to continue
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import sys
 import tempfile
+import traceback
 from typing import Any
 
 from jobs.cli import FAILED, USAGE_ERROR, parse_overrides, run_command
@@ -131,7 +142,32 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
                 named, datasets, cycle, save, fence=lock.check, stage=settings.stages, init=init,
                 source=config_path, tags={"hovle.data_version": version},
             )  # fmt: skip
-        return {"status": "trained", "data_version": version, **summary}
+        status = "promoted" if summary["promoted"] else "not_promoted"
+        return {"status": status, "data_version": version, **summary}
+
+
+# an exit code that is not 0 -> the final line's status
+STATUS_OF_EXIT = {USAGE_ERROR: "bad_config", LOCKED: "locked", FAILED: "failed"}
+REASON_MAX_CHARS = 1000
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one bounded line (a webhook message, a scheduler's log column)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (LockHeld, LockLost, StageFailed, ConfigError, SourceError)):
+        text = f"{type(err).__name__}: {text}"  # unexpected: its type says most
+    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 3] + "..."
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and infinities as null (a score can be NaN; strict JSON parsers refuse it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,13 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     overrides = parse_overrides(parser, args.set)
+    final: dict[str, Any] = {}
 
     def body() -> int:
-        print(json.dumps(retrain(args.config, overrides)))
+        try:
+            final.update(retrain(args.config, overrides))
+        except Exception as err:
+            final["reason"] = one_line(err)
+            raise
         return 0
 
     errors = {LockHeld: LOCKED, (StageFailed, LockLost): FAILED, SourceError: USAGE_ERROR}
-    return run_command("hovle retrain", body, errors)
+    try:
+        code = run_command("hovle retrain", body, errors)
+    except Exception:  # unexpected: the traceback is for a person, the final line for the scheduler
+        traceback.print_exc()
+        code = FAILED
+    if code:
+        final = {"status": STATUS_OF_EXIT[code], "reason": final.get("reason", "")}
+    sys.stderr.flush()  # the line must come last in a log that interleaves both streams
+    print(json.dumps(strict_json(final)), flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from tests import faults
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 
-def run(config: Path, *extra: str) -> tuple[int, dict | None]:
+def run(config: Path, *extra: str) -> tuple[int, dict]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         status = retrain_main(["--config", str(config), *extra])
     lines = out.getvalue().strip().splitlines()
-    return status, (json.loads(lines[-1]) if status == 0 and lines else None)
+    return status, json.loads(lines[-1])  # every outcome ends with its JSON line
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_cycle_trains_evaluates_registers_and_crowns_the_first_champion(setup,
 
     config, root = setup
     status, summary = first_cycle
-    assert status == 0 and summary["status"] == "trained"
+    assert status == 0 and summary["status"] == "promoted"
     assert summary["version"] == "1" and summary["promoted"] is True
     assert "vqa_accuracy" in summary["scores"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -97,8 +97,8 @@ def test_a_held_lock_stops_a_second_run_and_a_stale_one_is_taken_over(
     monkeypatch.chdir(root)
     lock = root / "runs" / "retrain" / "lock.json"
     lock.write_text(json.dumps({"token": "other", "host": "elsewhere", "pid": 1, "time": time.time()}))
-    status, _ = run(config)
-    assert status == LOCKED
+    status, line = run(config)
+    assert status == LOCKED and line["status"] == "locked" and "another run holds" in line["reason"]
     assert "another run holds" in capsys.readouterr().err
     lock.write_text(json.dumps({"token": "dead", "host": "elsewhere", "pid": 1, "time": time.time() - 10**6}))
     status, summary = run(config)
@@ -121,11 +121,11 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
 
     # the last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
     monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_2"))
-    status, _ = run(config)
-    assert status == 1
+    status, line = run(config)
+    assert status == 1 and line["status"] == "failed" and line["reason"]
     monkeypatch.delenv("HOVLE_HOOKS")
     status, summary = run(config)
-    assert status == 0 and summary["status"] == "trained"
+    assert status == 0 and summary["status"] in ("promoted", "not_promoted")
     assert summary["data_version"] != first_cycle[1]["data_version"]
     assert summary["version"] == "2" and "reason" in summary
     exports = root / "runs" / f"retrain-{summary['data_version']}" / "exports"
