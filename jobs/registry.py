@@ -14,7 +14,9 @@ Promotion is decided here, from evaluation scores, never by hand: the new versio
 - with a champion: its `metric` beats the champion's by `min_improvement`, and its `text_retained` is not
   lower than the champion's by more than `max_text_retained_drop`.
 The perplexity of the training domain's own text (`ppl_ratio`) is reported but never decides: it improves
-as the LLM is overwritten by that text. The reason is recorded on the version (`hovle.promotion` tag).
+as the LLM is overwritten by that text. The reason is recorded on the version (`hovle.promotion` tag), and
+on a crowned version the champion it replaced (`hovle.previous_champion`), which `hovle registry rollback`
+returns to (jobs/registry_cli.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG_PREFIX = "eval."
 PROMOTION_TAG = "hovle.promotion"
+PREVIOUS_CHAMPION_TAG = "hovle.previous_champion"  # on a crowned version: whom it replaced ("none")
 # What a serving environment needs; exact pins of the versions this was built with.
 SERVING_REQUIREMENTS = (
     "mlflow",
@@ -228,7 +231,8 @@ def register(
     return str(version.version)
 
 
-def _scores(version) -> dict[str, float]:
+def version_scores(version) -> dict[str, float]:
+    """The evaluation scores registered on a model version (its `eval.*` tags)."""
     return {
         k.removeprefix(SCORE_TAG_PREFIX): float(v)
         for k, v in version.tags.items()
@@ -248,14 +252,17 @@ def champion_version(client, name: str):
 
 def promote(client, name: str, version: str, gate: GateSettings) -> Decision:
     """Give `version` the challenger alias, and the champion alias if it passes the gate (see module doc)."""
-    scores = _scores(client.get_model_version(name, version))
+    scores = version_scores(client.get_model_version(name, version))
     client.set_registered_model_alias(name, CHALLENGER, version)
     current = champion_version(client, name)
-    held = _scores(current) if current is not None else None
+    held = version_scores(current) if current is not None else None
     champion = str(current.version) if current is not None else None
     win, reason = _verdict(scores, held, champion, gate)
     if win:
         client.set_registered_model_alias(name, CHAMPION, version)
+    if win and champion != str(version):  # a resumed cycle may judge its own, already crowned, version
+        # what a rollback returns to (jobs/registry_cli.py)
+        client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, champion or "none")
     verdict = ("champion: " if win else "not promoted: ") + reason
     client.set_model_version_tag(name, version, PROMOTION_TAG, verdict)
     logger.info("%s v%s: %s", name, version, reason)

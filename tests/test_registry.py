@@ -19,6 +19,7 @@ from jobs.export import write_export
 from jobs.registry import (
     CHALLENGER,
     CHAMPION,
+    PREVIOUS_CHAMPION_TAG,
     PROMOTION_TAG,
     GateSettings,
     log_hovle_model,
@@ -220,3 +221,86 @@ def test_registry_calls_leave_the_process_tracking_uri_alone(store, tmp_path):
     version = new_version(store, "untouched", vqa_accuracy=1.0)
     assert version
     assert (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()) == before
+
+
+def test_a_rollback_returns_to_the_champion_each_promotion_replaced_and_is_recorded_on_both(store, client):
+    from datetime import UTC, datetime
+
+    from jobs.registry_cli import ROLLBACK_TAG, RollbackRefused, history, rollback
+
+    gate = GateSettings(name="rolled", floor=0.0)
+    first, second, third = (new_version(store, "rolled", vqa_accuracy=a, **KEPT) for a in (0.5, 0.6, 0.7))
+    for version in (first, second, third):
+        assert promote(client, "rolled", version, gate).champion
+    previous = {v: client.get_model_version("rolled", v).tags[PREVIOUS_CHAMPION_TAG] for v in (first, third)}
+    assert previous == {first: "none", third: second}
+
+    when = datetime(2026, 12, 3, 10, 30, tzinfo=UTC)
+    record = rollback(client, "rolled", "v3 answers\nin French", by="alice", now=when)
+    assert record == {
+        "model": "rolled", "from": third, "to": second, "by": "alice",
+        "at": "2026-12-03T10:30:00+00:00", "reason": "v3 answers in French",
+    }  # fmt: skip
+    assert str(client.get_model_version_by_alias("rolled", CHAMPION).version) == second
+    for version in (third, second):  # the same record on both versions
+        kept = json.loads(client.get_model_version("rolled", version).tags[ROLLBACK_TAG])
+        assert kept == [{k: v for k, v in record.items() if k != "model"}]
+    assert rollback(client, "rolled", "v2 too", by="bob")["to"] == first  # v2 replaced v1
+    with pytest.raises(RollbackRefused, match="first champion"):
+        rollback(client, "rolled", "and again")
+    with pytest.raises(RollbackRefused, match="already the champion"):
+        rollback(client, "rolled", "no-op", to=first)
+    with pytest.raises(RollbackRefused, match="no version '9'"):
+        rollback(client, "rolled", "typo", to="9")
+    with pytest.raises(RollbackRefused, match="--reason"):
+        rollback(client, "rolled", "  ", to=third)
+    assert rollback(client, "rolled", "v3 was fine after all", to=third)["from"] == first
+
+    rows = {row["version"]: row for row in history(client, "rolled")}
+    assert list(rows) == [first, second, third]
+    assert rows[third]["aliases"] == [CHALLENGER, CHAMPION] and rows[third]["decision"] == "promoted"
+    assert rows[third]["previous_champion"] == second and rows[third]["scores"]["vqa_accuracy"] == 0.7
+    assert rows[third]["reason"].startswith("vqa_accuracy 0.7000 beats champion v2")
+    assert [(r["from"], r["to"]) for r in rows[third]["rollbacks"]] == [(third, second), (first, third)]
+    assert [(r["from"], r["to"]) for r in rows[second]["rollbacks"]] == [(third, second), (second, first)]
+
+
+def test_a_champion_crowned_before_the_previous_one_was_recorded_rolls_back_to_the_last_crowned(
+    store, client
+):
+    from jobs.registry_cli import rollback
+
+    gate = GateSettings(name="older", floor=0.0, min_improvement=0.05)
+    first, refused, crowned = (new_version(store, "older", vqa_accuracy=a, **KEPT) for a in (0.5, 0.52, 0.6))
+    for version in (first, refused, crowned):
+        promote(client, "older", version, gate)
+    client.delete_model_version_tag("older", crowned, PREVIOUS_CHAMPION_TAG)  # as the gate used to leave it
+    assert rollback(client, "older", "older registry", by="carol")["to"] == first  # not the refused v2
+
+
+def test_the_registry_command_shows_the_history_and_rolls_back(store, client, capsys):
+    from jobs.registry_cli import main as registry
+
+    gate = GateSettings(name="cli", floor=0.0)
+    first, second = (new_version(store, "cli", vqa_accuracy=a, **KEPT) for a in (0.5, 0.4))
+    for version in (first, second):
+        promote(client, "cli", version, gate)
+    config = ["--config", "tiny", "--set", f"train.tracking.uri={store[0]}", "--set", "registry.name=cli"]
+    assert registry(["rollback", *config, "--reason", "nothing to go back to"]) == 2
+    assert "first champion" in capsys.readouterr().err  # v1 is the champion, and was the first
+
+    assert registry(["rollback", *config, "--to", second, "--reason", "try v2 live"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [record[k] for k in ("model", "from", "to", "reason")] == ["cli", first, second, "try v2 live"]
+    assert record["by"] and record["at"].endswith("+00:00")
+    assert registry(["history", *config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"v{first}  ") and "promoted" in lines[0] and "vqa_accuracy=0.5000" in lines[0]
+    assert lines[1] == f"    rollback v{first} -> v{second} by {record['by']} at {record['at']}: try v2 live"
+    assert lines[2].startswith(f"v{second} [challenger, champion]") and "not_promoted" in lines[2]
+    assert registry(["history", *config, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["decision"] for row in rows] == ["promoted", "not_promoted"]
+    assert registry(["history", "--config", "tiny", "--set", f"train.tracking.uri={store[0]}",
+                     "--set", "registry.name=nobody"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == "nobody: no versions"
