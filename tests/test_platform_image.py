@@ -281,14 +281,15 @@ def replayed_installs(wheelhouse: Path, torch_index: str) -> list[list[str]]:
 
 
 PROBE = """
-import json, boto3, deepspeed, mlflow, model, ray, torch
+import json, model
+from importlib.metadata import version
 from model.config_files import find_preset
 from model.presets import load_preset
 print(json.dumps({
     "package": model.__file__,
     "preset": str(find_preset("smollm2-135m")),
     "image_tokens": load_preset("tiny").image_tokens_per_tile,
-    "versions": {m.__name__: m.__version__ for m in (boto3, deepspeed, mlflow, ray, torch)},
+    "versions": {name: version(name) for name in ("boto3", "deepspeed", "mlflow", "ray", "torch")},
 }))
 """
 
@@ -331,12 +332,7 @@ def test_the_runtime_stage_installs_in_a_clean_venv_and_finds_its_presets(wheelh
     assert found["versions"]["torch"] == f"{values['TORCH_VERSION']}+cpu"  # the CPU variant's torch
     assert found["versions"]["deepspeed"] == values["DEEPSPEED_VERSION"]
     assert found["versions"]["boto3"] == values["BOTO3_VERSION"]
-    shown = subprocess.run(
-        [str(venv / "bin" / "hovle"), "config", "show", "smollm2-135m"],
-        cwd=outside, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert shown.returncode == 0, shown.stderr[-4000:]
-    assert yaml.safe_load(shown.stdout)["model"]["llm"]["gguf_file"]
+    assert Version(found["versions"]["ray"]).base_version == build_args(DOCKER, -1)["RAY_VERSION"]
 
 
 # --------------------------------------------------------------------------------------------------
