@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 _SHARD_FIELDS = SHARD_SCHEMA.names
 _REJECT_FIELDS = REJECT_SCHEMA.names
 _BATCH_ROWS = 64  # records per preprocessing call
+_CRASH_RETRIES = 2  # retries of a batch whose worker died, before its unit is run record by record
 
 
 # ---- the Ray Data side ----------------------------------------------------------------------------
@@ -239,6 +240,14 @@ def _dedup_keys(output: str, records: list[UnitRecord]) -> set[str]:
 def _process(
     todo, ctx, settings, output, seen, num_actors, actor_cpus, on_unit_done=None
 ) -> dict[str, UnitRecord]:
+    """Preprocess and write the `todo` units; a record that kills its worker process is quarantined.
+
+    The units stream through an actor pool. When a worker dies outright (a segfault in a decoder, the
+    kernel's OOM killer) the batch is retried on a restarted actor a few times, then the stream stops: the
+    first unit it had not finished is run again record batch by record batch in tasks of their own,
+    halving any batch whose worker dies until the record that kills it is alone (reject `worker_crashed`),
+    and the stream resumes with the units after it.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -250,52 +259,129 @@ def _process(
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order
     context.execution_options.preserve_order = True
-    items = [{"unit_key": k, "unit": json.dumps(u.to_dict())} for k, u in todo]
-    units = dict(todo)
-    records: dict[str, UnitRecord] = {}
-    writer: UnitWriter | None = None
     progress = _Progress(len(todo), on_unit_done)
+    records: dict[str, UnitRecord] = {}
+    seen_before = set(seen)
     try:
-        dataset = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(
-                read_unit_batches,
-                fn_kwargs={"rows_per_batch": _BATCH_ROWS, "settings": settings},
-                batch_size=1,
-                num_cpus=actor_cpus / 2,
-            )
-            .repartition(target_num_rows_per_block=_BATCH_ROWS)
-            .map_batches(
-                _Preprocessor,
-                fn_constructor_kwargs={"ctx": ctx},
-                batch_size=_BATCH_ROWS,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=num_actors),
-                num_cpus=actor_cpus,
-            )
-        )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            keys = batch.column("unit_key").to_pylist()
-            start = 0
-            for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
-                if end < len(keys) and keys[end] == keys[start]:
-                    continue
-                key = keys[start]
-                if writer is None or writer.key != key:
-                    if writer is not None:
-                        records[writer.key] = progress.unit_done(writer.finish())
-                    writer = UnitWriter(output, units[key], key, settings)
-                writer.add(batch.slice(start, end - start), seen)
-                progress.rows(end - start)
-                start = end
-        if writer is not None:
-            records[writer.key] = progress.unit_done(writer.finish())
+        remaining = list(todo)
+        while remaining:
+            try:
+                _stream(remaining, ctx, settings, output, seen, num_actors, actor_cpus, progress, records)
+                break
+            except Exception as err:  # noqa: BLE001 (only a dead worker is handled: the rest re-raised)
+                if not _worker_died(err):
+                    raise
+                key, unit = next((k, u) for k, u in remaining if k not in records)
+                logger.warning("a preprocessing worker died (%s); running %s record by record", err, unit.uri)
+                # the interrupted unit's rows may be in `seen`: start again from what finished units hold
+                seen.clear()
+                seen.update(seen_before, _dedup_keys(output, list(records.values())))
+                records[key] = progress.unit_done(
+                    _isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus)
+                )
+                remaining = [(k, u) for k, u in remaining if k not in records]
     finally:
         context.execution_options.preserve_order = saved
     for key, unit in todo:  # units without a single record (an empty file)
         if key not in records:
             records[key] = progress.unit_done(UnitWriter(output, unit, key, settings).finish())
     return records
+
+
+def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress, records) -> None:
+    """The units through Ray Data (readers -> preprocessing actors), each unit's rows to its writer."""
+    import ray
+
+    items = [{"unit_key": k, "unit": json.dumps(u.to_dict())} for k, u in todo]
+    units = dict(todo)
+    writer: UnitWriter | None = None
+    dataset = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(
+            read_unit_batches,
+            fn_kwargs={"rows_per_batch": _BATCH_ROWS, "settings": settings},
+            batch_size=1,
+            num_cpus=actor_cpus / 2,
+        )
+        .repartition(target_num_rows_per_block=_BATCH_ROWS)
+        .map_batches(
+            _Preprocessor,
+            fn_constructor_kwargs={"ctx": ctx},
+            batch_size=_BATCH_ROWS,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=actor_cpus,
+            # a restarted actor retries a batch a few times (Ray Data's default is forever: one record
+            # that kills its worker would hang the run), then the stream stops and `_process` isolates it
+            max_restarts=_CRASH_RETRIES,
+            max_task_retries=_CRASH_RETRIES,
+        )
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        keys = batch.column("unit_key").to_pylist()
+        start = 0
+        for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
+            if end < len(keys) and keys[end] == keys[start]:
+                continue
+            key = keys[start]
+            if writer is None or writer.key != key:
+                if writer is not None:
+                    records[writer.key] = progress.unit_done(writer.finish())
+                writer = UnitWriter(output, units[key], key, settings)
+            writer.add(batch.slice(start, end - start), seen)
+            progress.rows(end - start)
+            start = end
+    if writer is not None:
+        records[writer.key] = progress.unit_done(writer.finish())
+
+
+def _worker_died(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) says a worker process died, not that Python code raised."""
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (RayActorError, WorkerCrashedError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus) -> UnitRecord:
+    """One unit read here and preprocessed in single tasks (no retries), bisecting batches whose worker
+    dies until the record that kills it is alone."""
+    import ray
+
+    task = ray.remote(max_retries=0, num_cpus=actor_cpus)(_preprocess_alone)
+    ctx_ref = ray.put(ctx)
+    writer = UnitWriter(output, unit, key, settings)
+    items = {"unit": [json.dumps(unit.to_dict())], "unit_key": [key]}
+    for raw in read_unit_batches(items, _BATCH_ROWS, settings):
+        for results in _bisect(raw, task, ctx_ref):
+            writer.add(results, seen)
+    return writer.finish()
+
+
+def _bisect(raw: pa.Table, task, ctx_ref) -> list[pa.Table]:
+    import ray
+
+    try:
+        return [ray.get(task.remote(ctx_ref, raw))]
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError):
+        if raw.num_rows == 1:
+            [row] = raw.to_pylist()
+            logger.warning("record %s of %s killed its worker: quarantined", row["id"], row["unit"])
+            reject = {field: row[field] for field in ("unit_key", "id", "source", "unit")}
+            detail = "its worker process died preprocessing it, in the stream and alone"
+            rows = [{**_EMPTY_SHARD, **reject, "ok": False, "reason": "worker_crashed", "detail": detail}]
+            return [pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)]
+        half = raw.num_rows // 2
+        return _bisect(raw.slice(0, half), task, ctx_ref) + _bisect(raw.slice(half), task, ctx_ref)
+
+
+def _preprocess_alone(ctx: PrepareContext, raw: pa.Table) -> pa.Table:
+    return _Preprocessor(ctx)(raw)
 
 
 class _Progress:

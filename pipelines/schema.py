@@ -68,6 +68,8 @@ REJECT_REASONS = {
     "duplicate": "an exact duplicate (same image bytes and text) of a sample already kept",
     "unreadable_file": "an input file could not be read to its end (I/O error, or a cut-off tar/Parquet)",
     "internal_error": "reading or preprocessing the record raised an unexpected error (the detail names it)",
+    "worker_crashed": "the process preprocessing this record died (a crash in a decoder or the tokenizer, or "
+    "killed for memory); the record was run alone to find it and skipped",
 }
 
 REJECT_SCHEMA = pa.schema(

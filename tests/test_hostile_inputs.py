@@ -13,10 +13,12 @@ import signal
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from model import build_processor, load_preset
 from pipelines import storage
+from pipelines.manifest import REJECTS_DIR
 from pipelines.preprocess import PrepareContext, preprocess_row
 from pipelines.readers import read_unit
 from pipelines.schema import encode_payload, raw_row
@@ -272,6 +274,49 @@ def test_prepare_quarantines_every_hostile_input_and_writes_the_rest(tmp_path):
         "text_too_long": 1,
         "unsafe_path": 1,
     }
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_record_that_kills_its_worker_is_quarantined_and_the_run_goes_on(tmp_path):
+    """The image of `crash` segfaults the worker that decodes it (tests/worker_plugins): Ray Data retries
+    its batch on restarted actors, then prepare runs that unit record by record and quarantines it alone."""
+    from pipelines.prepare import prepare
+    from tests.helpers import preset_processor
+    from tests.worker_plugins.sitecustomize import MAGIC
+
+    folder = tmp_path / "raw"
+    crash = {"id": "crash", "image": "crash.png", "conversations": conversation()}
+    data = write_records(
+        folder,
+        *(
+            {"id": f"ok{i}", "image": "good.png", "conversations": conversation(answer=f"b{i}")}
+            for i in range(5)
+        ),
+        crash,
+    )
+    (folder / "crash.png").write_bytes(MAGIC + b"\0" * 64)
+    later = folder / "later"  # a second unit after the crash: the stream resumes with it
+    later.mkdir()
+    shapes_image(seed=2).save(later / "other.png")
+    later_records = [
+        {"id": f"later{i}", "image": "other.png", "conversations": conversation(answer=f"c{i}")}
+        for i in range(3)
+    ]
+    (later / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in later_records))
+    settings = PrepareSettings(max_tokens=256, val_fraction=0.0)
+
+    with deadline(300):  # Ray Data alone retries a dying batch forever: the run would hang
+        report = prepare(
+            preset_processor("tiny"),
+            "instruct",
+            [data, str(later / "data.jsonl")],
+            str(tmp_path / "out"),
+            settings,
+        )
+    assert report["rejected_by_reason"] == {"worker_crashed": 1}
+    assert report["written"] == 2 + 5 + 3 and report["read"] == report["written"] + 1
+    [rejects] = (tmp_path / "out" / REJECTS_DIR).glob("*.parquet")
+    assert pq.read_table(rejects).column("id").to_pylist() == ["data.jsonl/crash"]
 
 
 def test_tar_member_over_its_bound_is_passed_over_unread(tmp_path):
