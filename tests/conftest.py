@@ -16,8 +16,17 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # One intra-op thread for the test process and what it starts (a demo, a served model, a Ray head):
+    # the suite's models are tiny, and on 2 cores shared with Ray's daemons two OpenMP threads wait out
+    # each other's time slices at every small op (a tiny model's 72 answers: 107 s at 2 threads under
+    # load, 0.8 s at 1). Training workers set their own count (train.scaling.threads_per_worker).
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402  (after the environment above)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture
@@ -40,6 +49,13 @@ def ray_session(s3_server):  # noqa: F811
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # the workers load tests/worker_plugins (an image format that segfaults its decoder: a fault from
+    # outside for the crash-quarantine test)
+    plugins = str(REPO_ROOT / "tests" / "worker_plugins")
+    path = os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )  # fmt: skip
     yield
     ray.shutdown()
