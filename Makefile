@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(STAMP)
 
 # Debian packages the tests and demo read real data from: Fashion-MNIST, colour emoji, DejaVu fonts.
-APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji fonts-dejavu-core
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji fonts-dejavu-core docker-compose
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -244,23 +244,18 @@ def test_killed_run_leaves_no_dataset_and_the_rerun_finishes_only_the_missing_un
     assert not work.exists()
 
 
-def test_prepare_cli_prints_a_json_report_last(tmp_path):
-    corpus = write_corpus(tmp_path / "raw", "g", 3)
-    done = prepare_cli([str(corpus)], tmp_path / "out")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"read", "written", "rejected", "rejected_by_reason", "output"} <= set(report)
-    assert report["read"] == 7 and report["written"] == 3
-
-
-def test_prepare_cli_builds_the_processor_from_the_resolved_model_section(tmp_path):
-    """`--set model.*` reaches the processor the pipeline is handed (it used to re-read the file): a smaller
-    tile budget is another processor, so the same input makes another dataset key."""
+def test_prepare_cli_prints_a_json_report_last_and_builds_the_processor_from_the_model_section(tmp_path):
+    """The report is the last stdout line. `--set model.*` reaches the processor the pipeline is handed (it
+    used to re-read the file): a smaller tile budget is another processor, so the same input makes another
+    dataset key. (One test: each CLI run starts Ray of its own, ~25 s.)"""
     corpus = write_corpus(tmp_path / "raw", "g", 3)
     hashes = []
     for name, extra in (("as-is", []), ("two-tiles", ["--set", "model.image.max_tiles=2"])):
         done = prepare_cli([str(corpus)], tmp_path / name, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert {"read", "written", "rejected", "rejected_by_reason", "output"} <= set(report)
+        assert report["read"] == 7 and report["written"] == 3
         manifest = read_manifest(str(tmp_path / name))
         hashes.append((manifest.processor_hash, manifest.config_hash))
     assert hashes[0][0] != hashes[1][0] and hashes[0][1] != hashes[1][1]
