@@ -88,12 +88,17 @@ class Decision:
 
 
 def _requirements() -> list[str]:
+    """The serving packages pinned at their installed public versions: a local build label (torch's
+    `+cpu`) exists on no registry, so `mlflow models serve --env-manager virtualenv` or `build-docker`
+    could not install it; `torch==2.13.0` resolves to the build the serving machine's index offers."""
     from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
 
     pins = []
     for name in SERVING_REQUIREMENTS:
         try:
-            pins.append(f"{name}=={version(name)}")
+            pins.append(f"{name}=={Version(version(name)).public}")
         except PackageNotFoundError:
             pins.append(name)
     return pins

@@ -195,6 +195,17 @@ def test_the_logged_model_carries_the_hugging_face_folder_and_a_signature(store,
     assert (local / "artifacts" / "hf_model" / "model.safetensors").is_file()
     assert {c.name for c in info.signature.inputs.inputs} == {"prompt", "image", "image_bytes"}
     assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
+    # installable from a package index: public versions only (this machine's torch is 2.13.0+cpu, a local
+    # build label no index serves)
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(line) for line in (local / "requirements.txt").read_text().split()]
+    pins = {r.name: str(r.specifier).removeprefix("==") for r in requirements}
+    assert {"torch", "transformers", "mlflow"} <= set(pins)
+    assert not any("+" in pin for pin in pins.values()), pins
+    assert pins["torch"] == version("torch").split("+")[0]
 
 
 def test_predict_answers_from_the_registry_and_from_an_export(store, client, tmp_path, monkeypatch, capsys):
