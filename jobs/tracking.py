@@ -40,6 +40,32 @@ def tracking_uri(configured: str | None = None) -> str:
     )
 
 
+def node_local_store(uri: str) -> bool:
+    """Whether `uri` is a store on this machine's disk (a SQLite file, a folder), which workers on other
+    nodes cannot reach."""
+    if uri == "databricks" or uri.startswith("databricks:"):  # MLflow's name for a hosted server
+        return False
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return scheme in ("", "sqlite", "file") or len(scheme) == 1  # "" or "C": a plain path
+
+
+def require_shared_tracking(uri: str, nodes: int) -> None:
+    """Refuse a node-local tracking store on a cluster of more than one node: each stage's rank-0 worker
+    logs from whichever node it runs on, and would write its own file there, out of the driver's sight.
+
+    Raises:
+        ConfigError: `nodes` > 1 and `uri` is a local file or folder.
+    """
+    from model.config import ConfigError
+
+    if nodes > 1 and node_local_store(uri):
+        raise ConfigError(
+            f"the MLflow tracking store {uri} is a file on this node, but the Ray cluster has {nodes} nodes: "
+            "workers elsewhere could not log to it. Run an MLflow tracking server (platform/README.md) and "
+            "set MLFLOW_TRACKING_URI=http://... (or train.tracking.uri)"
+        )
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 

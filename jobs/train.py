@@ -168,7 +168,7 @@ def train(
     import ray
 
     from jobs.export import is_export
-    from jobs.tracking import RunTracker
+    from jobs.tracking import RunTracker, require_shared_tracking
     from jobs.train_loop import StageJob
 
     hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before Ray, MLflow or any worker
@@ -181,6 +181,7 @@ def train(
         job_config = resolve_teacher(config, (start.get("text_config") or {}).get("hidden_size"))
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=True)
+    require_shared_tracking(config.tracking_uri, sum(node["Alive"] for node in ray.nodes()))
     tracker = RunTracker(config.tracking_uri, config.tracking.experiment)
     parent = tracker.pipeline_run(config.run_name, config.flat(), {"hovle.config": source})
     exports: dict[str, str] = {}

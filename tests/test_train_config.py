@@ -185,3 +185,29 @@ def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(nativ
     config = load_run_config(str(path)).train
     assert yaml.safe_load(path.read_text())["train"]["deepspeed"]["precision"] == config.precision
     assert config.precision == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [
+        ("sqlite:////work/mlflow.db", True),
+        ("file:///work/mlruns", True),
+        ("/work/mlruns", True),
+        ("mlruns", True),
+        ("http://mlflow:5000", False),
+        ("https://mlflow.example.com", False),
+        ("databricks", False),  # MLflow's name for a hosted server
+        ("postgresql://mlflow@db/mlflow", False),
+    ],
+)
+def test_a_node_local_tracking_store_is_refused_on_a_multi_node_cluster_only(uri, local):
+    from jobs.tracking import node_local_store, require_shared_tracking
+    from model.config import ConfigError
+
+    assert node_local_store(uri) is local
+    require_shared_tracking(uri, nodes=1)  # one machine: a SQLite file is the default and fine
+    if local:
+        with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI=http"):
+            require_shared_tracking(uri, nodes=2)
+    else:
+        require_shared_tracking(uri, nodes=2)
