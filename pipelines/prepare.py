@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.processor import HoVLEProcessor
@@ -40,73 +39,17 @@ from pipelines.manifest import (
     stable_hash,
     write_manifest,
 )
-from pipelines.preprocess import PrepareContext, preprocess_row
+from pipelines.preprocess import PrepareContext
 from pipelines.readers import read_unit_batches
-from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
 from pipelines.units import WorkUnit
+from pipelines.workers import BATCH_ROWS, Preprocessor, isolated_unit, worker_died
 from pipelines.writer import UnitWriter
 
 logger = logging.getLogger(__name__)
 
-_SHARD_FIELDS = SHARD_SCHEMA.names
-_REJECT_FIELDS = REJECT_SCHEMA.names
-_BATCH_ROWS = 64  # records per preprocessing call
 _CRASH_RETRIES = 2  # retries of a batch whose worker died, before its unit is run record by record
-
-
-# ---- the Ray Data side ----------------------------------------------------------------------------
-# What the preprocessing actors return: one row per raw record, a shard row or a reject row.
-_RESULT_SCHEMA = pa.schema(
-    [
-        ("unit_key", pa.string()),
-        ("ok", pa.bool_()),
-        ("unit", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-    + [SHARD_SCHEMA.field(name) for name in SHARD_SCHEMA.names]
-)
-_EMPTY_SHARD = {
-    "split": "",
-    "input_ids": [],
-    "labels": [],
-    "num_tokens": 0,
-    "tiles": [],
-    "tiles_per_image": [],
-    "truncated": False,
-    "dedup_key": "",
-}
-
-
-class _Preprocessor:
-    """Actor: holds the driver's context and turns raw records into shard or reject rows."""
-
-    def __init__(self, ctx: PrepareContext):
-        # The driver's context, pickled: its tokenizer unpickles in ~0.1 s and needs only model.processor
-        # (no torch: ~0.5 s of imports), where building the processor again from the model config would
-        # import the network's modules in every actor (~3 s on 2 cores).
-        self.ctx = ctx
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for raw in batch.to_pylist():
-            shard, reject = preprocess_row(raw, self.ctx)
-            if shard is not None:
-                rows.append(
-                    {
-                        "unit_key": raw["unit_key"],
-                        "ok": True,
-                        "unit": raw["unit"],
-                        "reason": "",
-                        "detail": "",
-                        **shard,
-                    }
-                )
-            else:
-                rows.append({"unit_key": raw["unit_key"], "ok": False, **_EMPTY_SHARD, **reject})
-        return pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)
 
 
 # ---- orchestration -----------------------------------------------------------------------------------
@@ -269,7 +212,7 @@ def _process(
                 _stream(remaining, ctx, settings, output, seen, num_actors, actor_cpus, progress, records)
                 break
             except Exception as err:  # noqa: BLE001 (only a dead worker is handled: the rest re-raised)
-                if not _worker_died(err):
+                if not worker_died(err):
                     raise
                 key, unit = next((k, u) for k, u in remaining if k not in records)
                 logger.warning("a preprocessing worker died (%s); running %s record by record", err, unit.uri)
@@ -277,7 +220,7 @@ def _process(
                 seen.clear()
                 seen.update(seen_before, _dedup_keys(output, list(records.values())))
                 records[key] = progress.unit_done(
-                    _isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus)
+                    isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus)
                 )
                 remaining = [(k, u) for k, u in remaining if k not in records]
     finally:
@@ -299,15 +242,15 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
             read_unit_batches,
-            fn_kwargs={"rows_per_batch": _BATCH_ROWS, "settings": settings},
+            fn_kwargs={"rows_per_batch": BATCH_ROWS, "settings": settings},
             batch_size=1,
             num_cpus=actor_cpus / 2,
         )
-        .repartition(target_num_rows_per_block=_BATCH_ROWS)
+        .repartition(target_num_rows_per_block=BATCH_ROWS)
         .map_batches(
-            _Preprocessor,
+            Preprocessor,
             fn_constructor_kwargs={"ctx": ctx},
-            batch_size=_BATCH_ROWS,
+            batch_size=BATCH_ROWS,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=actor_cpus,
@@ -333,55 +276,6 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
             start = end
     if writer is not None:
         records[writer.key] = progress.unit_done(writer.finish())
-
-
-def _worker_died(err: BaseException) -> bool:
-    """Whether `err` (or what caused it) says a worker process died, not that Python code raised."""
-    from ray.exceptions import RayActorError, WorkerCrashedError
-
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (RayActorError, WorkerCrashedError)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus) -> UnitRecord:
-    """One unit read here and preprocessed in single tasks (no retries), bisecting batches whose worker
-    dies until the record that kills it is alone."""
-    import ray
-
-    task = ray.remote(max_retries=0, num_cpus=actor_cpus)(_preprocess_alone)
-    ctx_ref = ray.put(ctx)
-    writer = UnitWriter(output, unit, key, settings)
-    items = {"unit": [json.dumps(unit.to_dict())], "unit_key": [key]}
-    for raw in read_unit_batches(items, _BATCH_ROWS, settings):
-        for results in _bisect(raw, task, ctx_ref):
-            writer.add(results, seen)
-    return writer.finish()
-
-
-def _bisect(raw: pa.Table, task, ctx_ref) -> list[pa.Table]:
-    import ray
-
-    try:
-        return [ray.get(task.remote(ctx_ref, raw))]
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError):
-        if raw.num_rows == 1:
-            [row] = raw.to_pylist()
-            logger.warning("record %s of %s killed its worker: quarantined", row["id"], row["unit"])
-            reject = {field: row[field] for field in ("unit_key", "id", "source", "unit")}
-            detail = "its worker process died preprocessing it, in the stream and alone"
-            rows = [{**_EMPTY_SHARD, **reject, "ok": False, "reason": "worker_crashed", "detail": detail}]
-            return [pa.Table.from_pylist(rows, schema=_RESULT_SCHEMA)]
-        half = raw.num_rows // 2
-        return _bisect(raw.slice(0, half), task, ctx_ref) + _bisect(raw.slice(half), task, ctx_ref)
-
-
-def _preprocess_alone(ctx: PrepareContext, raw: pa.Table) -> pa.Table:
-    return _Preprocessor(ctx)(raw)
 
 
 class _Progress:
