@@ -65,7 +65,7 @@ AGENT_WAIT_S = 60.0
 
 
 class JobClient(Protocol):
-    """What this module uses of ray.job_submission.JobSubmissionClient (a test passes a fake)."""
+    """What this module uses of ray.job_submission.JobSubmissionClient."""
 
     def submit_job(self, *, entrypoint: str, runtime_env: dict[str, Any] | None = None) -> str: ...
     def get_job_status(self, job_id: str) -> Any: ...
@@ -234,8 +234,16 @@ def run_job(
     return outcome(client.get_job_logs(job_id), job_id, job_status)
 
 
-def main(argv: list[str] | None = None, client: JobClient | None = None) -> int:
-    """`client`: for tests; by default one for `--address`."""
+def report(line: dict[str, Any], webhook: str | None) -> int:
+    """Print `line` as the one stdout line, POST it to `webhook` (if any) and return its exit code."""
+    sys.stderr.flush()
+    print(json.dumps(line), flush=True)
+    if webhook:
+        post_webhook(webhook, line)
+    return exit_code(line)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hovle submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -265,18 +273,13 @@ def main(argv: list[str] | None = None, client: JobClient | None = None) -> int:
         parser.error(f"runtime env: {err}")
     entrypoint = retrain_entrypoint(args.config, args.set)
     try:
-        line = run_job(
-            client or connect(args.address), entrypoint, env, args.poll_s, args.timeout_s, not args.no_follow
-        )
+        client = connect(args.address)
+        line = run_job(client, entrypoint, env, args.poll_s, args.timeout_s, not args.no_follow)
     except Exception as err:  # the cluster unreachable, refused (auth), the upload failed: still one line
         logger.error("submitting to %s failed: %s", args.address or "the local cluster", err)
         reason = " ".join(f"could not run the job: {type(err).__name__}: {err}".split())[:1000]
         line = {"status": "failed", "reason": reason, "job_id": None, "job_status": None}
-    sys.stderr.flush()
-    print(json.dumps(line), flush=True)
-    if args.webhook:
-        post_webhook(args.webhook, line)
-    return exit_code(line)
+    return report(line, args.webhook)
 
 
 if __name__ == "__main__":

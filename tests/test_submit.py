@@ -1,19 +1,15 @@
-"""`hovle submit` without Ray: the job's final status line, the exit code, the webhook.
-
-A fake Jobs client stands in for the cluster (tests/test_ray_jobs.py submits to a real one); the webhook
-is a local HTTP server.
-"""
+"""`hovle submit` without a cluster: the job's final status line, the exit code, the webhook (a local HTTP
+server). tests/test_ray_jobs.py submits through it to a real Ray head."""
 
 from __future__ import annotations
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
 
 import pytest
 
-from jobs.submit import final_status, main, outcome, retrain_entrypoint
+from jobs.submit import final_status, main, outcome, report, retrain_entrypoint, runtime_env
 
 
 class Webhook:
@@ -48,26 +44,6 @@ def webhook():
     hook = Webhook()
     yield hook
     hook.close()
-
-
-class FakeJobs:
-    """A Jobs client whose one job ends with `status` after printing `logs`."""
-
-    def __init__(self, logs: str, status: str = "SUCCEEDED") -> None:
-        self.logs, self.status, self.submitted = logs, status, []
-
-    def submit_job(self, *, entrypoint, runtime_env=None):
-        self.submitted.append((entrypoint, runtime_env))
-        return "raysubmit_fake"
-
-    def get_job_status(self, job_id):
-        return SimpleNamespace(value=self.status, is_terminal=lambda: True)
-
-    def get_job_logs(self, job_id):
-        return self.logs
-
-    def stop_job(self, job_id):
-        return True
 
 
 LOGS = "\n".join(
@@ -119,32 +95,35 @@ def test_the_entrypoint_quotes_the_config_and_overrides():
     ],
 )
 def test_each_status_has_its_exit_code_and_reaches_the_webhook(webhook, capsys, status, job_status, code):
-    jobs = FakeJobs(f'noise\n{{"status": "{status}", "reason": "r"}}\n', job_status)
-    argv = ["--config", "c.yaml", "--set", "train.seed=1", "--webhook", webhook.url, "--working-dir", "."]
-    assert main(argv, client=jobs) == code
+    logs = f'noise\n{{"status": "{status}", "reason": "r"}}\n'
+    assert report(outcome(logs, "raysubmit_1", job_status), webhook.url) == code
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1  # stdout is the one line; the job's logs go to stderr
     line = json.loads(printed[0])
-    assert line == {"status": status, "reason": "r", "job_id": "raysubmit_fake", "job_status": job_status}
+    assert line == {"status": status, "reason": "r", "job_id": "raysubmit_1", "job_status": job_status}
     assert webhook.received == [line]
-    entrypoint, env = jobs.submitted[0]
-    assert entrypoint == "python -m jobs.retrain --config c.yaml --set train.seed=1"
-    assert env == {"working_dir": "."}
 
 
-def test_a_failing_webhook_is_a_warning_and_never_changes_the_exit_code(capsys):
+def test_the_runtime_env_layers_file_json_and_working_dir(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("env_vars: {A: '1'}\npip: [x]\n")
+    env = runtime_env(str(path), '{"env_vars": {"B": "2"}}', ".")
+    assert env == {"env_vars": {"B": "2"}, "pip": ["x"], "working_dir": "."}
+    assert runtime_env(None, None, None) is None
+
+
+def test_a_failing_webhook_is_a_warning_and_never_changes_the_exit_code(caplog):
     broken = Webhook(reply=500)
     try:
-        jobs = FakeJobs('{"status": "locked", "reason": "held"}')
-        assert main(["--config", "c", "--webhook", broken.url], client=jobs) == 3
+        assert report(outcome('{"status": "locked", "reason": "held"}', "j", "FAILED"), broken.url) == 3
         assert broken.received  # it was asked, and answered 500
     finally:
         broken.close()
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "webhook http://127.0.0.1" in err and "failed" in err
     assert "secret-path" not in err  # a webhook's path can be its secret: never logged
     unreachable = "http://127.0.0.1:9/nobody-listens"
-    assert main(["--config", "c", "--webhook", unreachable], client=FakeJobs('{"status": "promoted"}')) == 0
+    assert report(outcome('{"status": "promoted"}', "j", "SUCCEEDED"), unreachable) == 0
 
 
 def test_an_unreachable_cluster_is_still_one_failed_line(webhook, capsys):
