@@ -92,15 +92,30 @@ class CycleState:
         storage.write_text_atomic(self.uri, json.dumps({"cycles": self.cycles}, indent=2, sort_keys=True))
 
 
-def champion_export(name: str, tracking_uri: str, scratch: str) -> str | None:
-    """The champion's Hugging Face folder, downloaded into `scratch` (None when there is no champion)."""
+COPIED_MARKER = "_COPIED"  # written after the champion's files: the copy is complete
+
+
+def champion_export(name: str, tracking_uri: str, shared_root: str) -> str | None:
+    """The champion's export copied from the registry to `<shared_root>/champion-v<version>` (None when
+    there is no champion). Every training worker, on any node, reads it from there: a folder downloaded on
+    the driver exists on the driver's node only. A copy already complete (its marker written last) is
+    reused, so a resumed cycle does not download it again."""
     from mlflow import MlflowClient
 
     from jobs.registry import champion_version, download_hf_folder
 
-    if champion_version(MlflowClient(tracking_uri), name) is None:
+    champion = champion_version(MlflowClient(tracking_uri), name)
+    if champion is None:
         return None
-    return str(download_hf_folder(f"models:/{name}@champion", tracking_uri, scratch))
+    target = storage.join(shared_root, f"champion-v{champion.version}")
+    marker = storage.join(target, COPIED_MARKER)
+    if storage.exists(marker):
+        return target
+    with tempfile.TemporaryDirectory(prefix="hovle-champion-") as scratch:
+        folder = download_hf_folder(f"models:/{name}/{champion.version}", tracking_uri, scratch)
+        storage.put_directory(str(folder), target)
+    storage.write_text_atomic(marker, f"models:/{name}/{champion.version}\n")
+    return target
 
 
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:
@@ -127,21 +142,20 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
         named = run.model_copy(
             update={"train": run.train.model_copy(update={"run_name": f"retrain-{version}"})}
         )
-        with tempfile.TemporaryDirectory(prefix="hovle-retrain-") as scratch:
-            init = None
-            if settings.stages == "instruct":
-                init = champion_export(run.registry.name, run.train.tracking_uri, scratch)
-                if init is None:
-                    logger.info("no champion yet: instruct starts from the preset's model")
+        init = None
+        if settings.stages == "instruct":
+            init = champion_export(run.registry.name, run.train.tracking_uri, root)
+            if init is None:
+                logger.info("no champion yet: instruct starts from the preset's model")
 
-            def save() -> None:  # after each step: the state, only while this run still holds the lock
-                lock.check()
-                state.save()
+        def save() -> None:  # after each step: the state, only while this run still holds the lock
+            lock.check()
+            state.save()
 
-            summary = run_cycle(
-                named, datasets, cycle, save, fence=lock.check, stage=settings.stages, init=init,
-                source=config_path, tags={"hovle.data_version": version},
-            )  # fmt: skip
+        summary = run_cycle(
+            named, datasets, cycle, save, fence=lock.check, stage=settings.stages, init=init,
+            source=config_path, tags={"hovle.data_version": version},
+        )  # fmt: skip
         status = "promoted" if summary["promoted"] else "not_promoted"
         return {"status": status, "data_version": version, **summary}
 

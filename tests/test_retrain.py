@@ -132,4 +132,7 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
     assert sorted(p.name for p in exports.iterdir()) == ["instruct"]
     info = json.loads((exports / "instruct" / "export.json").read_text())
     assert info["resumed_from_step"] == 1  # the rerun went on from the crashed run's checkpoint
-    assert info["init"].endswith("hf_model")  # it started from the champion's registered export
+    # it started from the champion's registered export, copied to the shared storage every node reads
+    # (not a folder on the driver's node); the copy says which version it is
+    assert info["init"] == str(root / "runs" / "retrain" / "champion-v1"), info["init"]
+    assert (root / "runs" / "retrain" / "champion-v1" / "_COPIED").read_text() == "models:/hovle-test/1\n"
