@@ -65,6 +65,11 @@ def fresh_clone(into: Path) -> Path:
         if source.is_file():
             (into / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, into / name)  # mtimes kept: make sees the installed .venv as current
+    stamp = REPO_ROOT / ".venv" / ".installed"  # the Makefile's: .venv is current with pyproject.toml
+    if not stamp.is_file() or stamp.stat().st_mtime < (REPO_ROOT / "pyproject.toml").stat().st_mtime:
+        # the clone's `make demo` would reinstall the project into this linked .venv, editable from the
+        # temporary clone, and leave it pointing at a folder that is then deleted
+        pytest.fail(".venv is older than pyproject.toml: run `make venv` (make test does) before this test")
     for linked in (".venv", ".cache"):
         (into / linked).symlink_to(REPO_ROOT / linked)
     return into
