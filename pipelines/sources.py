@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 FILES_PER_UNIT = 256  # average folder files per work unit: units stay coarse (one Ray task reads many)
 PEEK_LINE_BYTES = 1024 * 1024  # longer lines are passed over when peeking at a JSONL file's format
+META_JSON_MAX_BYTES = 16 * 1024 * 1024  # an InternVL meta JSON names datasets: a few KB in practice
 
 
 class SourceNotFound(FileNotFoundError):
@@ -204,14 +205,28 @@ def _discover_json(
     id_prefix: str,
     image_root: str | None,
 ) -> list[WorkUnit]:
-    """A JSON array of conversations, or an InternVL meta JSON (one unit per dataset entry)."""
+    """A JSON array of conversations, or an InternVL meta JSON (one unit per dataset entry).
+
+    Told apart by the first byte that is not blank: an array is not parsed here (its reader does, bounded
+    by `max_file_bytes`), and a meta JSON is read only up to META_JSON_MAX_BYTES.
+    """
+    base = storage.to_uri(fs, posixpath.dirname(path))
+    with fs.open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte-order mark, then blanks
+    if head.startswith(b"["):
+        return [_file_unit(fs, path, info, source, id_prefix, "conversation_json", image_root or base)]
+    size = info.get("size") or 0
+    if size > META_JSON_MAX_BYTES:
+        raise SourceError(
+            f"{source}: {size} bytes is too large for an InternVL meta JSON (at most {META_JSON_MAX_BYTES}); "
+            "a JSON file of conversation records must be an array"
+        )
     try:
         document = json.loads(fs.cat_file(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SourceError(f"{source}: not valid JSON ({err})") from err
-    base = storage.to_uri(fs, posixpath.dirname(path))
-    if isinstance(document, list):
-        return [_file_unit(fs, path, info, source, id_prefix, "conversation_json", image_root or base)]
+    except RecursionError:
+        raise SourceError(f"{source}: not valid JSON (nested too deeply to parse)") from None
     if not isinstance(document, dict) or not document:
         raise SourceError(
             f"{source}: expected an InternVL meta JSON object {{name: {{root, annotation, repeat_time}}}} "

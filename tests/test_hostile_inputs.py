@@ -127,6 +127,23 @@ def test_distill_corpus_takes_a_window_of_a_huge_document(processor):
     assert reject is None and shard["num_tokens"] == 16
 
 
+def test_a_json_input_is_told_by_its_first_byte_and_a_meta_json_is_read_bounded(tmp_path):
+    from pipelines.sources import META_JSON_MAX_BYTES
+    from pipelines.units import SourceError
+
+    array = tmp_path / "records.json"  # an array, broken at its end: discovery does not parse it whole
+    array.write_bytes(b"\xef\xbb\xbf\n [" + b'{"id": "a", "conversations": []},' * 1000 + b" not json")
+    [unit] = discover_units(str(array))
+    assert unit.format == "conversation_json"  # its reader parses it, bounded by max_file_bytes
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"x": {"annotation": "a.jsonl", "pad": "p" * META_JSON_MAX_BYTES}}))
+    with pytest.raises(SourceError, match="too large for an InternVL meta JSON"):
+        discover_units(str(meta))
+    meta.write_text("{" + '"a":{' * 100_000 + "}" * 100_001)
+    with pytest.raises(SourceError, match="nested too deeply"):
+        discover_units(str(meta))
+
+
 def test_deeply_nested_json_line_is_invalid_json(tmp_path, processor):
     written, rejects = run(write_records(tmp_path, "[" * 100_000 + "]" * 100_000), context(processor))
     assert written == {"good1", "good2"} and rejects["L2"]["reason"] == "invalid_json"
