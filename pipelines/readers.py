@@ -358,20 +358,25 @@ def _read_parquet(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[st
             for record in batch.to_pylist():
                 sample_id = ids(record.get(ident) if ident else None, str(position))
                 position += 1
-                yield _parquet_row(unit, sample_id, record, image_column, text_column)
+                limit = settings.max_record_bytes
+                yield _parquet_row(unit, sample_id, record, image_column, text_column, limit)
 
 
 def _parquet_row(
-    unit: WorkUnit, sample_id: str, record: dict[str, Any], image_column: str | None, text_column: str | None
+    unit: WorkUnit, sample_id: str, record: dict, image_column: str | None, text_column: str | None, cap: int
 ) -> dict[str, Any]:
     text = record.get(text_column) if text_column else None
+    value = record.get(image_column) if image_column else None
+    blob, ref = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+    kind = "text" if image_column is None else "image" if text is None else "caption"
+    size = len(blob or b"") + len(ref or "") + len(text or "")
+    if size > cap:  # left here: a record this large would travel through Ray's object store
+        detail = f"the record's image and text are {size} bytes > max_record_bytes {cap}"
+        return _row(unit, sample_id, kind, error="record_too_large", detail=detail)
     if image_column is None:
         if text is None:
             return _row(unit, sample_id, "text", error="invalid_record", detail=f"{text_column} is null")
         return _row(unit, sample_id, "text", payload=encode_payload(text=text))
-    value = record.get(image_column)
-    blob, ref = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
-    kind = "image" if text is None else "caption"
     payload = encode_payload() if text is None else encode_payload(caption=text.strip())
     if blob:
         return _row(unit, sample_id, kind, payload=payload, image_bytes=[blob])

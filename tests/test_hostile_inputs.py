@@ -144,6 +144,23 @@ def test_a_json_input_is_told_by_its_first_byte_and_a_meta_json_is_read_bounded(
         discover_units(str(meta))
 
 
+def test_a_parquet_record_over_max_record_bytes_is_left_in_the_reader(tmp_path):
+    import pyarrow as pa
+
+    big, small = b"\x89PNG\r\n\x1a\n" + b"\0" * 4096, shapes_image(seed=3)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    table = pa.table({"id": ["big", "ok"], "image": [big, buffer.getvalue()], "text": ["x", "y"]})
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(table, path)
+    settings = PrepareSettings(max_record_bytes=len(big) - 1)
+    [unit] = discover_units(str(path))
+    rows = {row["id"]: row for row in read_unit(unit, settings)}
+    assert rows["part-0.parquet/big"]["error"] == "record_too_large"
+    assert rows["part-0.parquet/big"]["image_bytes"] == []  # its bytes go no further than the reader
+    assert rows["part-0.parquet/ok"]["error"] == "" and rows["part-0.parquet/ok"]["image_bytes"]
+
+
 def test_deeply_nested_json_line_is_invalid_json(tmp_path, processor):
     written, rejects = run(write_records(tmp_path, "[" * 100_000 + "]" * 100_000), context(processor))
     assert written == {"good1", "good2"} and rejects["L2"]["reason"] == "invalid_json"
