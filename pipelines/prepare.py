@@ -80,11 +80,12 @@ def prepare(
     settings = settings or PrepareSettings()
     started = time.perf_counter()
     ctx = PrepareContext(stage, settings, processor, config_hash)
-    processing = {"stage": stage, "settings": settings.model_dump()}
-    processing_hash = stable_hash(processing)
+    forms = [{"stage": stage, "settings": form} for form in settings.hashed_forms()]
     processor_hash = ctx.processor_hash
-
-    existing = _existing_manifest(output, stage, processing_hash, processor_hash)
+    existing = _existing_manifest(output, stage, {stable_hash(f): f for f in forms}, processor_hash)
+    # a dataset already there keeps the form its manifest was hashed with: its units are keyed by it
+    processing = next((f for f in forms if existing and stable_hash(f) == existing.processing_hash), forms[0])
+    processing_hash = stable_hash(processing)
     units = _discover(inputs)
     keys = {unit_key(u, processing_hash, processor_hash): u for u in units}
     done = {u.key: u for u in existing.units} if existing else {}
@@ -131,18 +132,20 @@ def _discover(inputs: list[str]) -> list[WorkUnit]:
     return units
 
 
-def _existing_manifest(output: str, stage: str, processing_hash: str, processor_hash: str):
+def _existing_manifest(output: str, stage: str, processing: dict[str, dict], processor_hash: str):
+    """The dataset's manifest at `output` (None if there is none), if it was prepared for `stage` with one
+    of the `processing` forms' hashes and `processor_hash`."""
     if not storage.exists(storage.join(output, "manifest.json")):
         return None
     manifest = read_manifest(output)
     mismatch = [
         name
-        for name, ours, theirs in (
-            ("stage", stage, manifest.stage),
-            ("data settings", processing_hash, manifest.processing_hash),
-            ("model processor/tokenizer", processor_hash, manifest.processor_hash),
+        for name, same in (
+            ("stage", stage == manifest.stage),
+            ("data settings", manifest.processing_hash in processing),
+            ("model processor/tokenizer", processor_hash == manifest.processor_hash),
         )
-        if ours != theirs
+        if not same
     ]
     if mismatch:
         raise ManifestMismatch(

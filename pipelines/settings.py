@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 # no real text comes near it (~4 characters a token), and tokenizing grows ~200 bytes of memory a character.
 TEXT_CHARS_PER_TOKEN = 32
 
+# Fields added after datasets were first written with these settings. At their defaults they are left out
+# of what the processing hash covers, so a dataset prepared before they existed is still found to have
+# been prepared with the same settings (and grows incrementally) instead of being refused.
+ADDED_LATER = ("max_record_bytes", "max_file_bytes")
+
 
 class PrepareSettings(BaseModel):
     """How raw corpora become shards. Every field can be set in the run config's `data:` section."""
@@ -42,6 +47,15 @@ class PrepareSettings(BaseModel):
     )
     distill_text_tokens: int = Field(64, ge=1, description="text tokens per stage-1 sample")
     seed: int = 0
+
+    def hashed_forms(self) -> list[dict]:
+        """What the processing hash may cover: first the form new datasets are written with (the fields of
+        ADDED_LATER left out where they hold their defaults), then every field (how the release that added
+        them wrote its datasets)."""
+        full = self.model_dump()
+        fields = type(self).model_fields
+        current = {k: v for k, v in full.items() if not (k in ADDED_LATER and v == fields[k].default)}
+        return [current] if current == full else [current, full]
 
     @property
     def max_text_chars(self) -> int:

@@ -321,3 +321,30 @@ def test_synthetic_distill_corpus_gives_image_and_text_rows_and_later_stages_rej
 
     bare = prepare(preset_processor("tiny"), "align", [str(jsonl)], str(tmp_path / "align"), SETTINGS)
     assert bare["written"] == 0 and bare["rejected_by_reason"] == {"invalid_record": 6}
+
+
+def test_a_dataset_from_before_a_setting_existed_grows_when_that_setting_is_at_its_default(
+    tmp_path, monkeypatch
+):
+    """Fields added to the data settings later (settings.ADDED_LATER) are out of the processing hash at
+    their defaults. A dataset whose manifest hashed every field (as the release that added them wrote it)
+    is still accepted, keeps its form, and grows by the new input only."""
+    from pipelines.settings import ADDED_LATER
+
+    settings = PrepareSettings(shard_max_rows=4, val_fraction=0.0)
+    current, full = settings.hashed_forms()
+    assert set(full) - set(current) == set(ADDED_LATER) and full == settings.model_dump()
+    first, second = (
+        write_corpus(tmp_path / "raw", "f", 3, bad=False),
+        write_corpus(tmp_path / "raw", "g", 2, seed=1, bad=False),
+    )
+    output = str(tmp_path / "prepared")
+    with monkeypatch.context() as patch:  # the writer of that release: every field hashed
+        patch.setattr(PrepareSettings, "hashed_forms", lambda self: [self.model_dump()])
+        prepare(preset_processor("tiny"), "instruct", [str(first)], output, settings)
+    old = read_manifest(output)
+    report = prepare(preset_processor("tiny"), "instruct", [str(first), str(second)], output, settings)
+    assert report["read"] == 2 and report["written"] == 2  # only the new input was processed
+    grown = read_manifest(output)
+    assert grown.processing_hash == old.processing_hash and grown.totals()["written"] == 5
+    assert PrepareSettings(max_file_bytes=4096).hashed_forms()[0]["max_file_bytes"] == 4096  # not a default
