@@ -333,6 +333,18 @@ def test_the_runtime_stage_installs_in_a_clean_venv_and_finds_its_presets(wheelh
     assert found["versions"]["deepspeed"] == values["DEEPSPEED_VERSION"]
     assert found["versions"]["boto3"] == values["BOTO3_VERSION"]
     assert Version(found["versions"]["ray"]).base_version == build_args(DOCKER, -1)["RAY_VERSION"]
+    # the console script the wheel installs, run outside the checkout, finds the packaged presets
+    hovle = str(venv / "bin" / "hovle")
+    shown = subprocess.run(
+        [hovle, "config", "show", "smollm2-135m"], cwd=outside, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr[-4000:]
+    assert yaml.safe_load(shown.stdout)["model"]["llm"]["gguf_file"]
+    inspected = subprocess.run(
+        [hovle, "inspect", "hovle-2.6b", "--json"], cwd=outside, env=env, capture_output=True, text=True
+    )
+    assert inspected.returncode == 0, inspected.stderr[-4000:]
+    assert json.loads(inspected.stdout.strip().splitlines()[-1])["params_total"] > 2.5e9
 
 
 # --------------------------------------------------------------------------------------------------
