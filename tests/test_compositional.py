@@ -355,7 +355,9 @@ def test_distill_loss_with_the_compositional_teacher_is_zero_only_on_its_tokens(
 # ---- end to end: align -> instruct on Ray Train, then a HoVLE distill from its export ---------------------
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_compositional_trains_on_ray_serves_and_resolves_as_a_distill_teacher_by_uri(tmp_path_factory, monkeypatch):
+def test_compositional_trains_on_ray_serves_and_resolves_as_a_distill_teacher_by_uri(
+    tmp_path_factory, monkeypatch
+):
     from safetensors.torch import load_file
 
     from jobs.export import load_export
