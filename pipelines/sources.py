@@ -205,22 +205,16 @@ def _discover_json(
     id_prefix: str,
     image_root: str | None,
 ) -> list[WorkUnit]:
-    """A JSON array of conversations, or an InternVL meta JSON (one unit per dataset entry).
-
-    Told apart by the first byte that is not blank: an array is not parsed here (its reader does, bounded
-    by `max_file_bytes`), and a meta JSON is read only up to META_JSON_MAX_BYTES.
-    """
+    """A JSON array of conversations, or an InternVL meta JSON (one unit per dataset entry), told apart by
+    the first byte that is not blank: an array is parsed by its reader (bounded by `max_file_bytes`), a meta
+    JSON here, up to META_JSON_MAX_BYTES."""
     base = storage.to_uri(fs, posixpath.dirname(path))
     with fs.open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")  # a UTF-8 byte-order mark, then blanks
     if head.startswith(b"["):
         return [_file_unit(fs, path, info, source, id_prefix, "conversation_json", image_root or base)]
-    size = info.get("size") or 0
-    if size > META_JSON_MAX_BYTES:
-        raise SourceError(
-            f"{source}: {size} bytes is too large for an InternVL meta JSON (at most {META_JSON_MAX_BYTES}); "
-            "a JSON file of conversation records must be an array"
-        )
+    if (info.get("size") or 0) > META_JSON_MAX_BYTES:  # records in a .json file come as an array
+        raise SourceError(f"{source}: too large for an InternVL meta JSON (over {META_JSON_MAX_BYTES} bytes)")
     try:
         document = json.loads(fs.cat_file(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
