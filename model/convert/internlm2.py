@@ -1,0 +1,167 @@
+"""InternLM2 -> Llama: names, the fused `wqkv` split, and the config, as transformers 5 loads them natively.
+
+InternLM2 is Llama with other names and one fused projection. Its attention reads `wqkv`'s output as
+`(kv_heads, groups + 2, head_dim)`: for each key/value head, the `groups = heads / kv_heads` query heads
+that share it, then its key head, then its value head. Splitting along that grouping gives Llama's
+`q_proj` (query heads in order), `k_proj` and `v_proj`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from model.convert import ConversionError
+
+MODEL_TYPE = "internlm2"
+
+# InternLM2ForCausalLM's parameter names -> LlamaForCausalLM's (one to one; `wqkv` is split instead)
+_TOP_LEVEL = {
+    "model.tok_embeddings.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_IN_LAYER = {
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_WQKV = re.compile(r"model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)")
+# non-persistent buffers some exports still carry; Llama recomputes them
+_DROPPED = re.compile(r"model\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
+
+_ROPE_TYPES = ("dynamic", "linear")
+
+
+def llama_name(internlm2_name: str) -> str:
+    """The LlamaForCausalLM parameter name for a one-to-one InternLM2ForCausalLM parameter.
+
+    `model.layers.3.feed_forward.w1.weight` -> `model.layers.3.mlp.gate_proj.weight`. The fused
+    `attention.wqkv` has no single Llama name (see `split_wqkv` / `convert_tensor`); it and any name
+    InternLM2 does not have raise KeyError."""
+    if internlm2_name in _TOP_LEVEL:
+        return _TOP_LEVEL[internlm2_name]
+    match = _LAYER.fullmatch(internlm2_name)
+    if match is None or match.group(2) not in _IN_LAYER:
+        raise KeyError(f"{internlm2_name!r} is not a one-to-one InternLM2ForCausalLM parameter")
+    layer, module, kind = match.groups()
+    return f"model.layers.{layer}.{_IN_LAYER[module]}.{kind}"
+
+
+def split_wqkv(
+    wqkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused `wqkv` weight `[(heads + 2 * kv_heads) * head_dim, hidden]` (or its bias, 1-D) ->
+    (q `[heads * head_dim, ...]`, k `[kv_heads * head_dim, ...]`, v `[kv_heads * head_dim, ...]`),
+    each a new contiguous tensor."""
+    if num_heads % num_kv_heads:
+        raise ConversionError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads")
+    groups = num_heads // num_kv_heads
+    rows = (num_heads + 2 * num_kv_heads) * head_dim
+    if wqkv.shape[0] != rows:
+        raise ConversionError(
+            f"wqkv has {wqkv.shape[0]} output rows; {num_heads} heads + 2 x {num_kv_heads} kv heads "
+            f"of {head_dim} need {rows}"
+        )
+    rest = tuple(wqkv.shape[1:])
+    grouped = wqkv.reshape(num_kv_heads, groups + 2, head_dim, *rest)
+    q = grouped[:, :groups].reshape(num_heads * head_dim, *rest)
+    k = grouped[:, groups].reshape(num_kv_heads * head_dim, *rest)
+    v = grouped[:, groups + 1].reshape(num_kv_heads * head_dim, *rest)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _require(config: dict[str, Any], field: str) -> Any:
+    if field not in config:
+        raise ConversionError(f"InternLM2 config.json has no `{field}`")
+    return config[field]
+
+
+def check_config(internlm2_config: dict[str, Any]) -> None:
+    """Raise ConversionError unless `internlm2_config` is an InternLM2 (causal LM) config."""
+    model_type = internlm2_config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ConversionError(f"config.json has model_type {model_type!r}, expected {MODEL_TYPE!r}")
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    hidden, heads = _require(config, "hidden_size"), _require(config, "num_attention_heads")
+    if hidden % heads:
+        raise ConversionError(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    return hidden // heads
+
+
+def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """InternLM2's `rope_theta` + `rope_scaling` ({"type": "dynamic"|"linear", "factor": f} or None) as
+    transformers 5's `rope_parameters`. Both scalings compute what transformers' own do: linear divides
+    the positions by `factor`; dynamic NTK grows the base once a sequence passes
+    `max_position_embeddings`, with the same formula."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return params
+    kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
+    if kind not in _ROPE_TYPES or "factor" not in scaling:
+        raise ConversionError(
+            f"rope_scaling {scaling!r}: InternLM2 knows {{'type': 'dynamic' | 'linear', 'factor': f}} only"
+        )
+    return {**params, "rope_type": kind, "factor": float(scaling["factor"])}
+
+
+def llama_config(internlm2_config: dict[str, Any]) -> dict[str, Any]:
+    """An InternLM2 config.json (as a dict) -> the LlamaConfig dict (`LlamaConfig(**d)` or config.json)
+    computing the same function: attention bias from `bias`, rope scaling as `rope_parameters`, the
+    vocabulary, tied embeddings and special token ids kept."""
+    check_config(internlm2_config)
+    c = internlm2_config
+    heads = _require(c, "num_attention_heads")
+    out = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": _require(c, "vocab_size"),
+        "hidden_size": _require(c, "hidden_size"),
+        "intermediate_size": _require(c, "intermediate_size"),
+        "num_hidden_layers": _require(c, "num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": c.get("num_key_value_heads") or heads,
+        "head_dim": _head_dim(c),
+        "hidden_act": c.get("hidden_act", "silu"),
+        "max_position_embeddings": c.get("max_position_embeddings", 2048),
+        "rms_norm_eps": c.get("rms_norm_eps", 1e-6),
+        "initializer_range": c.get("initializer_range", 0.02),
+        # InternLM2's `bias` covers wqkv and wo, which is exactly Llama's attention_bias; its MLP has none
+        "attention_bias": bool(c.get("bias", True)),
+        "mlp_bias": False,
+        "tie_word_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "rope_parameters": _rope_parameters(c),
+        "bos_token_id": c.get("bos_token_id", 1),
+        "eos_token_id": c.get("eos_token_id", 2),
+        "pad_token_id": c.get("pad_token_id", 0),
+        "use_cache": c.get("use_cache", True),
+    }
+    dtype = c.get("dtype", c.get("torch_dtype"))
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """One InternLM2ForCausalLM tensor -> its LlamaForCausalLM tensors (`config`: the InternLM2
+    config.json dict). `wqkv` becomes q/k/v projections; a stale `rotary_emb.inv_freq` buffer is
+    dropped; anything else is renamed (KeyError for a name InternLM2 does not have)."""
+    if _DROPPED.fullmatch(name):
+        return []
+    fused = _WQKV.fullmatch(name)
+    if fused is None:
+        return [(llama_name(name), tensor)]
+    layer, kind = fused.groups()
+    heads = _require(config, "num_attention_heads")
+    q, k, v = split_wqkv(tensor, heads, config.get("num_key_value_heads") or heads, _head_dim(config))
+    prefix = f"model.layers.{layer}.self_attn"
+    return [(f"{prefix}.q_proj.{kind}", q), (f"{prefix}.k_proj.{kind}", k), (f"{prefix}.v_proj.{kind}", v)]
