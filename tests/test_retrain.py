@@ -8,17 +8,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from jobs.retrain import LOCKED
 from jobs.retrain import main as retrain_main
 from model.config_files import CONFIG_DIR
 from pipelines.corpora.synthetic import generate
 from tests import faults
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -46,8 +51,9 @@ def setup(tmp_path_factory):
     document["data"] = {"max_tokens": 256, "val_fraction": 0.0}
     document["train"]["storage_path"] = str(root / "runs")
     for stage in document["train"]["stages"].values():
-        stage["steps"] = 2
-    document["retrain"] = {"raw": raw, "prepared": str(root / "prepared")}
+        stage["steps"] = 4  # logged and checkpointed at steps 2 and 4
+    # relative, the way a person types it: Ray's workers do not run in this folder
+    document["retrain"] = {"raw": raw, "prepared": "prepared"}
     document["eval"] = {"data": str(held_out), "text": str(text), "max_samples": 4}
     # a tiny random model has no language to keep nor skills: this test checks the cycle, not the gate's
     # floors (tests/test_registry.py does), so they are lowered here
@@ -80,6 +86,85 @@ def test_a_cycle_trains_evaluates_registers_and_crowns_the_first_champion(setup,
     assert "eval.vqa_accuracy" in champion.tags and champion.tags["hovle.source_commit"]
     parent = client.get_run(summary["mlflow_run_id"])
     assert "vqa_accuracy" in parent.data.metrics  # the evaluation logged into the pipeline run
+
+
+STAGES = ("distill", "align", "instruct")
+
+
+def stage_exports(root: Path, summary: dict) -> dict[str, Path]:
+    exports = root / "runs" / f"retrain-{summary['data_version']}" / "exports"
+    return {stage: exports / stage for stage in STAGES}
+
+
+def export_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+# The first cycle trains all three stages through `hovle train`'s job (Ray Train, ZeRO-2, 2 workers): what
+# the stages leave is checked on it rather than on a second three-stage run.
+def test_three_stages_end_in_an_export_that_loads_and_generates_without_ray(setup, first_cycle):
+    _, root = setup
+    exports = stage_exports(root, first_cycle[1])
+    assert all((folder / "model.safetensors").is_file() for folder in exports.values())
+    script = (
+        "import sys, torch\n"
+        "from model import HoVLEForConditionalGeneration, HoVLEProcessor\n"
+        f"model = HoVLEForConditionalGeneration.from_pretrained({str(exports['instruct'])!r})\n"
+        f"processor = HoVLEProcessor.from_pretrained({str(exports['instruct'])!r})\n"
+        "inputs = processor([{'role': 'user', 'content': 'hello'}], add_generation_prompt=True)\n"
+        "out = model.generate(input_ids=inputs['input_ids'], attention_mask=inputs['attention_mask'], "
+        "max_new_tokens=4, min_new_tokens=4)\n"
+        "assert out.shape[1] == inputs['input_ids'].shape[1] + 4\n"
+        "assert not {m.split('.')[0] for m in sys.modules} & {'ray', 'deepspeed'}, 'ray/deepspeed imported'\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_align_leaves_the_llm_bit_identical_and_trains_the_embedding(setup, first_cycle):
+    from model import build_model, load_preset
+
+    _, root = setup
+    exports = stage_exports(root, first_cycle[1])
+    torch.manual_seed(0)  # the workers build the preset's random weights from train.seed
+    base = build_model(load_preset("tiny")).state_dict()
+    distill, align = export_weights(exports["distill"]), export_weights(exports["align"])
+    llm = [k for k in base if k.startswith("language_model.") and k in align]
+    assert llm
+    for key in llm:
+        assert torch.equal(align[key], base[key]), key
+        assert torch.equal(distill[key], base[key]), key
+    embedding = [k for k in align if k.startswith("embedding.")]
+    assert any(not torch.equal(align[k], distill[k]) for k in embedding)
+    instruct = export_weights(exports["instruct"])
+    assert any(not torch.equal(instruct[k], align[k]) for k in llm)  # instruct trains the LLM
+
+
+def test_mlflow_holds_one_parent_with_three_stage_runs(setup, first_cycle):
+    from mlflow import MlflowClient
+
+    _, root = setup
+    parent_id = first_cycle[1]["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hovle").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("hovle.kind") == "pipeline"]
+    assert [p.info.run_id for p in parents] == [parent_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    staged = [r for r in children if "hovle.stage" in r.data.tags]
+    assert sorted(r.data.tags["hovle.stage"] for r in staged) == sorted(STAGES)
+    for child in staged:
+        assert child.info.status == "FINISHED"
+        for metric in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_fraction"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert [m.step for m in history] == [2, 4], metric
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.json", "data_manifest.json"} <= artifacts
+    assert parents[0].data.params["stages.align.lr"] == "0.001"
+    logged = {k for c in staged for k in client.get_run(c.info.run_id).data.metrics}
+    assert "system/cpu_utilization_percentage" in logged
 
 
 def test_nothing_new_exits_zero_without_training(setup, first_cycle, monkeypatch):

@@ -10,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.train import main as train_main
-from model import build_model, load_preset
 from pipelines.corpora.synthetic import generate
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
 from tests import faults
-from tests.conftest import REPO_ROOT
 from tests.helpers import preset_processor
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -66,76 +61,6 @@ def mlflow_client(workdir: Path):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-
-
-# ---- three stages, ZeRO-2 -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def three_stages(prepared, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("three-stages")
-    # the datasets as relative paths, the way a person types them: the workers do not run in this folder
-    relative = {stage: os.path.relpath(uri, workdir) for stage, uri in prepared.items()}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        report = train("--stage", "all", "--run-name", "e2e", data=relative)
-    return workdir, report
-
-
-def test_three_stages_end_in_an_export_that_loads_and_generates_without_ray(three_stages):
-    workdir, report = three_stages
-    assert set(report["exports"]) == set(STAGES)
-    script = (
-        "import sys, torch\n"
-        "from model import HoVLEForConditionalGeneration, HoVLEProcessor\n"
-        f"model = HoVLEForConditionalGeneration.from_pretrained({report['exports']['instruct']!r})\n"
-        f"processor = HoVLEProcessor.from_pretrained({report['exports']['instruct']!r})\n"
-        "inputs = processor([{'role': 'user', 'content': 'hello'}], add_generation_prompt=True)\n"
-        "out = model.generate(input_ids=inputs['input_ids'], attention_mask=inputs['attention_mask'], "
-        "max_new_tokens=4, min_new_tokens=4)\n"
-        "assert out.shape[1] == inputs['input_ids'].shape[1] + 4\n"
-        "assert not {m.split('.')[0] for m in sys.modules} & {'ray', 'deepspeed'}, 'ray/deepspeed imported'\n"
-        "print('ok')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
-
-
-def test_align_leaves_the_llm_bit_identical_and_trains_the_embedding(three_stages):
-    _, report = three_stages
-    torch.manual_seed(0)  # the workers build the preset's random weights from train.seed
-    base = build_model(load_preset("tiny")).state_dict()
-    distill, align = export_weights(report["exports"]["distill"]), export_weights(report["exports"]["align"])
-    llm = [k for k in base if k.startswith("language_model.") and k in align]
-    assert llm
-    for key in llm:
-        assert torch.equal(align[key], base[key]), key
-        assert torch.equal(distill[key], base[key]), key
-    embedding = [k for k in align if k.startswith("embedding.")]
-    assert any(not torch.equal(align[k], distill[k]) for k in embedding)
-    instruct = export_weights(report["exports"]["instruct"])
-    assert any(not torch.equal(instruct[k], align[k]) for k in llm)  # instruct trains the LLM
-
-
-def test_mlflow_holds_one_parent_with_three_stage_runs(three_stages):
-    workdir, report = three_stages
-    client = mlflow_client(workdir)
-    experiment = client.get_experiment_by_name("hovle")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("hovle.kind") == "pipeline"]
-    assert [p.info.run_id for p in parents] == [report["mlflow_run_id"]]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == report["mlflow_run_id"]]
-    assert sorted(r.data.tags["hovle.stage"] for r in children) == sorted(STAGES)
-    for child in children:
-        assert child.info.status == "FINISHED"
-        for metric in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_fraction"):
-            history = client.get_metric_history(child.info.run_id, metric)
-            assert [m.step for m in history] == [2, 4], metric
-        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"config.json", "data_manifest.json"} <= artifacts
-    assert parents[0].data.params["stages.align.lr"] == "0.001"
-    logged = {k for c in children for k in client.get_run(c.info.run_id).data.metrics}
-    assert "system/cpu_utilization_percentage" in logged
 
 
 # ---- resume ---------------------------------------------------------------------------------------------
