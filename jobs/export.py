@@ -3,6 +3,7 @@
     write_export(model, processor, weights, uri, info)   rank 0, after training; `export.json` lands last
     is_export(uri)                                       True once `export.json` is there (complete)
     load_export(uri) -> (model, processor)               what the next stage, evaluation and registry use
+                                                         (an adapter export's adapter merged on load)
 
 An export loads with `HoVLEForConditionalGeneration.from_pretrained(folder)` (a compositional model's with
 `CompositionalVLM.from_pretrained`; `model.load_pretrained` picks by model_type) and nothing of Ray or
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from model import HoVLEForConditionalGeneration, HoVLEProcessor, load_pretrained
+from model.lora import merge_adapter, save_adapter, split_adapter
 from pipelines import storage
 
 logger = logging.getLogger(__name__)
@@ -49,11 +51,22 @@ def write_export(
 ) -> None:
     """Save `model`'s config with `weights` (a full state dict) and the processor to `uri`.
 
-    The folder is written completely before `export.json`, so a reader never takes a half-written export.
+    Weights with LoRA adapters (model/lora.py; `info["lora"]` holds train.lora's settings and the base)
+    are merged into a plain export (`export: merged`), or kept: the base weights in model.safetensors and
+    the adapters in `adapter/`, peft's format (`export: adapter`). The folder is written completely before
+    `export.json`, so a reader never takes a half-written export.
     """
     storage.remove(storage.join(uri, EXPORT_INFO))  # a rewrite is incomplete until its info lands
+    base, adapter = split_adapter(weights)
+    lora = info.get("lora") or {}
+    if adapter and not lora:
+        raise ValueError("weights with LoRA adapters need info['lora'] (train.lora's settings)")
+    if adapter and lora["export"] == "merged":
+        base, adapter = merge_adapter(base, adapter, lora["lora_alpha"] / lora["r"]), {}
     with tempfile.TemporaryDirectory(prefix="hovle-export-") as scratch:
-        model.save_pretrained(scratch, state_dict=weights, safe_serialization=True)
+        model.save_pretrained(scratch, state_dict=base, safe_serialization=True)
+        if adapter:
+            save_adapter(scratch, adapter, model._hovle_lora_config, str(lora.get("base")))
         processor.save_pretrained(scratch)
         storage.put_directory(scratch, uri)
     storage.write_text_atomic(storage.join(uri, EXPORT_INFO), json.dumps(info, indent=2, sort_keys=True))

@@ -11,6 +11,7 @@
       max_failures: 1
       tracking: {uri: null, experiment: hovle}       # null: sqlite:///<working folder>/mlflow.db
       log_every_n_steps: 10
+      lora: null                      # or {r: 8, lora_alpha: 16, target_modules: [q_proj], export: adapter}
       recipe: project                 # or paper: HoVLE's recipe as published (see TrainConfig.recipe)
       stages:
         distill: {steps: 200, lr: 1.0e-4, micro_batch_size: 4, max_tokens: 2048, teacher: mobilenet_v2}
@@ -23,7 +24,7 @@ The whole run config (this section among the others) is loaded by `jobs.run_conf
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -142,6 +143,34 @@ class DataSettings(_Strict):
     reader: Literal["ray", "local"] = Field("ray", description="see pipelines.ingest.ShardSource")
 
 
+class LoraSettings(_Strict):
+    """LoRA (peft) in the stages that train its parts: there the parts' base weights stay frozen and only the
+    adapters train, at the stage's lr (`llm_lr_ratio` is for full fine-tuning; 0 still leaves the LLM out)."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    lora_alpha: float = Field(16.0, gt=0, description="scaling = lora_alpha / r")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="names of the linear layers adapted inside each part (Llama's attention by default)",
+    )
+    on: list[Literal["llm", "embedding"]] = Field(
+        default_factory=lambda: ["llm"], min_length=1, description="the parts that carry adapters"
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: adapters folded into the weights, a plain export; adapter: the base weights "
+        "and adapter/ in peft's format (applied on load by model.load_pretrained)",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> LoraSettings:
+        if len(set(self.on)) != len(self.on) or len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError("on and target_modules must not repeat a name")
+        return self
+
+
 class TrainConfig(_Strict):
     run_name: str = Field("hovle", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage_path: str = "runs"
@@ -153,6 +182,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage; -1: unlimited")
     tracking: TrackingSettings = TrackingSettings()
     log_every_n_steps: int = Field(10, ge=1)
+    lora: LoraSettings | None = Field(None, description="null: full fine-tuning of what each stage trains")
     recipe: Literal["project", "paper"] = Field(
         "project",
         description="paper: HoVLE's own recipe (no norm-matching or text-preservation term, random init of "

@@ -6,7 +6,8 @@
     loop    micro-batches -> forward, backward, step, until `steps` or the CPU-seconds budget
             (jobs.budget); metrics and a progress line every N steps (jobs.meter); a checkpoint (engine +
             data position + RNG + step, CPU-seconds and tokens) every N steps and at the end, from every rank
-    export  consolidated weights -> a Hugging Face folder (rank 0)
+    export  consolidated weights -> a Hugging Face folder (rank 0); with `train.lora`, the adapters merged
+            into it or saved beside the base weights in peft's format (jobs.export)
 
 Data: each worker reads its own rows of the prepared dataset in a deterministic order
 (`pipelines.ingest.ShardSource`, Ray Data read tasks) instead of `ray.train.get_dataset_shard`, whose
@@ -39,6 +40,7 @@ from jobs.tracking import StageLogger
 from jobs.train_config import StageSettings, TrainConfig
 from model import StageSpec, apply_stage, build_model, build_processor, stage_loss, stage_spec
 from model.config import ConfigError
+from model.lora import PART_PREFIXES, add_lora, is_adapter_key
 from model.presets import config_from_spec, parse_model_spec
 from pipelines.ingest import ShardSource
 from pipelines.stream import TrainingStream
@@ -137,6 +139,7 @@ def train_stage(job_config: dict[str, Any]) -> None:
     base_llm = None
     if spec.text_kl_weight > 0 and spec.is_trainable(LLM_PREFIX):
         base_llm = copy.deepcopy(model.language_model).eval().requires_grad_(False)
+    spec = _add_lora(model, spec, config)  # after the copy: the text KL's base has no adapters
     apply_stage(model, spec)
     parameters = _parameter_groups(model, spec, settings)
     if teacher is not None:
@@ -240,6 +243,8 @@ def train_stage(job_config: dict[str, Any]) -> None:
             "init": job.init_uri,
             "run_id": job.run_id,
         }
+        if spec.adapted:  # the adapters' settings, and what they were trained on
+            info["lora"] = {**config.lora.model_dump(), "base": job.init_uri or model.config.llm_name_or_path}
         write_export(model, processor, model_weights, job.export_uri, info)
     dist.barrier()
 
@@ -264,7 +269,7 @@ def _start_model(job: StageJob, config: TrainConfig):
     """(model, processor): the previous stage's export, else the run config's preset, in fp32 on CPU
     (the paper's recipe starts the embedding layers at random)."""
     if job.init_uri:
-        model, processor = load_export(job.init_uri)
+        model, processor = load_export(job.init_uri)  # an adapter export comes merged
     else:
         hovle_config = config_from_spec(parse_model_spec(job.model))
         if config.recipe == "paper":
@@ -302,12 +307,27 @@ def _stage_spec(
     return spec
 
 
+def _add_lora(model: nn.Module, spec: StageSpec, config: TrainConfig) -> StageSpec:
+    """`train.lora`'s adapters on the parts this stage trains (model/lora.py); the spec then trains only
+    their adapters there (and the rest it trains in full). A stage training none of those parts: unchanged."""
+    lora = config.lora
+    if lora is None:
+        return spec
+    if "embedding" in lora.on and getattr(model, "embedding", None) is None:
+        raise ConfigError("train.lora.on: embedding: this model has no embedding module (compositional)")
+    parts = [part for part in lora.on if f"{PART_PREFIXES[part]}." in spec.trainable]
+    if not parts:
+        return spec
+    adapted = add_lora(model, lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules, parts)
+    return spec.with_options(adapted=adapted)
+
+
 def _parameter_groups(model: nn.Module, spec: StageSpec, settings: StageSettings) -> list[dict[str, Any]]:
     """The stage's trainable parameters as optimizer groups: the LLM's at `llm_lr_ratio` of the stage's
     lr (keeping what the LLM knows while the rest learns), everything else at the stage's lr."""
     groups: dict[float, list[nn.Parameter]] = {}
     for name, param in spec.trainable_parameters(model):
-        ratio = settings.llm_lr_ratio if name.startswith(LLM_PREFIX) else 1.0
+        ratio = settings.llm_lr_ratio if name.startswith(LLM_PREFIX) and not is_adapter_key(name) else 1.0
         groups.setdefault(ratio, []).append(param)
     return [{"params": params, "lr_ratio": ratio} for ratio, params in groups.items()]
 

@@ -48,6 +48,8 @@ class StageSpec:
         next-token stages: the base is the LLM the stage started from, fed its own input embeddings. It
         holds what the user sees (the next-token distribution on text-only prompts), where the
         text-preservation term holds only the embedding module's outputs.
+    adapted: prefixes of parts that carry LoRA adapters (model/lora.py): there only the adapters train
+        (`.lora_A.`, `.lora_B.`), and only where `trainable` names the part; the base weights stay frozen.
     """
 
     name: str
@@ -58,13 +60,18 @@ class StageSpec:
     image_anchor_weight: float = 0.0
     text_kl_weight: float = 0.0
     frozen: tuple[str, ...] = ()
+    adapted: tuple[str, ...] = ()
 
     @property
     def needs_teacher(self) -> bool:
         return self.loss == "distill" or self.image_anchor_weight > 0
 
     def is_trainable(self, parameter_name: str) -> bool:
-        return parameter_name.startswith(self.trainable) and not parameter_name.startswith(self.frozen)
+        if not parameter_name.startswith(self.trainable) or parameter_name.startswith(self.frozen):
+            return False
+        if parameter_name.startswith(self.adapted):
+            return ".lora_A." in parameter_name or ".lora_B." in parameter_name
+        return True
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs this stage trains (a teacher's head is not part of the model)."""
