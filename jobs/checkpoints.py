@@ -4,7 +4,8 @@
     load_checkpoint(checkpoint, strategy, stream, rank)           the engine, this rank's stream and RNG;
                                                                   returns the client state (step, clock)
 
-Resume is exact: the same batches and the same random draws as an uninterrupted run.
+Resume is exact: the same batches and the same random draws as an uninterrupted run. Nothing is unpickled:
+every file loads with `torch.load(weights_only=True)` (the engine's through `jobs.strategy`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, numbers and tuples: what `torch.load(weights_only=True)` reads."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (
+        name,
+        torch.from_numpy(keys.astype(np.int64)),
+        int(position),
+        int(has_gauss),
+        float(cached),
+    )
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -37,7 +47,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -82,7 +93,7 @@ def load_checkpoint(
     client state saved with it (`step` and the clock's)."""
     with checkpoint.as_directory() as directory:
         client_state = strategy.load(directory)
-        mine = torch.load(os.path.join(directory, worker_state_file(rank)), weights_only=False)
+        mine = torch.load(os.path.join(directory, worker_state_file(rank)), weights_only=True)
     stream.load_state_dict(mine["stream"])
     set_rng_state(mine["rng"])
     return client_state

@@ -3,7 +3,7 @@
     strategy = DeepSpeedStrategy(config, stage_settings, world_size)
     strategy.setup(module, parameter_groups, progress)  # AdamW + warmup/cosine, deepspeed.initialize
     loss, parts = strategy.forward(batch); strategy.backward(loss); strategy.step()
-    strategy.save(dir, client_state) / strategy.load(dir) -> client_state
+    strategy.save(dir, client_state) / strategy.load(dir) -> client_state   # load: weights_only=True
     strategy.full_state_dict()                          # consolidated weights on rank 0 (ZeRO-3 too)
 
 The training loop (jobs.train_loop) never calls `engine.*` itself. The optimizer is torch's AdamW passed
@@ -26,6 +26,34 @@ from jobs.train_config import StageSettings, TrainConfig
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"  # one DeepSpeed tag per checkpoint directory (Ray keeps one directory per step)
+# The DeepSpeed classes its checkpoint files hold besides tensors and builtins (found by loading ZeRO-0..3
+# checkpoints with weights_only=True): the only globals its unpickler may build.
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def weights_only_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)` and only
+    `DEEPSPEED_CHECKPOINT_GLOBALS` allowed (DeepSpeed's own loads with weights_only=False: any pickled
+    object in a checkpoint folder would run)."""
+    import importlib
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = []
+    for name in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attribute))
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
 
 
 def cpu_bf16_is_native() -> bool:
@@ -135,6 +163,7 @@ class DeepSpeedStrategy:
             model_parameters=parameters,
             config=self.ds_config,
         )
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
         logger.info(
             "DeepSpeed: ZeRO-%d, %s, %d trainable tensors, micro-batch %d x accumulation %d x %d workers",
             self.config.deepspeed.zero_stage,
