@@ -8,12 +8,18 @@ that share it, then its key head, then its value head. Splitting along that grou
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.convert import ConversionError
+from model.convert import ConversionError, shards
+
+logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "internlm2"
 
@@ -165,3 +171,71 @@ def convert_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> l
     q, k, v = split_wqkv(tensor, heads, config.get("num_key_value_heads") or heads, _head_dim(config))
     prefix = f"model.layers.{layer}.self_attn"
     return [(f"{prefix}.q_proj.{kind}", q), (f"{prefix}.k_proj.{kind}", k), (f"{prefix}.v_proj.{kind}", v)]
+
+
+def llama_tensor_names(llama: dict[str, Any]) -> set[str]:
+    """Every tensor a LlamaForCausalLM checkpoint for the config dict `llama` holds."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not llama["tie_word_embeddings"]:
+        names.add("lm_head.weight")
+    kinds = ("weight", "bias") if llama["attention_bias"] else ("weight",)
+    for i in range(llama["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        names |= {f"{p}self_attn.{proj}_proj.{kind}" for proj in "qkvo" for kind in kinds}
+        names |= {f"{p}mlp.{proj}_proj.weight" for proj in ("gate", "up", "down")}
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+    return names
+
+
+def read_config(source: Path) -> dict[str, Any]:
+    """The InternLM2 config.json of the checkpoint folder `source` (ConversionError if it is not one)."""
+    path = source / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: no config.json (expected an InternLM2 checkpoint folder)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path}: not JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a config object")
+    check_config(config)
+    return config
+
+
+def import_checkpoint(
+    source: Path, dest: Path, max_shard_bytes: int = shards.DEFAULT_MAX_SHARD_BYTES
+) -> Path:
+    """Convert the InternLM2 checkpoint folder `source` into a Llama checkpoint folder `dest` (created
+    atomically; it must not exist or be empty): config.json, safetensors shards of at most
+    ~`max_shard_bytes` (+ index), generation_config.json when there is one, and the fast tokenizer with
+    its chat template when `source` has a tokenizer.model. Streams one shard at a time."""
+    from transformers import LlamaConfig
+
+    from model.convert.internlm2_tokenizer import SPM_FILE, convert_tokenizer
+
+    config = read_config(source)
+    llama = llama_config(config)
+    expected = llama_tensor_names(llama)
+    with shards.atomic_output_folder(dest) as out:
+        LlamaConfig(**llama).save_pretrained(str(out))
+        writer = shards.ShardWriter(out, max_shard_bytes)
+        for name, tensor in shards.iter_tensors(source):
+            try:
+                converted = convert_tensor(name, tensor, config)
+            except KeyError as err:
+                raise ConversionError(f"{source}: {name!r} is not an InternLM2ForCausalLM tensor") from err
+            for new_name, new_tensor in converted:
+                writer.add(new_name, new_tensor)
+            del tensor, converted
+        missing = sorted(expected - writer.names)
+        if missing:
+            raise ConversionError(f"{source}: {len(missing)} Llama tensors lack a source, e.g. {missing[:3]}")
+        files = writer.close()
+        if (source / "generation_config.json").is_file():
+            shutil.copy(source / "generation_config.json", out / "generation_config.json")
+        if (source / SPM_FILE).is_file():
+            convert_tokenizer(source, out)
+        else:
+            logger.warning("%s has no %s: the output has no tokenizer", source, SPM_FILE)
+    logger.info("wrote %s: %d shard(s), %.1f MB", dest, len(files), writer.total_bytes / 1e6)
+    return dest

@@ -7,9 +7,12 @@ model: a 10 GB fp32 checkpoint converts in a few GB of memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,13 +96,20 @@ class ShardWriter:
         self.max_shard_bytes = max_shard_bytes
         self._buffer: dict[str, torch.Tensor] = {}
         self._written: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.held_bytes = 0
         self.peak_bytes = 0
         self.total_bytes = 0
 
+    @property
+    def names(self) -> set[str]:
+        """The names of every tensor added so far."""
+        return set(self._names)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in names for _, names in self._written):
+        if name in self._names:
             raise ConversionError(f"tensor {name!r} written twice")
+        self._names.add(name)
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self.held_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -136,3 +146,21 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+@contextlib.contextmanager
+def atomic_output_folder(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest`, renamed to `dest` when the block succeeds and deleted when it
+    fails, so a crash never leaves half a checkpoint. `dest` must not exist or be an empty folder."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConversionError(f"{dest} exists and is not an empty folder: choose a new output folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield partial
+        if dest.exists():
+            dest.rmdir()
+        partial.rename(dest)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
