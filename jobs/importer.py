@@ -23,6 +23,10 @@ IMPORTERS: dict[str, tuple[str, str]] = {
         "model.convert.internlm2",
         "an InternLM2 checkpoint (fused wqkv) -> the Llama layout, with a fast tokenizer and chat template",
     ),
+    "hovle": (
+        "model.convert.hovle",
+        "a released HoVLE / HoVLE-HD checkpoint -> this project's HoVLE model folder, processor, model.yaml",
+    ),
 }
 _COMMON = ("source", "dest", "max_shard_size", "verbose", "format")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]?B)?", re.IGNORECASE)
@@ -47,10 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     for name, (module, summary) in IMPORTERS.items():
         sub = formats.add_parser(name, help=summary, description=summary)
-        sub.add_argument("--from", dest="source", type=Path, required=True, help="the checkpoint folder")
-        sub.add_argument("--to", dest="dest", type=Path, required=True, help="a new (or empty) folder")
         sub.add_argument(
-            "--max-shard-size", type=shard_size, default="2GB", help="largest output shard (default: 2GB)"
+            "--from", dest="source", type=Path, required=True, metavar="DIR", help="the checkpoint folder"
+        )
+        sub.add_argument(
+            "--to", dest="dest", type=Path, required=True, metavar="DIR", help="a new (or empty) folder"
+        )
+        sub.add_argument(
+            "--max-shard-size",
+            type=shard_size,
+            default="2GB",
+            metavar="SIZE",
+            help="largest output shard (default: 2GB)",
         )
         sub.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         add_arguments = getattr(importlib.import_module(module), "add_arguments", None)

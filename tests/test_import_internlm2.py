@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs import importer
+from jobs import cli, importer
 from model.convert import ConversionError, shards
 from model.convert.internlm2 import convert_tensor, import_checkpoint, llama_config, llama_name, split_wqkv
 
@@ -181,6 +181,17 @@ def _cli(capsys, source: Path, dest: Path) -> tuple[int, str]:
 def test_cli_missing_folder_exits_2(tmp_path, capsys):
     code, err = _cli(capsys, tmp_path / "nowhere", tmp_path / "out")
     assert code == 2 and "no such folder" in err and "nowhere" in err
+    # the same through `hovle import`
+    assert cli.main(["import", "internlm2", "--from", str(tmp_path / "nowhere"), "--to", "x"]) == 2
+    assert "hovle import internlm2: --from" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_corrupt_shard(tmp_path, capsys):
+    shutil.copytree(SOURCE, tmp_path / "src")
+    (tmp_path / "src" / "model-00002-of-00003.safetensors").write_bytes(b"not safetensors")
+    code, err = _cli(capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 2 and "model-00002-of-00003.safetensors: not a readable safetensors file" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_a_config_that_is_not_internlm2(tmp_path, capsys):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.convert import ConversionError
@@ -32,7 +32,10 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def _indexed_files(folder: Path, index_name: str) -> list[Path]:
-    index = json.loads((folder / index_name).read_text())
+    try:
+        index = json.loads((folder / index_name).read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{folder / index_name}: not JSON ({err})") from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{folder / index_name}: no `weight_map`")
@@ -57,7 +60,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A .bin state dict through `torch.load(weights_only=True)`: a pickle that would run code is refused."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zipfile) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ConversionError(
             f"{path}: refused, the pickle holds more than tensors (weights_only load failed: "
@@ -74,7 +80,11 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in checkpoint_files(folder):
         logger.info("reading %s", path.name)
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as shard:
+            try:
+                shard = safe_open(str(path), framework="pt")
+            except SafetensorError as err:
+                raise ConversionError(f"{path}: not a readable safetensors file ({err})") from err
+            with shard:
                 for name in shard.keys():
                     yield name, shard.get_tensor(name)
         else:
