@@ -44,6 +44,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG_PREFIX = "eval."
 PROMOTION_TAG = "hovle.promotion"
 PREVIOUS_CHAMPION_TAG = "hovle.previous_champion"  # on a crowned version: whom it replaced ("none")
+BASE_MODEL_TAG, LICENSE_TAG = "hovle.base_model", "hovle.license"  # from the model card (jobs/model_card.py)
 # What a serving environment needs; exact pins of the versions this was built with.
 SERVING_REQUIREMENTS = (
     "mlflow",
@@ -222,7 +223,10 @@ def source_commit() -> str:
 def register(
     model_uri: str, name: str, tags: dict[str, Any], scores: dict[str, float], tracking_uri: str
 ) -> str:
-    """A new version of registered model `name` from `model_uri`; returns the version number.
+    """A new version of registered model `name` from `model_uri` (a `log_hovle_model` URI); returns the
+    version number. The model first gets its card and licence (jobs/model_card.py: README.md, LICENSE)
+    beside its MLmodel and in its Hugging Face folder; the version is tagged `hovle.base_model` and
+    `hovle.license`.
 
     The registry is MLFLOW_REGISTRY_URI when set (MLflow reads it), else the tracking server's.
     """
@@ -231,9 +235,35 @@ def register(
     all_tags = {k: str(v) for k, v in tags.items()}
     all_tags.update({f"{SCORE_TAG_PREFIX}{k}": repr(float(v)) for k, v in scores.items()})
     with use_tracking_uri(tracking_uri):
+        card = _log_model_card(model_uri, name, all_tags, scores, tracking_uri)
+        all_tags.update({BASE_MODEL_TAG: card.base_model, LICENSE_TAG: card.license})
         version = mlflow.register_model(model_uri, name, tags=all_tags)
     logger.info("registered %s version %s", name, version.version)
     return str(version.version)
+
+
+def _log_model_card(
+    model_uri: str, name: str, tags: dict[str, str], scores: dict[str, float], tracking_uri: str
+):
+    """Build the card of the logged model at `model_uri` (models:/m-...) and log README.md (+ LICENSE)
+    into it: at its root and in its Hugging Face folder."""
+    from mlflow import MlflowClient
+
+    from jobs.model_card import build_model_card
+
+    if not model_uri.startswith("models:/m-"):
+        raise ValueError(
+            f"{model_uri}: expected a logged model's URI (models:/m-...), as log_hovle_model returns"
+        )
+    model_id, client = model_uri.removeprefix("models:/"), MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="hovle-card-") as scratch:
+        folder = download_hf_folder(model_uri, tracking_uri, scratch)
+        card = build_model_card(folder, name, tags, scores, client)
+        written = card.write(Path(scratch) / "card")
+        for path in written:
+            client.log_model_artifact(model_id, str(path))
+            client.log_model_artifact(model_id, str(path), f"artifacts/{HF_ARTIFACT}")
+    return card
 
 
 def version_scores(version) -> dict[str, float]:

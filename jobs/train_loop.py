@@ -315,7 +315,7 @@ def _add_lora(model: nn.Module, spec: StageSpec, config: TrainConfig) -> StageSp
         return spec
     if "embedding" in lora.on and getattr(model, "embedding", None) is None:
         raise ConfigError("train.lora.on: embedding: this model has no embedding module (compositional)")
-    parts = [part for part in lora.on if f"{PART_PREFIXES[part]}." in spec.trainable]
+    parts = [part for part in lora.on if f"{PART_PREFIXES[part]}.".startswith(spec.trainable)]
     if not parts:
         return spec
     adapted = add_lora(model, lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules, parts)

@@ -30,12 +30,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # how a PeftModel's saved keys start
 ADAPTER_NAME = "default"
-PART_PREFIXES = {"llm": "language_model", "embedding": "embedding"}  # `train.lora.on` -> module path
+# `train.lora.on` -> the module that carries adapters: the LLM whole; of the embedding module its causal
+# layers (shaped as, and initialised from, the LLM's), while its patch embedding, text table and norms are
+# small, new and train in full
+PART_PREFIXES = {"llm": "language_model", "embedding": "embedding.layers"}
 
 
 def target_pattern(target_modules: list[str] | tuple[str, ...], parts: list[str] | tuple[str, ...]) -> str:
     """peft's `target_modules` as one regex: the named layers inside the chosen parts only."""
-    prefixes = "|".join(PART_PREFIXES[part] for part in parts)
+    prefixes = "|".join(PART_PREFIXES[part].replace(".", r"\.") for part in parts)
     names = "|".join(target_modules)
     return rf"({prefixes})\..*\.({names})"
 
@@ -58,15 +61,13 @@ def add_lora(
 
     for part in parts:
         prefix = PART_PREFIXES[part]
-        if not isinstance(getattr(model, prefix, None), nn.Module):
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
             raise ConfigError(
                 f"train.lora.on: {part}: this {model.config.model_type!r} model has no {prefix}"
-            )
-        linear = {
-            n.rsplit(".", 1)[-1]
-            for n, m in getattr(model, prefix).named_modules()
-            if isinstance(m, nn.Linear)
-        }
+            ) from None
+        linear = {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
         missing = [name for name in target_modules if name not in linear]
         if missing:
             raise ConfigError(
