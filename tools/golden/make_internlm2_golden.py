@@ -117,7 +117,16 @@ def train_tokenizer(folder: Path, work: Path) -> int:
         num_threads=1,
         minloglevel=2,
     )
-    shutil.copy(work / "tokenizer.model", folder / "tokenizer.model")
+    # the trainer records its temporary paths in the model: drop them so reruns write the same bytes
+    # transformers' copy of the proto module: the released fast tokenizer's converter loads that one too,
+    # and protobuf refuses a second registration of the same .proto file
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((work / "tokenizer.model").read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
     processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     added = {
         str(i): {
