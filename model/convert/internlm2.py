@@ -107,7 +107,9 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     """InternLM2's `rope_theta` + `rope_scaling` ({"type": "dynamic"|"linear", "factor": f} or None) as
     transformers 5's `rope_parameters`. Both scalings compute what transformers' own do: linear divides
     the positions by `factor`; dynamic NTK grows the base once a sequence passes
-    `max_position_embeddings`, with the same formula."""
+    `max_position_embeddings`, with the same formula. (One difference, by design: the released module
+    keeps a grown base for later, shorter sequences; transformers returns to the original base below
+    `max_position_embeddings`, which is what a fresh released model computes for them.)"""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
     scaling = config.get("rope_scaling")
     if scaling is None:
