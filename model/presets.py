@@ -22,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from model import gguf_cache
+from model.chat_template import CHATML, OWN, ChatTemplateError, analyse_template
 from model.config import ConfigError, HoVLEConfig, config_problems
 from model.config_files import read_run_document
 from model.modeling import HoVLEForConditionalGeneration
 from model.processor import HoVLEProcessor
-from model.tokenizer import HOVLE_SPECIAL_TOKENS, IM_END, IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+from model.tokenizer import HOVLE_SPECIAL_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,18 @@ class LLMSpec(_Strict):
     gguf_file: str | None = None
     tokenizer: str | None = None  # "byte", a folder, or null (defaults to `path`)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # "chatml" (HoVLE's), "own" (the tokenizer's, e.g. Llama 3's or Gemma's) or a .jinja file's path
+    chat_template: str = CHATML
 
     @model_validator(mode="after")
     def _one_source(self) -> LLMSpec:
         if (self.config is None) == (self.path is None):
             raise ValueError("give exactly one of model.llm.config (a HF config dict) or model.llm.path")
+        if self.chat_template not in (CHATML, OWN) and not self.chat_template.endswith(".jinja"):
+            raise ValueError(
+                f"model.llm.chat_template={self.chat_template!r}: expected 'chatml', 'own' or the path of a "
+                ".jinja file"
+            )
         return self
 
 
@@ -154,7 +162,9 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
     token_ids: dict[str, int] = {}
     chat_template = None
     if tokenizer_source is not None:
-        tokenizer = _tokenizer(tokenizer_source, llm.gguf_file if tokenizer_source == llm.path else None)
+        tokenizer = _tokenizer(
+            tokenizer_source, llm.gguf_file if tokenizer_source == llm.path else None, llm.chat_template
+        )
         text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
         token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
         chat_template = tokenizer.chat_template
@@ -233,13 +243,19 @@ def _compositional_config(vision: VisionSpec, shared: dict[str, Any]) -> HoVLECo
     )
 
 
-_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+_TOKENIZERS: dict[tuple[str, str | None, str], Any] = {}
 
 
-def _tokenizer(source: str, gguf_file: str | None):
-    key = (source, gguf_file)
+def _tokenizer(source: str, gguf_file: str | None, chat_template: str = CHATML):
+    key = (source, gguf_file, chat_template)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(source if source == "byte" else resolve_path(source), gguf_file)
+        template = chat_template if chat_template in (CHATML, OWN) else resolve_path(chat_template)
+        try:
+            _TOKENIZERS[key] = load_tokenizer(
+                source if source == "byte" else resolve_path(source), gguf_file, template
+            )
+        except ChatTemplateError as err:
+            raise ConfigError(str(err)) from None
     return _TOKENIZERS[key]
 
 
@@ -292,19 +308,28 @@ def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVL
     else:
         model.initialize_embedding_from_llm()
     if config.tokenizer_name_or_path is not None:
-        model.generation_config = generation_config_for(build_processor(config).tokenizer)
+        processor = build_processor(config)
+        model.generation_config = generation_config_for(processor.tokenizer, processor.chat_template)
     return model.to(device)
 
 
-def generation_config_for(tokenizer) -> GenerationConfig:
+def generation_config_for(tokenizer, chat_template: str | None = None) -> GenerationConfig:
     """Greedy by default; stops at the chat template's end-of-turn token or the tokenizer's EOS.
 
-    The image tokens are never generated: a generated <IMG_CONTEXT> would be an image slot without pixels
-    on the next step (an untrained or drifting model can emit one).
+    The end-of-turn token is read off the template (default: the tokenizer's), not from a table: the first
+    added token it writes after an assistant's content (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's
+    <end_of_turn>, Mistral's </s>; see `model.chat_template.analyse_template`). The image tokens are never
+    generated: a generated <IMG_CONTEXT> would be an image slot without pixels on the next step (an
+    untrained or drifting model can emit one).
     """
-    eos = [tokenizer.convert_tokens_to_ids(IM_END)]
+    if not (chat_template or tokenizer.chat_template):
+        raise ValueError("no chat template: prepare the tokenizer with model.tokenizer.prepare_tokenizer")
+    turns = analyse_template(tokenizer, chat_template or tokenizer.chat_template)
+    eos = list(turns.end_of_turn_ids[:1])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("the tokenizer has no eos token and the chat template no end-of-turn token")
     image_tokens = [tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)]
     return GenerationConfig(
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False, suppress_tokens=image_tokens

@@ -4,9 +4,10 @@ Images are tiled by `model.images.dynamic_tiles` (InternVL's dynamic tiling). Ea
 placeholder in the text becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x tiles) +
 ``</img>``; the model later scatters the image features into the ``<IMG_CONTEXT>`` slots in order.
 
-Text is rendered with the tokenizer's ChatML template and tokenized by transformers'
-``apply_chat_template``; its assistant-token mask gives the labels (assistant content and its closing
-``<|im_end|>`` are supervised, everything else is -100).
+Text is rendered with the chat template (HoVLE's ChatML, or the LLM family's own: `model.chat_template`)
+and tokenized; labels are the assistant's content and its end-of-turn token (ChatML's ``<|im_end|>``,
+Llama 3's ``<|eot_id|>``, ...), -100 everywhere else. A template with ``{% generation %}`` blocks gives
+them through transformers' assistant-token mask; any other through `model.chat_template`.
 
 torch is imported only by what returns tensors: tiling and tokenizing (`dynamic_tiles`, `tokenize`) run
 in processes that never load it (Ray Data preprocessing actors), which saves their start-up seconds.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from model.chat_template import analyse_template, assistant_char_spans, token_mask
 from model.images import IMAGENET_MEAN, IMAGENET_STD, dynamic_tiles, tiles_to_tensor
 from model.tokenizer import CHATML_TEMPLATE, IMAGE_PLACEHOLDER, IMG_CONTEXT, IMG_END, IMG_START
 
@@ -65,7 +67,9 @@ class HoVLEProcessor:
     """Builds model inputs for one conversation at a time and pads them into batches.
 
     The tokenizer must already hold the HoVLE tokens (see :func:`model.tokenizer.prepare_tokenizer`).
-    The chat template must contain ``{% generation %}`` blocks: they are how labels are found.
+    The chat template needs ``{% generation %}`` blocks or an end-of-turn token after the assistant's
+    content (`model.chat_template.analyse_template`); one without a system role gets the system text
+    folded into the first user turn.
     """
 
     def __init__(
@@ -101,14 +105,9 @@ class HoVLEProcessor:
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
         self.chat_template = chat_template or tokenizer.chat_template or CHATML_TEMPLATE
-        if "generation" not in self.chat_template:
-            raise ValueError(
-                "the chat template has no {% generation %} block, so assistant tokens cannot be labelled; "
-                "pass chat_template=model.tokenizer.CHATML_TEMPLATE or prepare the tokenizer with "
-                "model.tokenizer.prepare_tokenizer"
-            )
         self.image_token_ids = self._image_token_ids()
         self.image_context_token_id = self.image_token_ids[IMG_CONTEXT]
+        self.turns = analyse_template(tokenizer, self.chat_template)
 
     def _image_token_ids(self) -> dict[str, int]:
         """Ids of ``<img>``, ``</img>`` and ``<IMG_CONTEXT>``; each must be a single, known token."""
@@ -200,14 +199,14 @@ class HoVLEProcessor:
             messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``; each image is
                 marked by one ``<image>`` in the text, in the order of ``images``.
             images: the conversation's images, or None.
-            add_generation_prompt: append ``<|im_start|>assistant\\n`` (for generation).
+            add_generation_prompt: append the template's assistant header (for generation).
             max_length: if set, longer samples raise :class:`SequenceTooLong`.
 
         Returns:
             ``input_ids`` long ``[1, L]``, ``attention_mask`` long ``[1, L]``, ``labels`` long ``[1, L]``
-            (token ids on assistant content and its closing ``<|im_end|>``, -100 elsewhere and on image
-            tokens), ``pixel_values`` float32 ``[n_tiles, 3, T, T]`` or None, ``num_tiles`` (list[int], one
-            per image).
+            (token ids on assistant content and its end-of-turn token, -100 elsewhere and on image
+            tokens), ``pixel_values`` float32 ``[n_tiles, 3, T, T]`` or None, ``num_tiles`` (list[int],
+            one per image).
 
         Raises:
             ImagePlaceholderMismatch: if placeholders and images do not match in number.
@@ -250,22 +249,30 @@ class HoVLEProcessor:
     ) -> tuple[list[int], list[int]]:
         """Token ids and labels of a conversation whose image placeholders are already expanded.
 
-        Labels are the token ids on assistant content and its closing ``<|im_end|>`` and -100 elsewhere
+        Labels are the token ids on assistant content and its end-of-turn token(s) and -100 elsewhere
         and on image tokens. Plain lists: no torch needed (see the module docstring).
         """
-        encoded = self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
+        messages = self.turns.fold_system(messages)
+        if self.turns.generation_blocks:
+            encoded = self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            )
+            input_ids, mask = list(encoded["input_ids"]), encoded["assistant_masks"]
+        else:
+            text, spans = assistant_char_spans(
+                self.tokenizer, self.chat_template, messages, add_generation_prompt, self.turns
+            )
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            input_ids, mask = list(encoded["input_ids"]), token_mask(encoded["offset_mapping"], spans)
         image_ids = set(self.image_token_ids.values())
-        input_ids = list(encoded["input_ids"])
         labels = [
             token if supervised and token not in image_ids else IGNORE_INDEX
-            for token, supervised in zip(input_ids, encoded["assistant_masks"], strict=True)
+            for token, supervised in zip(input_ids, mask, strict=True)
         ]
         return input_ids, labels
 

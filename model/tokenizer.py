@@ -6,8 +6,10 @@ Two sources are supported:
   for tests and smoke runs: it round-trips any UTF-8 text and has every token HoVLE needs.
 * a local directory (optionally with a ``gguf_file`` inside it) loaded with ``AutoTokenizer``.
 
-Every tokenizer goes through :func:`prepare_tokenizer`, which adds the HoVLE tokens and the chat template
-whose ``{% generation %}`` blocks let transformers return the assistant-token mask used for labels.
+Every tokenizer goes through :func:`prepare_tokenizer`, which adds the HoVLE tokens and sets the chat
+template: HoVLE's ChatML by default, whose ``{% generation %}`` blocks let transformers return the
+assistant-token mask used for labels, or the tokenizer's own or a ``.jinja`` file's
+(`model.llm.chat_template`; `model.chat_template` finds the labels and the end of turn of any of them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from model.chat_template import CHATML, resolve_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +117,24 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return prepare_tokenizer(tokenizer)
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+def prepare_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, chat_template: str = CHATML
+) -> PreTrainedTokenizerFast:
     """Make a tokenizer HoVLE-ready, in place; calling it again changes nothing.
 
     Adds :data:`HOVLE_SPECIAL_TOKENS` as extra special tokens (never split by the tokenizer), falls back
-    to the eos token for padding when there is no pad token, and sets ``chat_template`` to
-    :data:`CHATML_TEMPLATE`.
+    to the eos token for padding when there is no pad token, and sets ``chat_template``.
+
+    Args:
+        chat_template: ``"chatml"`` (:data:`CHATML_TEMPLATE`), ``"own"`` (keep the tokenizer's own) or
+            the path of a ``.jinja`` file (see `model.chat_template.resolve_chat_template`).
 
     Returns:
         The same tokenizer object.
 
     Raises:
         ValueError: if the tokenizer has neither a pad nor an eos token to pad with.
+        model.chat_template.ChatTemplateError: the template choice cannot be met.
     """
     missing = [token for token in HOVLE_SPECIAL_TOKENS if token not in tokenizer.extra_special_tokens]
     if missing:
@@ -142,17 +152,20 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizer
                 "calling prepare_tokenizer"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = resolve_chat_template(chat_template, CHATML_TEMPLATE, tokenizer.chat_template)
     return tokenizer
 
 
-def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedTokenizerFast:
+def load_tokenizer(
+    source: str, gguf_file: str | None = None, chat_template: str = CHATML
+) -> PreTrainedTokenizerFast:
     """Load and prepare a tokenizer from ``"byte"`` or a local path; never touches the network.
 
     Args:
         source: ``"byte"`` for :func:`build_byte_tokenizer`, a local directory holding tokenizer files
             (or a GGUF file named by ``gguf_file``), or the path of a ``.gguf`` file itself.
         gguf_file: name of a GGUF file inside ``source`` to read the tokenizer from.
+        chat_template: ``"chatml"``, ``"own"`` or a ``.jinja`` path (see :func:`prepare_tokenizer`).
 
     Returns:
         A tokenizer prepared by :func:`prepare_tokenizer`.
@@ -161,7 +174,7 @@ def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedToken
         TokenizerSourceNotFound: if the directory or the GGUF file does not exist.
     """
     if source == BYTE_TOKENIZER_SOURCE:
-        return build_byte_tokenizer()
+        return prepare_tokenizer(build_byte_tokenizer(), chat_template)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf" and gguf_file is None:
         path, gguf_file = path.parent, path.name
@@ -181,5 +194,5 @@ def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedToken
     from model import gguf_cache
 
     if gguf_file is not None:
-        return prepare_tokenizer(gguf_cache.tokenizer(str(path), gguf_file))
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+        return prepare_tokenizer(gguf_cache.tokenizer(str(path), gguf_file), chat_template)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), chat_template)
