@@ -86,6 +86,12 @@ def save_checkpoint(
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
+def read_worker_state(directory: str, rank: int) -> dict[str, Any]:
+    """Rank `rank`'s data position and RNG from a checkpoint folder; tensors and plain values only
+    (`weights_only=True`: a planted pickle raises `pickle.UnpicklingError` instead of running)."""
+    return torch.load(os.path.join(directory, worker_state_file(rank)), weights_only=True)
+
+
 def load_checkpoint(
     checkpoint, strategy: DeepSpeedStrategy, stream: TrainingStream, rank: int
 ) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def load_checkpoint(
     client state saved with it (`step` and the clock's)."""
     with checkpoint.as_directory() as directory:
         client_state = strategy.load(directory)
-        mine = torch.load(os.path.join(directory, worker_state_file(rank)), weights_only=True)
+        mine = read_worker_state(directory, rank)
     stream.load_state_dict(mine["stream"])
     set_rng_state(mine["rng"])
     return client_state
