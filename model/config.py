@@ -48,6 +48,12 @@ class HoVLEConfig(PreTrainedConfig):
     embedding_num_kv_heads: int | None = None
     embedding_intermediate_size: int | None = None
     embedding_rope_theta: float | None = None
+    # layer details an imported checkpoint may set apart from the LLM's (None / False: as the LLM / none)
+    embedding_rope_scaling: dict | None = None  # e.g. {"rope_type": "dynamic", "factor": 2.0}
+    embedding_max_position_embeddings: int | None = None
+    embedding_rms_norm_eps: float | None = None
+    embedding_hidden_act: str | None = None
+    embedding_attention_bias: bool = False
     embedding_init: Literal["random", "identity", "copy"] = "identity"
     drop_path_rate: float = 0.0
     attention: Literal["standard", "defocus"] = "standard"
@@ -61,6 +67,10 @@ class HoVLEConfig(PreTrainedConfig):
     patch_size: int = 14
     pixel_shuffle_ratio: float = 0.5
     shuffle_location: Literal["pre", "post"] = "pre"
+    # with the shuffle after the layers: "slot" expands each image slot to its k x k patches sharing the
+    # slot's position; "raster" (the released HoVLE-HD's) runs each tile's patches in raster order, each
+    # at a position of its own
+    post_shuffle_layout: Literal["slot", "raster"] = "slot"
     min_tiles: int = 1
     max_tiles: int = 6
     use_thumbnail: bool = True
@@ -110,6 +120,7 @@ class HoVLEConfig(PreTrainedConfig):
         kv_heads = self.embedding_num_kv_heads or getattr(text, "num_key_value_heads", None) or heads
         text_rope = getattr(text, "rope_parameters", None) or {}
         theta = self.embedding_rope_theta or text_rope.get("rope_theta") or getattr(text, "rope_theta", 1e4)
+        rope = {"rope_type": "default", "rope_theta": float(theta), **(self.embedding_rope_scaling or {})}
         config = LlamaConfig(
             vocab_size=text.vocab_size,
             hidden_size=text.hidden_size,
@@ -118,10 +129,12 @@ class HoVLEConfig(PreTrainedConfig):
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=text.hidden_size // heads,
-            hidden_act=getattr(text, "hidden_act", "silu"),
-            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-5),
-            max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
-            rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+            hidden_act=self.embedding_hidden_act or getattr(text, "hidden_act", "silu"),
+            rms_norm_eps=self.embedding_rms_norm_eps or getattr(text, "rms_norm_eps", 1e-5),
+            max_position_embeddings=self.embedding_max_position_embeddings
+            or getattr(text, "max_position_embeddings", 4096),
+            rope_parameters=rope,
+            attention_bias=self.embedding_attention_bias,
             initializer_range=getattr(text, "initializer_range", 0.02),
         )
         config._attn_implementation = self._embedding_attn_implementation()
@@ -144,6 +157,7 @@ class HoVLEConfig(PreTrainedConfig):
             "embedding_init": ("random", "identity", "copy"),
             "attention": ("standard", "defocus"),
             "shuffle_location": ("pre", "post"),
+            "post_shuffle_layout": ("slot", "raster"),
         }
         for field, allowed in choices.items():
             need(getattr(self, field) in allowed, field, f"one of {allowed}")
@@ -169,6 +183,22 @@ class HoVLEConfig(PreTrainedConfig):
             f"1 <= min_tiles <= max_tiles={self.max_tiles}",
         )
         need(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "a rate in [0, 1)")
+        scaling = self.embedding_rope_scaling
+        need(
+            scaling is None
+            or (
+                isinstance(scaling, dict)
+                and scaling.get("rope_type") in ("dynamic", "linear")
+                and "factor" in scaling
+            ),
+            "embedding_rope_scaling",
+            'None or {"rope_type": "dynamic" | "linear", "factor": f}',
+        )
+        need(
+            scaling is None or self.attention == "standard",
+            "embedding_rope_scaling",
+            "None with attention='defocus' (its rotary frequencies are learnt)",
+        )
         need(0.0 <= self.defocus_drop_path_start < 1.0, "defocus_drop_path_start", "a rate in [0, 1)")
         need(0.0 <= self.defocus_drop_path_end < 1.0, "defocus_drop_path_end", "a rate in [0, 1)")
         if text is not None:

@@ -5,7 +5,9 @@ Forward (HOVLE.md's diagram):
           -> N causal decoder layers (transformers' Llama layers) -> one vector per position for the LLM
 With `shuffle_location="post"` (HoVLE-HD) the shuffle + MLP run after the layers instead: every image slot
 is expanded to the patches it merges, the layers see all patches, and the result is shuffled back to one
-token per slot. The module keeps its KV cache in the model's cache, in the slots after the LLM's layers.
+token per slot (`post_shuffle_layout="slot"`), or, as the released HoVLE-HD does (`"raster"`), each tile's
+patches run in raster order at positions of their own. The module keeps its KV cache in the model's cache,
+in the slots after the LLM's layers.
 """
 
 from __future__ import annotations
@@ -135,7 +137,10 @@ class HolisticEmbedding(nn.Module):
         """
         image_mask = input_ids == self.config.img_context_token_id
         text = self.embed_tokens(input_ids)
-        groups = self._image_groups(pixel_values, image_mask)
+        patches = self._image_patches(pixel_values, image_mask)
+        groups = None if patches is None else group_patches(patches, self.config.pixel_shuffle_ratio)
+        if self.config.post_shuffle_layout == "raster" and patches is not None:
+            groups = patches.reshape(groups.shape)  # raster order, read k*k entries per slot
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cache)
 
@@ -157,10 +162,10 @@ class HolisticEmbedding(nn.Module):
             text, groups, image_mask, attention_mask, position_ids, cache, use_cache
         )
 
-    def _image_groups(
+    def _image_patches(
         self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor
     ) -> torch.Tensor | None:
-        """Check the slot count and return the patch groups [tiles, tokens_per_tile, k*k, hidden]."""
+        """Check the slot count and return the tiles' patches [tiles, g, g, hidden]."""
         slots = int(image_mask.sum())
         per_tile = self.config.image_tokens_per_tile
         if pixel_values is None or pixel_values.shape[0] == 0:
@@ -172,7 +177,7 @@ class HolisticEmbedding(nn.Module):
                 f"{slots} <IMG_CONTEXT> tokens but {pixel_values.shape[0]} tiles x {per_tile} tokens/tile "
                 f"= {pixel_values.shape[0] * per_tile}: build inputs with the HoVLE processor"
             )
-        return group_patches(self.embed_patches(pixel_values), self.config.pixel_shuffle_ratio)
+        return self.embed_patches(pixel_values)
 
     def _forward_post_shuffle(self, text, groups, image_mask, attention_mask, position_ids, cache, use_cache):
         """HoVLE-HD: every image slot is expanded to its k*k patches for the layers, then merged back."""
@@ -199,8 +204,13 @@ class HolisticEmbedding(nn.Module):
             return out
 
         hidden_states = expand(source, 0.0)
-        # the k*k patches of one slot share that slot's position
-        positions = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
+        raster = self.config.post_shuffle_layout == "raster"
+        if raster:  # every patch at a position of its own: later tokens move by k*k - 1 per earlier slot
+            shift = self._position_shift(image_mask, position_ids, cache, use_cache)
+            sub = torch.arange(f, device=text.device) * image_mask.unsqueeze(-1)
+            positions = expand((position_ids + shift).unsqueeze(-1) + sub, 0)
+        else:  # the k*k patches of one slot share that slot's position
+            positions = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
         current = torch.ones(b, length, dtype=torch.bool, device=text.device)
         if attention_mask is not None:
             current = attention_mask[:, -length:].bool()
@@ -228,9 +238,33 @@ class HolisticEmbedding(nn.Module):
         gathered[valid] = out[placed]
         result = gathered[:, :, 0]
         if groups is not None:
-            tokens = self.merge_patches(gathered[image_mask].reshape(groups.shape)).to(result.dtype)
+            merged = gathered[image_mask].reshape(groups.shape)
+            if raster:  # each tile's outputs in raster order -> shuffled groups
+                side = round((groups.shape[1] * groups.shape[2]) ** 0.5)
+                tiles = merged.reshape(groups.shape[0], side, side, hidden)
+                merged = group_patches(tiles, self.config.pixel_shuffle_ratio)
+            tokens = self.merge_patches(merged).to(result.dtype)
             result = result.masked_scatter(image_mask.unsqueeze(-1), tokens)
         return result
+
+    def _position_shift(self, image_mask, position_ids, cache, use_cache) -> torch.Tensor:
+        """[b, L] how far each token's module position is past its LLM position in the raster layout:
+        (k*k - 1) per image slot before it in its sample, plus what earlier cached chunks carried."""
+        f = self.config.shuffle_factor
+        slots = image_mask.long()
+        before = slots.cumsum(1) - slots
+        if _has_restarts(position_ids) and (cache is None or cache.get_seq_length(self.layer_offset) == 0):
+            segment = packed_segments(position_ids)
+            start = torch.ones_like(image_mask)
+            start[:, 1:] = segment[:, 1:] != segment[:, :-1]
+            before = before - torch.where(start, before, 0).cummax(1).values
+        shift = before * (f - 1)
+        carried = getattr(cache, "embedding_position_shift", None) if cache is not None else None
+        if carried is not None and cache.get_seq_length(self.layer_offset) > 0:
+            shift = shift + carried.unsqueeze(1)
+        if use_cache and cache is not None:
+            cache.embedding_position_shift = shift[:, -1] + slots[:, -1] * (f - 1)
+        return shift
 
     def _run_layers(
         self,

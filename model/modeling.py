@@ -27,19 +27,24 @@ class HoVLECache(DynamicCache):
 
     With the shuffle after the embedding layers (HoVLE-HD) the embedding module's sequence is longer than
     the LLM's, so its 2D padding mask cannot be rebuilt from the LLM's; it is kept here and follows every
-    batch reordering generation applies to the cache.
+    batch reordering generation applies to the cache. So does, in the raster layout, each row's position
+    shift (how far the module's positions run ahead of the LLM's).
     """
 
     def __init__(self):
         super().__init__()
         self.embedding_attention_mask: torch.Tensor | None = None
+        self.embedding_position_shift: torch.Tensor | None = None
+
+    def _rows(self, pick) -> None:
+        if self.embedding_attention_mask is not None:
+            self.embedding_attention_mask = pick(self.embedding_attention_mask)
+        if self.embedding_position_shift is not None:
+            self.embedding_position_shift = pick(self.embedding_position_shift)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.embedding_attention_mask is not None:
-            self.embedding_attention_mask = self.embedding_attention_mask[
-                beam_idx.to(self.embedding_attention_mask.device)
-            ]
+        self._rows(lambda t: t[beam_idx.to(t.device)])
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -48,17 +53,16 @@ class HoVLECache(DynamicCache):
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.embedding_attention_mask is not None:
-            self.embedding_attention_mask = self.embedding_attention_mask.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.embedding_attention_mask is not None:
-            self.embedding_attention_mask = self.embedding_attention_mask[indices]
+        self._rows(lambda t: t[indices])
 
     def reset(self):
         super().reset()
         self.embedding_attention_mask = None
+        self.embedding_position_shift = None
 
 
 @dataclass

@@ -70,6 +70,13 @@ class EmbeddingSpec(_Strict):
     defocus_drop_path_end: float = Field(0.7, ge=0, lt=1)
     defocus_aux_loss: bool = True
     shuffle_location: Literal["pre", "post"] = "pre"
+    post_shuffle_layout: Literal["slot", "raster"] = "slot"  # "raster": the released HoVLE-HD's
+    # an imported checkpoint's own layer details (None: the LLM's; written by `hovle import hovle`)
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int | None = Field(None, ge=1)
+    rms_norm_eps: float | None = Field(None, gt=0)
+    hidden_act: str | None = None
+    attention_bias: bool = False
 
 
 class ImageSpec(_Strict):
@@ -206,6 +213,12 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
         defocus_drop_path_end=emb.defocus_drop_path_end,
         defocus_aux_loss=emb.defocus_aux_loss,
         shuffle_location=emb.shuffle_location,
+        post_shuffle_layout=emb.post_shuffle_layout,
+        embedding_rope_scaling=emb.rope_scaling,
+        embedding_max_position_embeddings=emb.max_position_embeddings,
+        embedding_rms_norm_eps=emb.rms_norm_eps,
+        embedding_hidden_act=emb.hidden_act,
+        embedding_attention_bias=emb.attention_bias,
     )
 
 
