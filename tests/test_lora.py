@@ -282,3 +282,35 @@ def test_an_instruct_stage_with_lora_trains_adapters_and_its_registered_adapter_
     assert done.returncode == 0, done.stderr[-3000:]
     answers = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_lora_applies_only_to_the_parts_a_stage_trains_and_adapters_learn_at_the_stages_lr():
+    from jobs.train_loop import _add_lora, _parameter_groups, _stage_spec
+
+    config = parse_train_config({"lora": {"r": 2, "target_modules": ["q_proj"], "on": ["llm", "embedding"]}})
+    model, _ = tiny_model()
+    align = _stage_spec("align", config.stages["align"])
+    spec = _add_lora(model, align, config)
+    assert spec.adapted == ("embedding.layers.",)  # align does not train the LLM: no adapters there
+    assert not any(n.startswith("language_model.") and "lora" in n for n, _ in model.named_parameters())
+
+    model, _ = tiny_model()
+    settings = config.stages["instruct"].model_copy(update={"llm_lr_ratio": 0.1})
+    spec = _add_lora(model, _stage_spec("instruct", settings), config)
+    assert spec.adapted == ("language_model.", "embedding.layers.")
+    apply_stage(model, spec)
+    groups = {g["lr_ratio"]: g["params"] for g in _parameter_groups(model, spec, settings)}
+    adapters = {id(p) for n, p in model.named_parameters() if n.startswith("language_model.") and "lora" in n}
+    assert adapters <= {id(p) for p in groups[1.0]}  # llm_lr_ratio is full fine-tuning's
+    assert set(groups) == {1.0}  # nothing else of the LLM trains
+
+
+def test_lora_on_the_embedding_of_a_compositional_model_is_refused():
+    from jobs.train_loop import _add_lora, _stage_spec
+    from tests.helpers import tiny_compositional_model
+
+    model, _ = tiny_compositional_model()
+    config = parse_train_config({"lora": {"on": ["llm", "embedding"]}})
+    spec = _stage_spec("instruct", config.stages["instruct"], model_type=model.config.model_type)
+    with pytest.raises(ConfigError, match="train.lora.on: embedding: this model has no embedding module"):
+        _add_lora(model, spec, config)
