@@ -1,7 +1,8 @@
 """The MLflow pyfunc model of a HoVLE (or compositional baseline) export: image + prompt -> answer.
 
 Logged as "model from code" (`jobs.registry.log_hovle_model`): MLflow copies this file and the `model/` and
-`pipelines/` packages into the logged model, and the Hugging Face folder into its artifacts (`hf_model`).
+`pipelines/` packages into the logged model, and the Hugging Face folder into its artifacts (`hf_model`);
+a LoRA adapter export's `hf_model/adapter` is merged into the weights on load (`model.load_pretrained`).
 Loading it (`mlflow.pyfunc.load_model("models:/hovle@champion")`, `mlflow models serve`) needs neither Ray
 nor DeepSpeed nor the training code: only mlflow, torch, transformers, pillow and fsspec, the copied
 `model/` and, for an image named by path or URI, `pipelines.storage`.
