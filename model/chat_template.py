@@ -102,7 +102,7 @@ class TemplateTurns:
 
     def fold_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """The messages unchanged, or, for a template without a system role, the leading system message
-        folded into the first user message as ``system + "\\n\\n" + user``.
+        folded into the first user message as ``system + "\\n\\n" + user`` (an empty one dropped).
 
         Raises:
             ValueError: a system message that is not first, or one without a user message after it.
@@ -119,6 +119,8 @@ class TemplateTurns:
                 "this chat template has no system role and the system message is not followed by a user "
                 "message to fold it into"
             )
+        if not messages[0]["content"].strip():  # nothing to fold
+            return messages[1:]
         user = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
         return [user, *messages[2:]]
 

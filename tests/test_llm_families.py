@@ -259,6 +259,10 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_user
         [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     )
     assert folded == [{"role": "user", "content": "S\n\nU"}]
+    empty = processor.turns.fold_system(
+        [{"role": "system", "content": " "}, {"role": "user", "content": "U"}]
+    )
+    assert empty == [{"role": "user", "content": "U"}]
     with pytest.raises(ValueError, match="first"):
         processor([{"role": "user", "content": "U"}, {"role": "system", "content": "S"}])
     with pytest.raises(ValueError, match="followed by a user"):
