@@ -23,6 +23,7 @@ from model import HoVLEConfig, HoVLEForConditionalGeneration, HoVLEProcessor, lo
 from model.convert import ConversionError, shards
 from model.convert.hovle import RUN_CONFIG_FILE, import_checkpoint
 from model.presets import load_preset
+from tests.helpers import shapes_image
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = ("hovle", "hovle-hd")
@@ -99,6 +100,7 @@ def test_model_yaml_and_processor_describe_the_converted_model(converted, varian
     ):
         assert getattr(from_yaml, field) == getattr(saved, field)
     assert from_yaml.text_config.rope_parameters == saved.text_config.rope_parameters
+    assert from_yaml.chat_template == saved.chat_template  # the release's conversation template
     processor = HoVLEProcessor.from_pretrained(folder)
     assert processor.image_tokens_per_tile == saved.image_tokens_per_tile == 4
     # the released prompt (its conversation template + tokenizer) is what the converted template makes
@@ -113,6 +115,16 @@ def test_model_yaml_and_processor_describe_the_converted_model(converted, varian
     assert text == "<s>" + rendered["inputs"][TEXT]["query"]
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids == goldens(variant)[f"input_ids_{TEXT}"].tolist()
+    # the processor builds the release's image prompt: a 2:1 picture is 2 tiles + the thumbnail
+    messages[1]["content"] = "<image>\nWhat is in the picture?"
+    batch = processor(messages, images=[shapes_image(56, 28)], add_generation_prompt=True)
+    assert batch["pixel_values"].shape[0] == 3
+    assert batch["input_ids"][0].tolist() == goldens(variant)[f"input_ids_{IMAGE}"].tolist()
+    batch = processor(
+        [*messages, {"role": "assistant", "content": "a red square"}], images=[shapes_image(56, 28)]
+    )
+    learnt = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(learnt) == "a red square<|im_end|>"
 
 
 def test_hd_generation_with_a_cache_follows_the_uncached_model(converted):

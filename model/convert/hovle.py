@@ -136,7 +136,7 @@ def model_section(config: dict[str, Any], tokenizer: str) -> dict[str, Any]:
     llama.pop("dtype", None)
     post = emb.get("pixel_shuffle_loc", "pre") == "post"
     return {
-        "llm": {"config": llama, "tokenizer": tokenizer},
+        "llm": {"config": llama, "tokenizer": tokenizer, "chat_template": "own"},  # the release's, saved
         "embedding": {
             "num_layers": emb["num_hidden_layers"],
             "num_heads": emb["num_attention_heads"],
