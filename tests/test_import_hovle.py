@@ -245,3 +245,22 @@ def test_a_checkpoint_with_a_wrong_tensor_is_refused_and_leaves_nothing(tmp_path
     (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="normalize_encoder_output"):
         import_checkpoint(source, tmp_path / "out")
+
+
+def test_the_new_config_switches_are_validated_and_default_to_todays_model():
+    from model.config import ConfigError
+    from tests.helpers import tiny_config
+
+    default = tiny_config()
+    assert (default.post_shuffle_layout, default.embedding_rope_scaling) == ("slot", None)
+    layer = default.embedding_layer_config()
+    assert layer.rope_parameters["rope_type"] == "default" and layer.attention_bias is False
+    scaled = tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0}, rms_norm_eps=1e-3)
+    assert scaled.embedding_layer_config().rope_parameters["factor"] == 2.0
+    assert scaled.embedding_layer_config().rms_norm_eps == 1e-3
+    with pytest.raises(ConfigError, match="embedding_rope_scaling"):
+        tiny_config(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ConfigError, match="embedding_rope_scaling"):
+        tiny_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, attention="defocus")
+    with pytest.raises(ConfigError, match="post_shuffle_layout"):
+        tiny_config(post_shuffle_layout="diagonal")
