@@ -57,6 +57,8 @@ def test_converted_model_reproduces_the_released_logits(converted, variant):
     assert len(list(folder.glob("model-*.safetensors"))) >= 2  # written as shards, with an index
     model = load_pretrained(folder, dtype=torch.float32).eval()
     assert model.config.shuffle_location == ("post" if variant == "hovle-hd" else "pre")
+    im_end = HoVLEProcessor.from_pretrained(folder).tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id[0] == im_end and not model.generation_config.do_sample
     data = goldens(variant)
     for i in (TEXT, LONG, IMAGE):
         torch.testing.assert_close(logits(model, data, i), data[f"logits_{i}"], rtol=1e-5, atol=2e-5)

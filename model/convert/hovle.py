@@ -235,11 +235,12 @@ def import_checkpoint(
 ) -> Path:
     """Convert the released HoVLE(-HD) folder `source` into this project's model folder `dest` (created
     atomically; it must not exist or be empty): config.json, safetensors shards of at most
-    ~`max_shard_bytes` (+ index), the processor (fast tokenizer with the added tokens, chat template,
-    processor_config.json) and model.yaml (the `model:` run-config section). Streams one shard at a time;
-    only the text tables wait for each other (they are joined into one)."""
+    ~`max_shard_bytes` (+ index), generation_config.json, the processor (fast tokenizer with the added
+    tokens, chat template, processor_config.json) and model.yaml (the `model:` run-config section).
+    Streams one shard at a time; only the text tables wait for each other (they are joined into one)."""
     from model.convert.internlm2_tokenizer import SPM_FILE, build_tokenizer
     from model.modeling import HoVLEForConditionalGeneration
+    from model.presets import generation_config_for
     from model.processor import HoVLEProcessor
 
     config = read_config(source)
@@ -294,6 +295,8 @@ def import_checkpoint(
             chat_template=hovle.chat_template,
         )
         processor.save_pretrained(out)
+        # greedy, stopping at the template's end of turn, never generating image tokens (as built models)
+        generation_config_for(tokenizer, hovle.chat_template).save_pretrained(str(out))
         section = model_section(config, str(dest.resolve()))
         header = f"# `model:` section of the HoVLE checkpoint imported from {source.resolve()}\n"
         (out / RUN_CONFIG_FILE).write_text(header + yaml.safe_dump({"model": section}, sort_keys=False))
