@@ -180,7 +180,7 @@ from model.lora import add_lora
 from tests.helpers import chat_batch, tiny_model
 
 stages = {"instruct": {"lr": 1e-2, "warmup_steps": 0}}
-config = parse_train_config({"deepspeed": {"zero_stage": 2}, "stages": stages})
+config = parse_train_config({"deepspeed": {"zero_stage": int(sys.argv[3])}, "stages": stages})
 
 def engine():
     model, processor = tiny_model()
@@ -206,10 +206,11 @@ print("ok")
 """
 
 
-def test_a_deepspeed_checkpoint_holds_the_adapters_and_restores_them(tmp_path):
-    port = str(29500 + os.getpid() % 400)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_deepspeed_checkpoint_holds_the_adapters_and_restores_them(tmp_path, zero_stage):
+    port = str(29500 + (os.getpid() + zero_stage) % 400)
     done = subprocess.run(
-        [sys.executable, "-c", _CHECKPOINT_SCRIPT, str(tmp_path / "ckpt"), port],
+        [sys.executable, "-c", _CHECKPOINT_SCRIPT, str(tmp_path / "ckpt"), port, str(zero_stage)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
