@@ -161,11 +161,12 @@ def build_model_card(
     (hovle.source_commit, hovle.config_hash, ...) and evaluation `scores`; `client` (MLflow) finds each
     stage's settings."""
     config = json.loads((Path(export_folder) / "config.json").read_text())
-    source = config.get("llm_name_or_path")
+    chain = export_chain(json.loads((Path(export_folder) / "export.json").read_text()))
+    # a model started from an imported folder (retrain.init: its export.json's `base_model`) names it
+    source = config.get("llm_name_or_path") or chain[0].get("base_model")
     gguf = config.get("llm_gguf_file")
     base = f"{source} ({gguf})" if source and gguf else source or "none: randomly initialised LLM"
     licence, licence_text, found_in = llm_license(source)
-    chain = export_chain(json.loads((Path(export_folder) / "export.json").read_text()))
     stages = []
     for info in chain:
         stage = info.get("stage", "?")

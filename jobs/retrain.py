@@ -62,6 +62,11 @@ def load_settings(run: RunConfig, source: str) -> tuple[RetrainSettings, EvalSet
         raise ConfigError(f"{source}: no `retrain:` section (raw inputs per stage, the prepared root)")
     if run.eval is None:
         raise ConfigError(f"{source}: no `eval:` section (the held-out set the cycle is evaluated on)")
+    if run.retrain.init is not None and run.retrain.stages != "instruct":
+        raise ConfigError(
+            f"{source}: retrain.init: a model to fine-tune goes with retrain.stages: instruct (stages: all "
+            "trains every stage from the `model:` section's model)"
+        )
     return run.retrain, run.eval
 
 
@@ -118,6 +123,72 @@ def champion_export(name: str, tracking_uri: str, shared_root: str) -> str | Non
     return target
 
 
+MODEL_FILES = ("config.json", "tokenizer_config.json", "processor_config.json")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def model_folder(folder: str, source: str) -> str:
+    """`retrain.init`'s URI (a local path made absolute: the workers run elsewhere), checked to be a stage
+    export or a model folder of a model type this platform trains.
+
+    Raises:
+        ConfigError: it is neither (named as retrain.init).
+    """
+    from pathlib import Path
+
+    from jobs.export import is_export
+    from model.stages import STAGES_BY_MODEL_TYPE
+
+    uri = folder if storage.is_remote(folder) else str(Path(folder).expanduser().resolve())
+    if is_export(uri):
+        return uri
+    missing = [name for name in MODEL_FILES if not storage.exists(storage.join(uri, name))]
+    if not any(storage.exists(storage.join(uri, name)) for name in WEIGHTS):
+        missing.append(" or ".join(WEIGHTS))
+    if missing:
+        raise ConfigError(
+            f"{source}: retrain.init: {folder} is not a model folder (no {', '.join(missing)}): give "
+            "`hovle import`'s output or a stage export"
+        )
+    model_type = json.loads(storage.read_text(storage.join(uri, "config.json"))).get("model_type")
+    if model_type not in STAGES_BY_MODEL_TYPE:
+        raise ConfigError(
+            f"{source}: retrain.init: {folder} holds a {model_type!r} model, not one this platform trains "
+            f"({', '.join(STAGES_BY_MODEL_TYPE)})"
+        )
+    return uri
+
+
+def init_export(uri: str, shared_root: str) -> str:
+    """The model folder at `uri` (checked by `model_folder`) as an export every training worker starts
+    from: a stage export as it is; a model folder (`hovle import`'s output) copied to
+    `<shared_root>/init-<key>` with an export.json (`stage: import`, `base_model`: the folder) that the
+    model card follows to name the base. The key hashes the folder's path, config and file sizes: a model
+    is copied once, and a folder imported again is copied again."""
+    from pathlib import Path
+
+    from jobs.export import EXPORT_INFO, is_export
+
+    if is_export(uri):
+        return uri
+    fs, path = storage.filesystem(uri)
+    sizes = sorted((Path(f["name"]).name, f["size"]) for f in fs.ls(path, detail=True))
+    config = storage.read_text(storage.join(uri, "config.json"))
+    key = hashlib.sha256(json.dumps([uri, config, sizes]).encode()).hexdigest()[:12]
+    target = storage.join(shared_root, f"init-{key}")
+    if is_export(target):  # export.json lands last: the copy is complete
+        return target
+    with tempfile.TemporaryDirectory(prefix="hovle-init-") as scratch:
+        local = uri
+        if storage.is_remote(uri):
+            storage.get_directory(uri, scratch)
+            local = scratch
+        storage.put_directory(local, target)
+    info = {"stage": "import", "base_model": uri, "steps": 0}
+    storage.write_text_atomic(storage.join(target, EXPORT_INFO), json.dumps(info, indent=2, sort_keys=True))
+    return target
+
+
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """One cycle (see the module docstring); returns the JSON summary."""
     from jobs.cycle import prepare_cycle, run_cycle
@@ -125,6 +196,7 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
     run = load_run_config(config_path, overrides)
     settings, _ = load_settings(run, config_path)
     stages = list(STAGE_NAMES) if settings.stages == "all" else ["instruct"]
+    base = model_folder(settings.init, config_path) if settings.init is not None else None
     missing = [s for s in stages if not settings.raw.get(s)]
     if missing:
         raise ConfigError(f"{config_path}: retrain.raw has no inputs for stage(s) {', '.join(missing)}")
@@ -145,7 +217,10 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
         init = None
         if settings.stages == "instruct":
             init = champion_export(run.registry.name, run.train.tracking_uri, root)
-            if init is None:
+            if init is None and base is not None:
+                init = init_export(base, root)
+                logger.info("no champion yet: instruct starts from %s (retrain.init)", settings.init)
+            elif init is None:
                 logger.info("no champion yet: instruct starts from the preset's model")
 
         def save() -> None:  # after each step: the state, only while this run still holds the lock

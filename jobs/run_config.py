@@ -56,6 +56,11 @@ class RetrainSettings(_Strict):
     raw: dict[Literal["distill", "align", "instruct"], list[str]]
     prepared: str = Field(description="prepared datasets root: <prepared>/<stage>")
     stages: Literal["all", "instruct"] = Field("all", description="instruct: fine-tune the champion only")
+    init: str | None = Field(
+        None,
+        description="with stages: instruct, the model folder the cycle fine-tunes while there is no champion "
+        "yet (`hovle import`'s output or a stage export); null: the `model:` section's model",
+    )
     lock_ttl_s: float = Field(
         900, gt=0, description="a lock not renewed this long (every ttl/4 while a cycle runs) is stale"
     )
