@@ -3,6 +3,10 @@
     lock -> prepare new raw data (incremental) -> nothing new? exit 0 -> train (all stages, or instruct from
     the champion) -> evaluate -> log + register -> the promotion gate -> record the cycle -> unlock
 
+With `retrain.stages: instruct` and no champion yet, instruct starts from `retrain.init` when set: a model
+folder (`hovle import`'s output, whose model.yaml the run config extends) or a stage export, copied once
+into the shared storage with an export.json naming it as the base; else from the `model:` section's model.
+
 Run it from cron, a Kubernetes CronJob or a RayCronJob; on a Ray cluster through `hovle submit` (jobs.submit),
 which submits it as a Ray job and turns its final line back into an exit code and a webhook post.
 A cycle is keyed by the data version (a hash of the prepared manifests' contents): its training run is
@@ -47,6 +51,7 @@ from jobs.logging_setup import setup_logging
 from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
 from model.config import ConfigError
+from model.presets import ModelSpec, config_from_spec
 from model.stages import STAGE_NAMES
 from pipelines import storage
 from pipelines.units import SourceError
@@ -127,12 +132,20 @@ MODEL_FILES = ("config.json", "tokenizer_config.json", "processor_config.json")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def model_folder(folder: str, source: str) -> str:
+# what the prepared data depends on: the tokens, the chat template, the image tiling
+PREPARED_WITH = (
+    "img_context_token_id", "img_start_token_id", "img_end_token_id", "chat_template",
+    "tile_size", "patch_size", "pixel_shuffle_ratio", "min_tiles", "max_tiles", "use_thumbnail",
+)  # fmt: skip
+
+
+def model_folder(folder: str, model: ModelSpec, source: str) -> str:
     """`retrain.init`'s URI (a local path made absolute: the workers run elsewhere), checked to be a stage
-    export or a model folder of a model type this platform trains.
+    export or a model folder of a model type this platform trains, whose tokens, chat template and image
+    tiling are those of `model` (the `model:` section, whose processor prepares the data).
 
     Raises:
-        ConfigError: it is neither (named as retrain.init).
+        ConfigError: it is neither, or another model than the `model:` section's (named as retrain.init).
     """
     from pathlib import Path
 
@@ -150,11 +163,21 @@ def model_folder(folder: str, source: str) -> str:
             f"{source}: retrain.init: {folder} is not a model folder (no {', '.join(missing)}): give "
             "`hovle import`'s output or a stage export"
         )
-    model_type = json.loads(storage.read_text(storage.join(uri, "config.json"))).get("model_type")
-    if model_type not in STAGES_BY_MODEL_TYPE:
+    config = json.loads(storage.read_text(storage.join(uri, "config.json")))
+    if config.get("model_type") not in STAGES_BY_MODEL_TYPE:
         raise ConfigError(
-            f"{source}: retrain.init: {folder} holds a {model_type!r} model, not one this platform trains "
-            f"({', '.join(STAGES_BY_MODEL_TYPE)})"
+            f"{source}: retrain.init: {folder} holds a {config.get('model_type')!r} model, not one this "
+            f"platform trains ({', '.join(STAGES_BY_MODEL_TYPE)})"
+        )
+    expected = config_from_spec(model).to_dict()
+    differ = [k for k in PREPARED_WITH if k in config and config[k] != expected.get(k)]
+    vocab = config.get("text_config", {}).get("vocab_size"), expected["text_config"].get("vocab_size")
+    differ += ["text_config.vocab_size"] if vocab[0] != vocab[1] else []
+    if differ:
+        raise ConfigError(
+            f"{source}: retrain.init: {folder} is another model than the `model:` section's, whose "
+            f"processor prepares the data ({', '.join(differ)} differ): extend the folder's model.yaml "
+            f"(extends: {storage.join(folder, 'model.yaml')})"
         )
     return uri
 
@@ -196,7 +219,7 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
     run = load_run_config(config_path, overrides)
     settings, _ = load_settings(run, config_path)
     stages = list(STAGE_NAMES) if settings.stages == "all" else ["instruct"]
-    base = model_folder(settings.init, config_path) if settings.init is not None else None
+    base = model_folder(settings.init, run.model, config_path) if settings.init is not None else None
     missing = [s for s in stages if not settings.raw.get(s)]
     if missing:
         raise ConfigError(f"{config_path}: retrain.raw has no inputs for stage(s) {', '.join(missing)}")

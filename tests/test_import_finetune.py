@@ -157,6 +157,7 @@ def test_the_registered_model_answers_through_pyfunc(cycle):
     [
         ({"init": "NOT_A_MODEL"}, "is not a model folder (no config.json"),
         ({"stages": "all"}, "goes with retrain.stages: instruct"),
+        ({"extends": "tiny"}, "is another model than the `model:` section's"),  # forgot to extend it
     ],
 )
 def test_a_bad_init_is_a_config_error_naming_the_field(tmp_path, retrain, problem):
@@ -164,7 +165,10 @@ def test_a_bad_init_is_a_config_error_naming_the_field(tmp_path, retrain, proble
     assert importer.main(["hovle", "--from", str(GOLDEN), "--to", str(imported)]) == 0
     if retrain.get("init") == "NOT_A_MODEL":
         retrain["init"] = str(tmp_path / "raw")  # a folder, but of data
+    extends = retrain.pop("extends", None)
     config = write_config(tmp_path, imported, **retrain)
+    if extends:
+        config.write_text(config.read_text().replace(str(imported / "model.yaml"), extends))
     status, summary = run(config)
     assert status == 2 and summary["status"] == "bad_config"
     assert "retrain.init" in summary["reason"] and problem in summary["reason"]
