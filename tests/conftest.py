@@ -1,16 +1,20 @@
 """Shared test set-up: the same offline, quiet environment `make test` exports."""
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# the Makefile's machine-wide caches, shared by every clone (compiled ops per torch version)
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hovle"
+_TORCH = version("torch").split("+")[0]
 
 # setdefault: a value the caller exported (the Makefile, CI) wins.
 for _name, _value in {
-    "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".cache" / "torch_extensions"),
-    "HOVLE_CACHE_DIR": str(REPO_ROOT / ".cache" / "hovle"),
+    "TORCH_EXTENSIONS_DIR": str(_CACHE / "torch_extensions" / f"torch-{_TORCH}"),
+    "HOVLE_CACHE_DIR": str(_CACHE),
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -55,7 +55,7 @@ def readme_blocks() -> list[Block]:
 
 def fresh_clone(into: Path) -> Path:
     """The checkout's files as a clone would have them (tracked and new, not ignored), with this
-    checkout's .venv and compiled-ops cache linked in so nothing is installed or compiled again."""
+    checkout's .venv linked in so nothing is installed again."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT, capture_output=True, check=True,
@@ -70,8 +70,7 @@ def fresh_clone(into: Path) -> Path:
         # the clone's `make demo` would reinstall the project into this linked .venv, editable from the
         # temporary clone, and leave it pointing at a folder that is then deleted
         pytest.fail(".venv is older than pyproject.toml: run `make venv` (make test does) before this test")
-    for linked in (".venv", ".cache"):
-        (into / linked).symlink_to(REPO_ROOT / linked)
+    (into / ".venv").symlink_to(REPO_ROOT / ".venv")  # compiled ops and conversions: the machine-wide cache
     return into
 
 

@@ -12,6 +12,7 @@
 #   MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD   the admin MLflow creates on first start
 #   MLFLOW_FLASK_SERVER_SECRET_KEY the auth app's session/CSRF key
 #   MLFLOW_SERVER_ALLOWED_HOSTS    Host headers accepted (default: the service name and loopback)
+#   MLFLOW_HOST, MLFLOW_PORT       where it listens (default 0.0.0.0:5000, inside its container)
 #   MLFLOW_AUTH_DEFAULT_PERMISSION what a user gets on others' experiments (default NO_PERMISSIONS)
 # Extra arguments are passed to `mlflow server` (e.g. --workers 2).
 set -eu
@@ -42,7 +43,7 @@ INI
 export MLFLOW_AUTH_CONFIG_PATH="$config_dir/basic_auth.ini"
 
 exec mlflow server \
-    --host 0.0.0.0 --port "${MLFLOW_PORT:-5000}" \
+    --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \
     --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
     --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" --serve-artifacts \
     --allowed-hosts "${MLFLOW_SERVER_ALLOWED_HOSTS:-mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*}" \
