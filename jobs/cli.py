@@ -33,7 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "jobs.evaluate",
         "VQA accuracy per skill, language preservation and a gallery, logged to MLflow",
     ),
-    "import": ("jobs.importer", "a released checkpoint (InternLM2) -> a folder transformers loads natively"),
+    "import": (
+        "jobs.importer",
+        "a released checkpoint (HoVLE, HoVLE-HD, InternLM2) -> this project's model folder",
+    ),
 }
 
 USAGE_ERROR = 2  # the exit status argparse uses for bad arguments
