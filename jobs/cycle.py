@@ -68,7 +68,7 @@ def run_cycle(
     from mlflow import MlflowClient
 
     from jobs.evaluate import run_evaluation
-    from jobs.registry import log_hovle_model, promote, register, source_commit
+    from jobs.registry import promote, source_commit
     from jobs.train import train
 
     if run.eval is None:
@@ -82,13 +82,13 @@ def run_cycle(
     export, run_id = report["exports"]["instruct"], report["mlflow_run_id"]
     timings["train"], started = time.perf_counter() - started, time.perf_counter()
 
+    place = placement(run.eval)
     if "scores" not in state:
-        summary = run_evaluation(export, run.eval, tracking_uri, run_id, eval_output)
+        summary = place(run_evaluation, export, run.eval, tracking_uri, run_id, eval_output, gpus=True)
         state["scores"] = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         save()
         timings["evaluate"], started = time.perf_counter() - started, time.perf_counter()
     if "model_version" not in state:
-        model_uri = log_hovle_model(export, run_id, tracking_uri)
         all_tags = {
             "hovle.data_manifests": json.dumps(datasets),
             "hovle.config_hash": hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12],
@@ -97,7 +97,8 @@ def run_cycle(
             **(tags or {}),
         }
         fence()
-        state["model_version"] = register(model_uri, gate.name, all_tags, state["scores"], tracking_uri)
+        version = place(log_and_register, export, run_id, gate.name, all_tags, state["scores"], tracking_uri)
+        state["model_version"] = version
         save()
     fence()
     decision = promote(MlflowClient(tracking_uri), gate.name, state["model_version"], gate)
@@ -115,3 +116,35 @@ def run_cycle(
     state["done"] = True
     save()
     return {**state["summary"], "timings": timings}
+
+
+def log_and_register(
+    export: str, run_id: str, name: str, tags: dict[str, str], scores: dict[str, float], tracking_uri: str
+) -> str:
+    """The export logged as an MLflow model in `run_id` and registered as a version of `name`."""
+    from jobs.registry import log_hovle_model, register
+
+    return register(log_hovle_model(export, run_id, tracking_uri), name, tags, scores, tracking_uri)
+
+
+def placement(settings) -> Callable[..., Any]:
+    """`place(fn, *args, gpus=False)`: `fn(*args)` in a Ray task reserving `settings.num_cpus` (and
+    `num_gpus` when `gpus`), or here. `settings.placement` auto: tasks when the Ray runtime this process
+    is connected to has more than one node (the driver then is a head that should not load models)."""
+    import ray
+
+    where = settings.placement
+    if where == "auto":
+        alive = [node for node in ray.nodes() if node.get("Alive")] if ray.is_initialized() else []
+        where = "task" if len(alive) > 1 else "driver"
+    if where == "task" and not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
+
+    def place(fn: Callable[..., Any], *args: Any, gpus: bool = False) -> Any:
+        if where == "driver":
+            return fn(*args)
+        resources = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus if gpus else 0}
+        logger.info("%s in a Ray task (%s)", fn.__name__, resources)
+        return ray.get(ray.remote(**resources)(fn).options(name=fn.__name__).remote(*args))
+
+    return place

@@ -255,9 +255,18 @@ def _log_model_card(
         raise ValueError(
             f"{model_uri}: expected a logged model's URI (models:/m-...), as log_hovle_model returns"
         )
+    import mlflow.artifacts
+
     model_id, client = model_uri.removeprefix("models:/"), MlflowClient(tracking_uri)
+    root = client.get_logged_model(model_id).artifact_location.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="hovle-card-") as scratch:
-        folder = download_hf_folder(model_uri, tracking_uri, scratch)
+        # the card reads two small files: the weights are not downloaded back
+        folder = Path(scratch) / HF_ARTIFACT
+        for file in ("config.json", "export.json"):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root}/artifacts/{HF_ARTIFACT}/{file}", dst_path=str(folder),
+                tracking_uri=tracking_uri,
+            )  # fmt: skip
         card = build_model_card(folder, name, tags, scores, client)
         written = card.write(Path(scratch) / "card")
         for path in written:

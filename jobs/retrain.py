@@ -255,7 +255,30 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
             source=config_path, tags={"hovle.data_version": version},
         )  # fmt: skip
         status = "promoted" if summary["promoted"] else "not_promoted"
+        if settings.retention.keep_cycles is not None:
+            lock.check()
+            removed = clean_finished_cycles(run, settings, state, version, root)
+            summary = {**summary, "retention_removed": removed}
         return {"status": status, "data_version": version, **summary}
+
+
+def clean_finished_cycles(run: RunConfig, settings, state: CycleState, version: str, root: str) -> list[str]:
+    """`retrain.retention`: remove older finished cycles' files, keeping the champion's lineage
+    (jobs/retention.py); returns the folders removed."""
+    from mlflow import MlflowClient
+
+    from jobs import retention
+    from jobs.registry import champion_version
+
+    champion = champion_version(MlflowClient(run.train.tracking_uri), run.registry.name)
+    champion_export = champion_copy = None
+    if champion is not None:
+        champion_copy = storage.join(root, f"champion-v{champion.version}")
+        held = [c for c in state.cycles.values() if str(c.get("model_version")) == str(champion.version)]
+        champion_export = (held[0].get("summary") or {}).get("export") if held else None
+    storage_root = resolve_storage(run.train.storage_path)
+    keep = settings.retention.keep_cycles
+    return retention.apply(state.cycles, version, keep, storage_root, root, champion_export, champion_copy)
 
 
 # an exit code that is not 0 -> the final line's status

@@ -48,6 +48,25 @@ class EvalSettings(_Strict):
     )
     max_samples: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(16, ge=1, description="answer length")
+    # where a cycle evaluates and logs its model (jobs/cycle.py): not in the job driver, which on a cluster
+    # is a small CPU head, but in Ray tasks that declare what they need
+    placement: Literal["auto", "driver", "task"] = Field(
+        "auto",
+        description="task: Ray tasks; driver: the cycle's own process; auto: tasks on a multi-node Ray",
+    )
+    num_cpus: float = Field(1, ge=0, description="CPUs each evaluation / model-logging task reserves")
+    num_gpus: float = Field(0, ge=0, description="GPUs the evaluation task reserves (it generates answers)")
+
+
+class RetentionSettings(_Strict):
+    """What finished cycles leave in the storage (jobs/retention.py)."""
+
+    keep_cycles: int | None = Field(
+        None,
+        ge=1,
+        description="keep the files (checkpoints, exports, champion copies) of the newest N finished cycles, "
+        "the current one included, and the champion's lineage; null: keep everything",
+    )
 
 
 class RetrainSettings(_Strict):
@@ -64,6 +83,7 @@ class RetrainSettings(_Strict):
     lock_ttl_s: float = Field(
         900, gt=0, description="a lock not renewed this long (every ttl/4 while a cycle runs) is stale"
     )
+    retention: RetentionSettings = RetentionSettings()
 
 
 class RunConfig(_Strict):

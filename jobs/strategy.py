@@ -35,10 +35,12 @@ DEEPSPEED_CHECKPOINT_GLOBALS = (
 )
 
 
-def weights_only_checkpoint_engine():
+def weights_only_checkpoint_engine(ds_config=None):
     """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)` and only
     `DEEPSPEED_CHECKPOINT_GLOBALS` allowed (DeepSpeed's own loads with weights_only=False: any pickled
-    object in a checkpoint folder would run)."""
+    object in a checkpoint folder would run). `ds_config` (the engine's DeepSpeedConfig) keeps its saving
+    as configured: without it DeepSpeed writes the legacy non-zip format, which its own offline tools
+    (zero_to_fp32, which memory-maps) cannot read."""
     import importlib
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -53,7 +55,7 @@ def weights_only_checkpoint_engine():
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
-    return WeightsOnlyCheckpointEngine()
+    return WeightsOnlyCheckpointEngine(ds_config)
 
 
 def cpu_bf16_is_native() -> bool:
@@ -163,7 +165,7 @@ class DeepSpeedStrategy:
             model_parameters=parameters,
             config=self.ds_config,
         )
-        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine._config)
         logger.info(
             "DeepSpeed: ZeRO-%d, %s, %d trainable tensors, micro-batch %d x accumulation %d x %d workers",
             self.config.deepspeed.zero_stage,

@@ -202,6 +202,7 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
     document["retrain"]["stages"] = "instruct"  # fine-tune the champion on the new data
     document["train"]["max_failures"] = 0
     document["train"]["checkpoint"]["every_n_steps"] = 1
+    document["retrain"]["retention"] = {"keep_cycles": 1}  # after this cycle: its files and the champion's
     config.write_text(yaml.safe_dump(document))
 
     # the last rank dies at step 2, after the step-1 checkpoint; the job fails (max_failures 0)
@@ -221,3 +222,13 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
     # (not a folder on the driver's node); the copy says which version it is
     assert info["init"] == str(root / "runs" / "retrain" / "champion-v1"), info["init"]
     assert (root / "runs" / "retrain" / "champion-v1" / "_COPIED").read_text() == "models:/hovle-test/1\n"
+
+    # retention, once the cycle is done: the first cycle's checkpoints go; the champion's lineage stays
+    runs, first = root / "runs", first_cycle[1]["data_version"]
+    assert summary["retention_removed"]
+    assert not any((runs / f"retrain-{first}-{stage}").exists() for stage in ("distill", "align", "instruct"))
+    assert (runs / f"retrain-{summary['data_version']}-instruct").is_dir()  # the cycle that just ran
+    if summary["status"] == "not_promoted":  # v1 is still the champion: its exports stay
+        assert (runs / f"retrain-{first}" / "exports" / "instruct" / "export.json").is_file()
+    else:  # v2 is: what it started from stays (v1's copy), v1's own exports go
+        assert not (runs / f"retrain-{first}").exists()

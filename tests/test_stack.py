@@ -163,6 +163,8 @@ def test_a_submitted_cycle_on_the_stack_crowns_a_champion_served_from_the_bucket
     assert code == 0, stderr[-3000:]
     assert line["status"] == "promoted" and line["job_status"] == "SUCCEEDED" and received[1] == line
     assert '"status": "promoted"' in stderr  # the job's own logs were followed onto stderr
+    # two nodes: the job driver (a head's process) evaluated and logged the model in Ray tasks
+    assert "run_evaluation in a Ray task" in stderr and "log_and_register in a Ray task" in stderr
 
     # the champion is in the server's registry (PostgreSQL), its files in the bucket under the server's
     # artifact root
