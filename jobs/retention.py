@@ -35,13 +35,19 @@ def lineage(export_uri: str) -> list[str]:
     return chain
 
 
+def children(uri: str) -> list[str]:
+    """The names of the entries directly under the folder `uri` (none when it does not exist)."""
+    fs, root = storage.filesystem(uri)
+    return (
+        [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
+        if fs.exists(root)
+        else []
+    )
+
+
 def cycle_folders(storage_root: str, run_name: str) -> list[str]:
     """The run's own folders under `storage_root`: `<run_name>/` and `<run_name>-<stage>/` (existing)."""
-    fs, root = storage.filesystem(storage_root)
-    if not fs.exists(root):
-        return []
-    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
-    own = [n for n in names if n == run_name or n.startswith(f"{run_name}-")]
+    own = [n for n in children(storage_root) if n == run_name or n.startswith(f"{run_name}-")]
     return [storage.join(storage_root, n) for n in sorted(own)]
 
 
@@ -75,30 +81,13 @@ def plan(
         if version in kept_versions:
             continue
         remove += [f for f in cycle_folders(storage_root, f"retrain-{version}") if not is_protected(f)]
-    fs, root = storage.filesystem(retrain_root)
-    if fs.exists(root):
-        for entry in fs.ls(root, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            folder = storage.join(retrain_root, name)
-            if name.startswith("champion-v") and not is_protected(folder):
-                remove.append(folder)
-    return remove
+    copies = [storage.join(retrain_root, n) for n in children(retrain_root) if n.startswith("champion-v")]
+    return remove + [folder for folder in copies if not is_protected(folder)]
 
 
-def apply(
-    cycles: dict[str, dict[str, Any]],
-    current: str,
-    keep_cycles: int,
-    storage_root: str,
-    retrain_root: str,
-    champion_export: str | None,
-    champion_copy: str | None = None,
-) -> list[str]:
-    """Remove what `plan` names; returns the folders removed."""
-    removed = []
-    doomed = plan(cycles, current, keep_cycles, storage_root, retrain_root, champion_export, champion_copy)
-    for folder in doomed:
+def remove(folders: list[str]) -> list[str]:
+    """Remove the folders `plan` names; returns them."""
+    for folder in folders:
         storage.remove(folder, recursive=True)
-        removed.append(folder)
         logger.info("retention: removed %s", folder)
-    return removed
+    return folders

@@ -278,7 +278,8 @@ def clean_finished_cycles(run: RunConfig, settings, state: CycleState, version: 
         champion_export = (held[0].get("summary") or {}).get("export") if held else None
     storage_root = resolve_storage(run.train.storage_path)
     keep = settings.retention.keep_cycles
-    return retention.apply(state.cycles, version, keep, storage_root, root, champion_export, champion_copy)
+    doomed = retention.plan(state.cycles, version, keep, storage_root, root, champion_export, champion_copy)
+    return retention.remove(doomed)
 
 
 # an exit code that is not 0 -> the final line's status

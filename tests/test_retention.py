@@ -57,8 +57,10 @@ def root(request, tmp_path):
 
 def test_older_finished_cycles_go_and_the_champion_s_lineage_stays(root):
     files = layout(root)
-    removed = retention.apply(
-        files["cycles"], "v4", 2, root, files["retrain"], files["exports"]["v2"], files["copy2"]
+    removed = retention.remove(
+        retention.plan(
+            files["cycles"], "v4", 2, root, files["retrain"], files["exports"]["v2"], files["copy2"]
+        )
     )
     gone = {uri.removeprefix(root).strip("/") for uri in removed}
     # v1: older than the newest two (v4, v3) and not the champion's: its export and checkpoints go
@@ -77,7 +79,10 @@ def test_older_finished_cycles_go_and_the_champion_s_lineage_stays(root):
 
 def test_keeping_one_cycle_keeps_only_the_current_one_and_the_champion_s_lineage(root):
     files = layout(root)
-    retention.apply(files["cycles"], "v4", 1, root, files["retrain"], files["exports"]["v2"], files["copy2"])
+    doomed = retention.plan(
+        files["cycles"], "v4", 1, root, files["retrain"], files["exports"]["v2"], files["copy2"]
+    )
+    retention.remove(doomed)
     assert not storage.exists(files["exports"]["v3"])  # not the champion's, and older than v4
     assert storage.exists(files["exports"]["v2"]) and storage.exists(files["copy1"])  # the champion's line
     assert storage.exists(files["exports"]["v4"]) and storage.exists(files["copy2"])  # what v4 started from
@@ -87,8 +92,10 @@ def test_keeping_one_cycle_keeps_only_the_current_one_and_the_champion_s_lineage
 def test_a_champion_copy_that_no_kept_export_starts_from_goes(root):
     files = layout(root)
     stale = export(files["retrain"], "champion-v0")  # an earlier champion's copy nothing kept starts from
-    removed = retention.apply(
-        files["cycles"], "v4", 2, root, files["retrain"], files["exports"]["v2"], files["copy2"]
+    removed = retention.remove(
+        retention.plan(
+            files["cycles"], "v4", 2, root, files["retrain"], files["exports"]["v2"], files["copy2"]
+        )
     )
     assert stale in removed and not storage.exists(stale)
     assert files["copy1"] not in removed and files["copy2"] not in removed
