@@ -117,3 +117,34 @@ def preset_processor(preset: str = "tiny"):
     from model.presets import load_preset
 
     return build_processor(load_preset(preset))
+
+
+def track_conversion_memory(monkeypatch) -> tuple[dict[str, int], list]:
+    """Measure a checkpoint conversion (model/convert/shards.py) from outside: every tensor it reads is
+    counted while alive (a weak reference drops it when freed), and every shard writer it makes is kept.
+    Returns ({"bytes": alive now, "peak": most alive at once}, [the writers])."""
+    import weakref
+
+    from model.convert import shards
+
+    alive = {"bytes": 0, "peak": 0}
+    read = shards.iter_tensors
+
+    def tracked(folder):
+        for name, tensor in read(folder):
+            size = tensor.numel() * tensor.element_size()
+            alive["bytes"] += size
+            weakref.finalize(tensor, lambda size=size: alive.__setitem__("bytes", alive["bytes"] - size))
+            alive["peak"] = max(alive["peak"], alive["bytes"])
+            yield name, tensor
+
+    writers = []
+
+    class TrackedWriter(shards.ShardWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    monkeypatch.setattr(shards, "iter_tensors", tracked)
+    monkeypatch.setattr(shards, "ShardWriter", TrackedWriter)
+    return alive, writers

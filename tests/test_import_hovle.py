@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from model import HoVLEConfig, HoVLEForConditionalGeneration, HoVLEProcessor, lo
 from model.convert import ConversionError, shards
 from model.convert.hovle import RUN_CONFIG_FILE, import_checkpoint
 from model.presets import load_preset
-from tests.helpers import shapes_image
+from tests.helpers import shapes_image, track_conversion_memory
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VARIANTS = ("hovle", "hovle-hd")
@@ -184,26 +183,7 @@ def test_conversion_streams_a_shard_at_a_time(tmp_path, monkeypatch):
     total = _one_tensor_per_shard(GOLDEN / "hovle-hd" / "checkpoint", tmp_path / "src")
     sizes = [t.numel() * t.element_size() for _, t in shards.iter_tensors(tmp_path / "src")]
     largest, tables = max(sizes), sorted(sizes)[-1] + sorted(sizes)[-2]
-    alive = {"bytes": 0, "peak": 0}
-    read = shards.iter_tensors
-
-    def tracked(folder):
-        for name, tensor in read(folder):
-            size = tensor.numel() * tensor.element_size()
-            alive["bytes"] += size
-            weakref.finalize(tensor, lambda size=size: alive.__setitem__("bytes", alive["bytes"] - size))
-            alive["peak"] = max(alive["peak"], alive["bytes"])
-            yield name, tensor
-
-    writers = []
-
-    class TrackedWriter(shards.ShardWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            writers.append(self)
-
-    monkeypatch.setattr(shards, "iter_tensors", tracked)
-    monkeypatch.setattr(shards, "ShardWriter", TrackedWriter)
+    alive, writers = track_conversion_memory(monkeypatch)
     budget = 20_000
     import_checkpoint(tmp_path / "src", tmp_path / "out", max_shard_bytes=budget)
     (writer,) = writers

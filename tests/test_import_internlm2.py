@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from jobs import cli, importer
 from model.convert import ConversionError, shards
 from model.convert.internlm2 import convert_tensor, import_checkpoint, llama_config, llama_name, split_wqkv
+from tests.helpers import track_conversion_memory
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "internlm2"
 SOURCE = GOLDEN / "checkpoint"
@@ -124,26 +124,7 @@ def test_conversion_holds_about_one_shard_at_a_time(tmp_path, monkeypatch):
     bytes the shard writer buffers, at every step of a 12-shard conversion."""
     total = _write_internlm2(tmp_path / "big", layers=12)
     layer_bytes = total // 12
-    alive = {"bytes": 0, "peak": 0}
-    read = shards.iter_tensors
-
-    def tracked(folder):
-        for name, tensor in read(folder):
-            size = tensor.numel() * tensor.element_size()
-            alive["bytes"] += size
-            weakref.finalize(tensor, lambda size=size: alive.__setitem__("bytes", alive["bytes"] - size))
-            alive["peak"] = max(alive["peak"], alive["bytes"])
-            yield name, tensor
-
-    writers = []
-
-    class TrackedWriter(shards.ShardWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            writers.append(self)
-
-    monkeypatch.setattr(shards, "iter_tensors", tracked)
-    monkeypatch.setattr(shards, "ShardWriter", TrackedWriter)
+    alive, writers = track_conversion_memory(monkeypatch)
     out = import_checkpoint(tmp_path / "big", tmp_path / "out", max_shard_bytes=layer_bytes)
 
     (writer,) = writers
