@@ -5,7 +5,8 @@
 
 With `retrain.stages: instruct` and no champion yet, instruct starts from `retrain.init` when set: a model
 folder (`hovle import`'s output, whose model.yaml the run config extends) or a stage export, copied once
-into the shared storage with an export.json naming it as the base; else from the `model:` section's model.
+into the shared storage with an export.json naming it as the base (jobs/init_model.py, which `hovle train
+--init` uses too); else from the `model:` section's model.
 
 Run it from cron, a Kubernetes CronJob or a RayCronJob; on a Ray cluster through `hovle submit` (jobs.submit),
 which submits it as a Ray job and turns its final line back into an exit code and a webhook post.
@@ -46,12 +47,12 @@ import traceback
 from typing import Any
 
 from jobs.cli import FAILED, USAGE_ERROR, parse_overrides, run_command
+from jobs.init_model import init_export, model_folder
 from jobs.lock import LockHeld, LockLost, StorageLock
 from jobs.logging_setup import setup_logging
 from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
 from model.config import ConfigError
-from model.presets import ModelSpec, config_from_spec
 from model.stages import STAGE_NAMES
 from pipelines import storage
 from pipelines.units import SourceError
@@ -128,90 +129,6 @@ def champion_export(name: str, tracking_uri: str, shared_root: str) -> str | Non
     return target
 
 
-MODEL_FILES = ("config.json", "tokenizer_config.json", "processor_config.json")
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-# what the prepared data depends on: the tokens, the chat template, the image tiling
-PREPARED_WITH = (
-    "img_context_token_id", "img_start_token_id", "img_end_token_id", "chat_template",
-    "tile_size", "patch_size", "pixel_shuffle_ratio", "min_tiles", "max_tiles", "use_thumbnail",
-)  # fmt: skip
-
-
-def model_folder(folder: str, model: ModelSpec, source: str) -> str:
-    """`retrain.init`'s URI (a local path made absolute: the workers run elsewhere), checked to be a stage
-    export or a model folder of a model type this platform trains, whose tokens, chat template and image
-    tiling are those of `model` (the `model:` section, whose processor prepares the data).
-
-    Raises:
-        ConfigError: it is neither, or another model than the `model:` section's (named as retrain.init).
-    """
-    from pathlib import Path
-
-    from jobs.export import is_export
-    from model.stages import STAGES_BY_MODEL_TYPE
-
-    uri = folder if storage.is_remote(folder) else str(Path(folder).expanduser().resolve())
-    if is_export(uri):
-        return uri
-    missing = [name for name in MODEL_FILES if not storage.exists(storage.join(uri, name))]
-    if not any(storage.exists(storage.join(uri, name)) for name in WEIGHTS):
-        missing.append(" or ".join(WEIGHTS))
-    if missing:
-        raise ConfigError(
-            f"{source}: retrain.init: {folder} is not a model folder (no {', '.join(missing)}): give "
-            "`hovle import`'s output or a stage export"
-        )
-    config = json.loads(storage.read_text(storage.join(uri, "config.json")))
-    if config.get("model_type") not in STAGES_BY_MODEL_TYPE:
-        raise ConfigError(
-            f"{source}: retrain.init: {folder} holds a {config.get('model_type')!r} model, not one this "
-            f"platform trains ({', '.join(STAGES_BY_MODEL_TYPE)})"
-        )
-    expected = config_from_spec(model).to_dict()
-    differ = [k for k in PREPARED_WITH if k in config and config[k] != expected.get(k)]
-    vocab = config.get("text_config", {}).get("vocab_size"), expected["text_config"].get("vocab_size")
-    differ += ["text_config.vocab_size"] if vocab[0] != vocab[1] else []
-    if differ:
-        raise ConfigError(
-            f"{source}: retrain.init: {folder} is another model than the `model:` section's, whose "
-            f"processor prepares the data ({', '.join(differ)} differ): extend the folder's model.yaml "
-            f"(extends: {storage.join(folder, 'model.yaml')})"
-        )
-    return uri
-
-
-def init_export(uri: str, shared_root: str) -> str:
-    """The model folder at `uri` (checked by `model_folder`) as an export every training worker starts
-    from: a stage export as it is; a model folder (`hovle import`'s output) copied to
-    `<shared_root>/init-<key>` with an export.json (`stage: import`, `base_model`: the folder) that the
-    model card follows to name the base. The key hashes the folder's path, config and file sizes: a model
-    is copied once, and a folder imported again is copied again."""
-    from pathlib import Path
-
-    from jobs.export import EXPORT_INFO, is_export
-
-    if is_export(uri):
-        return uri
-    fs, path = storage.filesystem(uri)
-    sizes = sorted((Path(f["name"]).name, f["size"]) for f in fs.ls(path, detail=True))
-    config = storage.read_text(storage.join(uri, "config.json"))
-    key = hashlib.sha256(json.dumps([uri, config, sizes]).encode()).hexdigest()[:12]
-    target = storage.join(shared_root, f"init-{key}")
-    if is_export(target):  # export.json lands last: the copy is complete
-        return target
-    with tempfile.TemporaryDirectory(prefix="hovle-init-") as scratch:
-        local = uri
-        if storage.is_remote(uri):
-            storage.get_directory(uri, scratch)
-            local = scratch
-        storage.put_directory(local, target)
-    info = {"stage": "import", "base_model": uri, "steps": 0}
-    storage.write_text_atomic(storage.join(target, EXPORT_INFO), json.dumps(info, indent=2, sort_keys=True))
-    return target
-
-
 def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """One cycle (see the module docstring); returns the JSON summary."""
     from jobs.cycle import prepare_cycle, run_cycle
@@ -219,7 +136,9 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
     run = load_run_config(config_path, overrides)
     settings, _ = load_settings(run, config_path)
     stages = list(STAGE_NAMES) if settings.stages == "all" else ["instruct"]
-    base = model_folder(settings.init, run.model, config_path) if settings.init is not None else None
+    base = None
+    if settings.init is not None:  # jobs/init_model.py: a stage export or a model folder of this model
+        base = model_folder(settings.init, run.model, f"{config_path}: retrain.init")
     missing = [s for s in stages if not settings.raw.get(s)]
     if missing:
         raise ConfigError(f"{config_path}: retrain.raw has no inputs for stage(s) {', '.join(missing)}")

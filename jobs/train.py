@@ -6,7 +6,9 @@
 
 `all` runs distill -> align -> instruct, each starting from the previous stage's export (for the
 compositional model, `model.architecture: compositional`: align -> instruct; it has no distill stage).
-One stage at a time: `--stage align --init <distill export> --data <prepared dataset>`. Rerunning the same
+One stage at a time: `--stage align --init <distill export> --data <prepared dataset>`; `--init` also takes
+a model folder from `hovle import` (of the `model:` section's model: extend its model.yaml), copied once to
+<storage_path>/<run_name>/init-<key> as the export the first stage starts from. Rerunning the same
 command with the same run name resumes: finished stages (a complete export) are skipped, an interrupted
 one continues from its last checkpoint, and MLflow logging goes on in the same runs.
 
@@ -53,19 +55,12 @@ def resolve_storage(path: str) -> str:
 
 def start_config(model: dict[str, Any], init: str | None) -> dict[str, Any]:
     """The config (a dict: model_type, text_config, ...) of the model a run starts from: the `--init`
-    export's, else the one the run config's `model:` section describes.
-
-    Raises:
-        ConfigError: `init` is not a complete stage export.
-    """
-    from jobs.export import is_export
-
+    folder's (checked by `jobs.init_model.model_folder`: a stage export or an imported model folder), else
+    the one the run config's `model:` section describes."""
     if init is None:
         from model.presets import config_from_spec, parse_model_spec
 
         return config_from_spec(parse_model_spec(model)).to_dict()
-    if not is_export(init):
-        raise ConfigError(f"--init {init}: not a complete stage export (no export.json)")
     return json.loads(storage.read_text(storage.join(init, "config.json")))
 
 
@@ -115,6 +110,30 @@ def stage_plan(
             )
         plan.append((name, uri, storage.join(exports, name), manifest))
     return plan, init
+
+
+def plan_run(run: RunConfig, stage: str, data: str | None, init: str | None, output: str | None):
+    """`stage_plan` for the run config `run`, with `--init` checked and made a stage export every worker
+    reads: (plan, the first stage's init URI, the config of the model the run starts from).
+
+    `--init` is a stage export, or a model folder (`hovle import`'s output) of the `model:` section's
+    model (its tokens and image tiling prepared the data), copied once to
+    `<storage_path>/<run_name>/init-<key>` with an export.json naming it as the base (jobs/init_model.py).
+    Everything is checked before anything is copied.
+
+    Raises:
+        ConfigError: a bad `--init` (named so), or what `stage_plan` refuses.
+    """
+    from jobs.init_model import init_export, model_folder
+
+    config = run.train
+    if init is not None:
+        init = model_folder(init, run.model, "--init")
+    start = start_config(run.model.model_dump(mode="json"), init)
+    plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
+    if init is not None:
+        init = init_export(init, storage.join(resolve_storage(config.storage_path), config.run_name))
+    return plan, init, start
 
 
 def run_stage(job, config: TrainConfig) -> None:
@@ -173,8 +192,7 @@ def train(
 
     hooks = Hooks(from_env()).specs  # loaded here too: a bad hook fails before Ray, MLflow or any worker
     config, model = run.train, run.model.model_dump(mode="json")
-    start = start_config(model, init)
-    plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
+    plan, init, start = plan_run(run, stage, data, init, output)
     # what the workers get: `config` with the distill teacher where they can read it (MLflow logs `config`)
     job_config = config
     if any(name == "distill" for name, *_ in plan):
@@ -275,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="hovle train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage", required=True, choices=(*STAGE_NAMES, "all"))
-    parser.add_argument("--init", default=None, help="export to start from (default: the preset's model)")
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="a stage export or an imported model folder (`hovle import`) to start from "
+        "(default: the `model:` section's model)",
+    )
     parser.add_argument("--data", default=None, help="prepared dataset URI for a single --stage")
     parser.add_argument(
         "--output", default=None, help="exports root (default <storage_path>/<run_name>/exports)"
