@@ -1,6 +1,7 @@
 """Instruction-tuning an imported model: `hovle import hovle` -> a run config extending the imported folder's
 model.yaml, `retrain.stages: instruct` and `retrain.init: <imported folder>` -> prepare (the imported
 processor) -> train instruct from the imported weights -> evaluate -> register -> a model that answers.
+`hovle train --init <imported folder>` takes the same folder, checked the same way (jobs/init_model.py).
 
 Real Ray, DeepSpeed (2 CPU workers), MLflow (SQLite); the tiny released-layout checkpoint of
 tests/data/golden/hovle; few steps.
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 from jobs import importer
 from jobs.retrain import main as retrain_main
 from jobs.run_config import load_run_config
+from jobs.train import main as train_main
+from jobs.train import plan_run
 from pipelines.corpora.synthetic import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -173,3 +176,50 @@ def test_a_bad_init_is_a_config_error_naming_the_field(tmp_path, retrain, proble
     assert status == 2 and summary["status"] == "bad_config"
     assert "retrain.init" in summary["reason"] and problem in summary["reason"]
     assert not (tmp_path / "prepared").exists()  # refused before anything was prepared
+
+
+def test_train_init_takes_the_imported_folder_copied_once_onto_the_runs_storage(cycle, monkeypatch):
+    root, imported, config, _, summary = cycle
+    monkeypatch.chdir(root)
+    prepared, exports = root / "prepared" / "instruct", Path(summary["export"]).parent
+    # the CLI: accepted; the instruct export under --output is the cycle's, so no stage trains again
+    argv = ["--config", str(config), "--stage", "instruct", "--init", str(imported), "--data", str(prepared)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train_main([*argv, "--run-name", "cli", "--output", str(exports)]) == 0
+    assert json.loads(out.getvalue().strip().splitlines()[-1])["exports"] == {"instruct": summary["export"]}
+    [start] = (root / "runs" / "cli").glob("init-*")
+    assert json.loads((start / "export.json").read_text()) == {
+        "stage": "import", "base_model": str(imported), "steps": 0
+    }  # fmt: skip
+    assert (start / "model.safetensors").read_bytes() == (imported / "model.safetensors").read_bytes()
+    # the plan: the stage starts from that copy, made once (a rerun reuses it)
+    written = (start / "export.json").stat().st_mtime_ns
+    run = load_run_config(str(config), {"train.run_name": "cli"})
+    plan, init, model = plan_run(run, "instruct", str(prepared), str(imported), None)
+    assert init == str(start) and (start / "export.json").stat().st_mtime_ns == written
+    assert [(name, uri) for name, uri, *_ in plan] == [("instruct", str(prepared))]
+    assert model == json.loads((imported / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "init, config, problem",
+    [
+        ("raw", None, "is not a model folder (no config.json"),  # a folder, but of data
+        ("imported", "tiny", "is another model than the `model:`"),  # a run config not extending it
+    ],
+)
+def test_a_bad_train_init_exits_2_naming_init_before_ray_starts(
+    cycle, tmp_path, monkeypatch, capsys, init, config, problem
+):
+    import ray
+
+    root, _, run_config, _, _ = cycle
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad --init"))
+    argv = ["--config", config or str(run_config), "--stage", "instruct", "--init", str(root / init)]
+    status = train_main([*argv, "--data", str(root / "prepared" / "instruct"), "--run-name", "bad"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--init: {root / init} " in err and problem in err, err
+    assert not list(root.glob("runs/bad*")) and not list(tmp_path.glob("runs/bad*"))  # nothing copied
