@@ -51,7 +51,7 @@ def run_command(prog: str, body: Callable[[], int], errors: Mapping[ErrorTypes, 
     a missing or unreadable input, or object storage it cannot reach or sign requests for (no endpoint,
     no credentials) is a usage error (2). Anything else propagates: a traceback and exit 1, for a person
     to read."""
-    from model.config import ConfigError  # deferred: `hovle --help` imports nothing heavy
+    from model.errors import ConfigError  # deferred: `hovle --help` imports nothing heavy
     from pipelines.storage import UNREACHABLE, UNREACHABLE_HINT
 
     table = {

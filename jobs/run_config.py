@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.registry import GateSettings
 from jobs.train_config import TrainConfig
-from model.config import ConfigError, config_problems
 from model.config_files import SCHEMA_VERSION, read_run_document
+from model.errors import ConfigError, config_problems
 from model.presets import ModelSpec
 from pipelines.settings import PrepareSettings
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import ConfigError, config_problems
+from model.errors import ConfigError, config_problems
 from model.stages import STAGE_NAMES
 
 

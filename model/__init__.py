@@ -37,7 +37,7 @@ _EXPORTS = {
     "STAGES": "model.stages",
     "StageSpec": "model.stages",
     "apply_stage": "model.stages",
-    "stage_loss": "model.stages",
+    "stage_loss": "model.losses",
     "stage_spec": "model.stages",
     "stages_for": "model.stages",
 }
@@ -49,10 +49,11 @@ if TYPE_CHECKING:  # for type checkers and editors: the names, eagerly
     from model.config import ConfigError, HoVLEConfig  # noqa: F401
     from model.embedding import HolisticEmbedding, ImageTokenMismatch  # noqa: F401
     from model.loading import load_pretrained  # noqa: F401
+    from model.losses import stage_loss  # noqa: F401
     from model.modeling import HoVLECache, HoVLEForConditionalGeneration, HoVLEOutput, register_auto_classes  # noqa: F401
     from model.presets import build_model, build_processor, load_preset  # noqa: F401
     from model.processor import HoVLEProcessor, ImagePlaceholderMismatch  # noqa: F401
-    from model.stages import STAGES, StageSpec, apply_stage, stage_loss, stage_spec, stages_for  # noqa: F401
+    from model.stages import STAGES, StageSpec, apply_stage, stage_spec, stages_for  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -15,20 +15,7 @@ from typing import Literal
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
-class ConfigError(ValueError):
-    """A config field has a bad value. The message names the field and what was expected."""
-
-
-def config_problems(err, prefix: str = "") -> str:
-    """A pydantic `ValidationError` as one line: `section.field: what was wrong (got value)` per error,
-    joined by "; " (the one error format of every run-config loader)."""
-    problems = []
-    for e in err.errors():
-        field = ".".join(str(part) for part in (*([prefix] if prefix else []), *e["loc"]))
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        problems.append(f"{field or '<top>'}: {e['msg']}{got}")
-    return "; ".join(problems)
+from model.errors import ConfigError, config_problems  # noqa: F401  (re-exported)
 
 
 class HoVLEConfig(PreTrainedConfig):

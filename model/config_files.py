@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from model.config import ConfigError
+from model.errors import ConfigError
 
 # The presets are package data (model/configs/*.yaml), so a plain, non-editable install (a container image)
 # finds them: pyproject.toml's package-data ships them in the wheel.

@@ -13,7 +13,7 @@ from jobs.train_loop import advance_drop_path
 from model import STAGES, HoVLEConfig, apply_stage, stage_loss
 from model.defocus import layer_drop_rates
 from model.embedding import HolisticEmbedding
-from model.stages import _image_distillation, text_distillation
+from model.losses import _image_distillation, text_distillation
 from model.teachers import build_teacher
 from tests.helpers import chat_batch, distill_batch, shapes_image, tiny_model
 
