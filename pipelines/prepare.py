@@ -44,11 +44,15 @@ from pipelines.readers import read_unit_batches
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
 from pipelines.units import WorkUnit
-from pipelines.workers import BATCH_ROWS, Preprocessor, isolated_unit, worker_died
+from pipelines.workers import BATCH_ROWS, Preprocessor, isolated_unit, unit_batches, worker_died
 from pipelines.writer import UnitWriter
 
 logger = logging.getLogger(__name__)
 
+# Raw rows leave the read tasks in blocks of about this size (a batch or two of typical records), so the
+# actors share even a single big file. No repartition step: its tasks ask for a whole CPU, which a 1-CPU
+# node holding a fractional actor never has free (two such nodes wait forever).
+RAW_BLOCK_BYTES = 32 * 1024
 _CRASH_RETRIES = 2  # retries of a batch whose worker died, before its unit is run record by record
 
 
@@ -203,8 +207,9 @@ def _process(
     # always find room: with whole-CPU actors a 2-core machine deadlocks.
     num_actors = num_actors or max(1, int(cpus))
     context = ray.data.DataContext.get_current()
-    saved = context.execution_options.preserve_order
+    saved = context.execution_options.preserve_order, context.target_max_block_size
     context.execution_options.preserve_order = True
+    context.target_max_block_size = RAW_BLOCK_BYTES
     progress = _Progress(len(todo), on_unit_done)
     records: dict[str, UnitRecord] = {}
     seen_before = set(seen)
@@ -227,7 +232,7 @@ def _process(
                 )
                 remaining = [(k, u) for k, u in remaining if k not in records]
     finally:
-        context.execution_options.preserve_order = saved
+        context.execution_options.preserve_order, context.target_max_block_size = saved
     for key, unit in todo:  # units without a single record (an empty file)
         if key not in records:
             records[key] = progress.unit_done(UnitWriter(output, unit, key, settings).finish())
@@ -249,7 +254,6 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
             batch_size=1,
             num_cpus=actor_cpus / 2,
         )
-        .repartition(target_num_rows_per_block=BATCH_ROWS)
         .map_batches(
             Preprocessor,
             fn_constructor_kwargs={"ctx": ctx},
@@ -263,20 +267,14 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
             max_task_retries=_CRASH_RETRIES,
         )
     )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        keys = batch.column("unit_key").to_pylist()
-        start = 0
-        for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
-            if end < len(keys) and keys[end] == keys[start]:
-                continue
-            key = keys[start]
-            if writer is None or writer.key != key:
-                if writer is not None:
-                    records[writer.key] = progress.unit_done(writer.finish())
-                writer = UnitWriter(output, units[key], key, settings)
-            writer.add(batch.slice(start, end - start), seen)
-            progress.rows(end - start)
-            start = end
+    blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    for key, batch in unit_batches(blocks, BATCH_ROWS):
+        if writer is None or writer.key != key:
+            if writer is not None:
+                records[writer.key] = progress.unit_done(writer.finish())
+            writer = UnitWriter(output, units[key], key, settings)
+        writer.add(batch, seen)
+        progress.rows(batch.num_rows)
     if writer is not None:
         records[writer.key] = progress.unit_done(writer.finish())
 

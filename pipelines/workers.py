@@ -2,6 +2,8 @@
 
 Preprocessor (actor)      a batch of raw rows -> one result row each (RESULT_SCHEMA): a shard row or
                           a reject row
+unit_batches(blocks)      the actors' result blocks -> (unit key, batch) in BATCH_ROWS-row batches
+                          counted from each unit's first row (the writer's input, whatever the blocks)
 isolated_unit(...)        a unit read here and preprocessed in single tasks without retries, halving
                           any batch whose worker process dies until the record that kills it is alone
                           (reject `worker_crashed`)
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
@@ -76,6 +79,37 @@ class Preprocessor:
             else:
                 rows.append({"unit_key": raw["unit_key"], "ok": False, **EMPTY_SHARD, **reject})
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def unit_batches(blocks: Iterable[pa.Table], rows: int) -> Iterator[tuple[str, pa.Table]]:
+    """Result blocks in input order -> (unit key, table) with `rows` rows each, counted from the unit's
+    first row (its last batch shorter): the writer cuts shards the same however Ray Data sized the blocks.
+    """
+    key, pending, count = None, [], 0
+    for block in blocks:
+        keys = block.column("unit_key").to_pylist()
+        start = 0
+        for end in range(1, len(keys) + 1):  # runs of one unit
+            if end < len(keys) and keys[end] == keys[start]:
+                continue
+            if keys[start] != key:
+                if count:
+                    yield key, _one_chunk(pending)
+                key, pending, count = keys[start], [], 0
+            run = block.slice(start, end - start)
+            while count + run.num_rows >= rows:
+                yield key, _one_chunk([*pending, run.slice(0, rows - count)])
+                run, pending, count = run.slice(rows - count), [], 0
+            if run.num_rows:
+                pending.append(run)
+                count += run.num_rows
+            start = end
+    if count:
+        yield key, _one_chunk(pending)
+
+
+def _one_chunk(tables: list[pa.Table]) -> pa.Table:
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
 
 
 def worker_died(err: BaseException) -> bool:
