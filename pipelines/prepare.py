@@ -1,10 +1,11 @@
 """`prepare`: raw corpora -> validated, tokenized Parquet shards + rejects + manifest, with Ray Data.
 
-    work units (input files) --from_items--> read (tasks) --repartition (64 rows)--> preprocess (actors:
-        validate, decode, tile, tokenize) --> this process: exact-duplicate removal, shards per unit,
-        rejects, per-unit completion records --> manifest.json last (the commit)
+    work units (input files) --from_items--> read (tasks, ~32 KiB blocks) --> preprocess (actors:
+        validate, decode, tile, tokenize) --> this process: 64-row batches per unit, exact-duplicate
+        removal, shards per unit, rejects, per-unit completion records --> manifest.json last (the commit)
 
 The driver builds the processor once (its hash keys the dataset) and ships it to the actors pickled.
+Every Ray task and actor here asks for a fraction of a CPU (by default), so 1-CPU nodes run it.
 
 Incremental and atomic: a unit whose key (URI + fingerprint + processing settings) is already in the
 manifest is skipped; a unit finished by a run that was killed is taken from its completion record; only
@@ -44,7 +45,15 @@ from pipelines.readers import read_unit_batches
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
 from pipelines.units import WorkUnit
-from pipelines.workers import BATCH_ROWS, Preprocessor, isolated_unit, unit_batches, worker_died
+from pipelines.workers import (
+    BATCH_ROWS,
+    CrashLedger,
+    Preprocessor,
+    WorkerKeepsDying,
+    isolated_unit,
+    unit_batches,
+    worker_died,
+)
 from pipelines.writer import UnitWriter
 
 logger = logging.getLogger(__name__)
@@ -53,7 +62,6 @@ logger = logging.getLogger(__name__)
 # actors share even a single big file. No repartition step: its tasks ask for a whole CPU, which a 1-CPU
 # node holding a fractional actor never has free (two such nodes wait forever).
 RAW_BLOCK_BYTES = 32 * 1024
-_CRASH_RETRIES = 2  # retries of a batch whose worker died, before its unit is run record by record
 
 
 # ---- orchestration -----------------------------------------------------------------------------------
@@ -246,6 +254,7 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
     items = [{"unit_key": k, "unit": json.dumps(u.to_dict())} for k, u in todo]
     units = dict(todo)
     writer: UnitWriter | None = None
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
@@ -256,25 +265,32 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
         )
         .map_batches(
             Preprocessor,
-            fn_constructor_kwargs={"ctx": ctx},
+            # a batch is retried on restarted actors a few times (the ledger counts), then the stream
+            # stops and `_process` isolates its record
+            fn_constructor_kwargs={"ctx": ctx, "ledger": ledger},
             batch_size=BATCH_ROWS,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=actor_cpus,
-            # a restarted actor retries a batch a few times (Ray Data's default is forever: one record
-            # that kills its worker would hang the run), then the stream stops and `_process` isolates it
-            max_restarts=_CRASH_RETRIES,
-            max_task_retries=_CRASH_RETRIES,
         )
     )
-    blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-    for key, batch in unit_batches(blocks, BATCH_ROWS):
-        if writer is None or writer.key != key:
-            if writer is not None:
-                records[writer.key] = progress.unit_done(writer.finish())
-            writer = UnitWriter(output, units[key], key, settings)
-        writer.add(batch, seen)
-        progress.rows(batch.num_rows)
+    try:
+        blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        for key, batch in unit_batches(blocks, BATCH_ROWS):
+            if writer is None or writer.key != key:
+                if writer is not None:
+                    records[writer.key] = progress.unit_done(writer.finish())
+                writer = UnitWriter(output, units[key], key, settings)
+            writer.add(batch, seen)
+            progress.rows(batch.num_rows)
+    except Exception as err:
+        # what Ray Data raises for the preprocessing actor's error carries only its text: ask the ledger
+        batch = ray.get(ledger.gave_up.remote())
+        if batch is not None:
+            raise WorkerKeepsDying(f"batch {batch} killed its worker process on every try") from err
+        raise
+    finally:
+        ray.kill(ledger)
     if writer is not None:
         records[writer.key] = progress.unit_done(writer.finish())
 
