@@ -6,13 +6,20 @@
 
 Resume is exact: the same batches and the same random draws as an uninterrupted run. Nothing is unpickled:
 every file loads with `torch.load(weights_only=True)` (the engine's through `jobs.strategy`).
+
+A checkpoint counts only once every rank's files are in the run's storage at their size (`upload_checkpoint`):
+pyarrow's S3 upload, which Ray Train uses, can return success with files missing when the endpoint goes
+away mid-upload (the error is only logged when the stream is destroyed), and Ray Train would then commit,
+and later resume from, a half-written folder.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -21,6 +28,14 @@ import torch
 from jobs.budget import StageClock
 from jobs.strategy import DeepSpeedStrategy
 from pipelines.stream import TrainingStream
+
+logger = logging.getLogger("jobs.train")
+UPLOAD_ATTEMPTS = 3  # with 1 s, then 2 s between: an endpoint gone for a few seconds is waited out
+
+
+class CheckpointUploadError(OSError):
+    """A rank's checkpoint files did not all reach the run's storage: the worker fails (Ray Train restarts
+    the worker group from the last complete checkpoint) instead of reporting a half-written one."""
 
 
 def seed_everything(seed: int) -> None:
@@ -80,10 +95,60 @@ def save_checkpoint(
             {"step": step, "stage": stage},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
             checkpoint_dir_name=f"checkpoint_{step:07d}",
+            checkpoint_upload_fn=upload_checkpoint,
         )
     # Wait until the controller has committed it: a report is registered when the controller next polls
     # the workers, and a worker dying before that poll would lose the checkpoint it just wrote.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def upload_checkpoint(checkpoint, dir_name: str):
+    """Ray Train's upload of this rank's checkpoint folder to `<run>/<dir_name>`, checked: every file must
+    be there at its local size. Retried (`UPLOAD_ATTEMPTS`); returns the persisted `ray.train.Checkpoint`.
+
+    Raises:
+        CheckpointUploadError: files still missing or short after the last attempt.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    expected = {}
+    for folder, _, names in os.walk(checkpoint.path):
+        for name in names:
+            path = os.path.join(folder, name)
+            expected[os.path.relpath(path, checkpoint.path)] = os.path.getsize(path)
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
+            missing = _missing_files(storage.storage_filesystem, persisted.path, expected)
+            problem = "missing or short in storage"
+        except OSError as err:  # pyarrow's S3 errors are OSErrors
+            missing, problem = sorted(expected), f"{type(err).__name__}: {err}"
+        if not missing:
+            return persisted
+        logger.warning(
+            "checkpoint %s: upload attempt %d/%d failed: %s %s",
+            dir_name, attempt, UPLOAD_ATTEMPTS, ", ".join(missing), problem,
+        )  # fmt: skip
+        if attempt < UPLOAD_ATTEMPTS:
+            time.sleep(2 ** (attempt - 1))
+    raise CheckpointUploadError(
+        f"checkpoint {dir_name}: {len(missing)} of {len(expected)} files did not reach the run's storage "
+        f"after {UPLOAD_ATTEMPTS} attempts ({', '.join(missing)}); is the storage endpoint reachable?"
+    )
+
+
+def _missing_files(fs, root: str, expected: dict[str, int]) -> list[str]:
+    """The files of `expected` ({relative path: size}) absent under `root` of the pyarrow `fs`, or short."""
+    import pyarrow.fs
+
+    names = sorted(expected)
+    infos = fs.get_file_info([f"{root}/{name}" for name in names])
+    return [
+        name
+        for name, info in zip(names, infos, strict=True)
+        if info.type != pyarrow.fs.FileType.File or info.size != expected[name]
+    ]
 
 
 def read_worker_state(directory: str, rank: int) -> dict[str, Any]:
