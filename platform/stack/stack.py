@@ -173,7 +173,7 @@ def credentials() -> dict[str, str]:
     }
 
 
-def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float = 1) -> Path:
+def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float = 2) -> Path:
     stack = Stack(folder)
     if stack.state.get("groups"):
         raise StackError(f"a stack is already recorded in {stack.state_file}: `make stack-down` first")
@@ -338,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="state, data, logs (.stack)")
     parser.add_argument("--ray-nodes", type=int, default=2, help="Ray nodes including the head (default 2)")
     parser.add_argument("--free-ports", action="store_true", help="any free ports instead of the defaults")
-    # Ray's CPUs are scheduling slots, not cores. One per node, the smallest a worker pod has (a KubeRay
-    # `cpu: 1`), so the stack's test proves a whole cycle (prepare's fractional actors beside its readers,
-    # two 0.5-CPU training workers, 1-CPU evaluation tasks) fits on such nodes.
-    parser.add_argument("--cpus-per-node", type=float, default=1, help="logical CPUs per Ray node (1)")
+    # Ray's CPUs are scheduling slots, not cores. Each node needs a whole free CPU beside prepare's actor
+    # pool (its fractional actors leave one per node): Ray Data's repartition tasks ask for 1 CPU, and two
+    # 1-CPU nodes each holding a 0.5-CPU actor deadlock.
+    parser.add_argument("--cpus-per-node", type=float, default=2, help="logical CPUs per Ray node (2)")
     parser.add_argument("--purge", action="store_true", help="down: also delete DIR (databases, logs)")
     args = parser.parse_args(argv)
     if args.command == "down":
