@@ -1,11 +1,10 @@
 """`prepare`: raw corpora -> validated, tokenized Parquet shards + rejects + manifest, with Ray Data.
 
     work units (input files) --from_items--> read (tasks) --repartition (64 rows)--> preprocess (actors:
-        validate, decode, tile, tokenize) --> this process: 64-row batches per unit, exact-duplicate
-        removal, shards per unit, rejects, per-unit completion records --> manifest.json last (the commit)
+        validate, decode, tile, tokenize) --> this process: exact-duplicate removal, shards per unit,
+        rejects, per-unit completion records --> manifest.json last (the commit)
 
 The driver builds the processor once (its hash keys the dataset) and ships it to the actors pickled.
-Its tasks and actors ask for a fraction of a CPU, but for Ray Data's repartition (a whole CPU; see `_stream`).
 
 Incremental and atomic: a unit whose key (URI + fingerprint + processing settings) is already in the
 manifest is skipped; a unit finished by a run that was killed is taken from its completion record; only
@@ -45,18 +44,13 @@ from pipelines.readers import read_unit_batches
 from pipelines.settings import PrepareSettings
 from pipelines.sources import discover_units
 from pipelines.units import WorkUnit
-from pipelines.workers import (
-    BATCH_ROWS,
-    CrashLedger,
-    Preprocessor,
-    WorkerKeepsDying,
-    isolated_unit,
-    unit_batches,
-    worker_died,
-)
+from pipelines.workers import BATCH_ROWS, Preprocessor, isolated_unit, worker_died
 from pipelines.writer import UnitWriter
 
 logger = logging.getLogger(__name__)
+
+_CRASH_RETRIES = 2  # retries of a batch whose worker died, before its unit is run record by record
+
 
 # ---- orchestration -----------------------------------------------------------------------------------
 def unit_key(unit: WorkUnit, processing_hash: str, processor_hash: str) -> str:
@@ -247,7 +241,6 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
     items = [{"unit_key": k, "unit": json.dumps(u.to_dict())} for k, u in todo]
     units = dict(todo)
     writer: UnitWriter | None = None
-    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(
@@ -256,38 +249,37 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
             batch_size=1,
             num_cpus=actor_cpus / 2,
         )
-        # 64-row blocks, so both actors share even one big file. Its tasks ask for a whole CPU (Ray 2.60
-        # takes no resources here): a Ray node with less than one CPU free beside its actor waits forever
-        # (platform/README.md). Without it, single-node prepare ran 1.7x slower on 2 cores.
+        # 64-row blocks, so both actors share even one big file (without it single-node prepare ran 1.7x
+        # slower on 2 cores). Its tasks ask for a whole CPU and Ray 2.60 takes no resources here: a Ray node
+        # with less than one CPU free beside its actor waits forever (platform/README.md)
         .repartition(target_num_rows_per_block=BATCH_ROWS)
         .map_batches(
             Preprocessor,
-            # a batch is retried on restarted actors a few times (the ledger counts), then the stream
-            # stops and `_process` isolates its record
-            fn_constructor_kwargs={"ctx": ctx, "ledger": ledger},
+            fn_constructor_kwargs={"ctx": ctx},
             batch_size=BATCH_ROWS,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=actor_cpus,
+            # a restarted actor retries a batch a few times (Ray Data's default is forever: one record
+            # that kills its worker would hang the run), then the stream stops and `_process` isolates it
+            max_restarts=_CRASH_RETRIES,
+            max_task_retries=_CRASH_RETRIES,
         )
     )
-    try:
-        blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
-        for key, batch in unit_batches(blocks, BATCH_ROWS):
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        keys = batch.column("unit_key").to_pylist()
+        start = 0
+        for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
+            if end < len(keys) and keys[end] == keys[start]:
+                continue
+            key = keys[start]
             if writer is None or writer.key != key:
                 if writer is not None:
                     records[writer.key] = progress.unit_done(writer.finish())
                 writer = UnitWriter(output, units[key], key, settings)
-            writer.add(batch, seen)
-            progress.rows(batch.num_rows)
-    except Exception as err:
-        # what Ray Data raises for the preprocessing actor's error carries only its text: ask the ledger
-        batch = ray.get(ledger.gave_up.remote())
-        if batch is not None:
-            raise WorkerKeepsDying(f"batch {batch} killed its worker process on every try") from err
-        raise
-    finally:
-        ray.kill(ledger)
+            writer.add(batch.slice(start, end - start), seen)
+            progress.rows(end - start)
+            start = end
     if writer is not None:
         records[writer.key] = progress.unit_done(writer.finish())
 

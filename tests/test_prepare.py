@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -19,7 +18,6 @@ from PIL import Image
 from pipelines.manifest import DatasetNotFound, read_manifest
 from pipelines.prepare import prepare
 from pipelines.settings import PrepareSettings
-from pipelines.workers import unit_batches
 from tests import faults
 from tests.helpers import preset_processor, shapes_image
 
@@ -350,19 +348,3 @@ def test_a_dataset_from_before_a_setting_existed_grows_when_that_setting_is_at_i
     grown = read_manifest(output)
     assert grown.processing_hash == old.processing_hash and grown.totals()["written"] == 5
     assert PrepareSettings(max_file_bytes=4096).hashed_forms()[0]["max_file_bytes"] == 4096  # not a default
-
-
-def test_the_writer_gets_64_row_batches_from_each_units_first_row_whatever_the_blocks():
-    """Ray Data sizes the result blocks by bytes: the writer still gets each unit in the same batches (so
-    shards are cut the same), one chunk each, in order."""
-    keys = ["a"] * 150 + ["b"] * 3 + ["c"] * 64
-    table = pa.table({"unit_key": keys, "n": list(range(len(keys)))})
-    for cuts in ([], [1, 2, 100, 151, 160], list(range(1, len(keys)))):
-        edges = [0, *cuts, len(keys)]
-        blocks = [table.slice(start, end - start) for start, end in zip(edges, edges[1:])]
-        batches = list(unit_batches(blocks, 64))
-        assert [(key, batch.num_rows) for key, batch in batches] == [
-            ("a", 64), ("a", 64), ("a", 22), ("b", 3), ("c", 64)
-        ]  # fmt: skip
-        assert pa.concat_tables([b for _, b in batches]).column("n").to_pylist() == list(range(len(keys)))
-        assert all(batch.column("n").num_chunks == 1 for _, batch in batches)
