@@ -45,11 +45,13 @@ $(STAMP): pyproject.toml
 
 # Two test processes by default: much of a Ray or MLflow test is spent waiting (process start-up, polls,
 # servers), and a second process fills those gaps. A file runs whole in one process (its fixtures once);
-# tests/conftest.py starts the slowest files first. TEST_WORKERS=0 runs everything in this process.
+# tests/conftest.py starts the slowest files first. TEST_WORKERS=0 runs everything in this process;
+# PYTEST_ARGS adds options, e.g. PYTEST_ARGS="-k stack" or "--junitxml=results/junit.xml".
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test: venv system-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # DEMO_ARGS passes options through, e.g. DEMO_ARGS="--preset tiny" (two minutes) or "--seed 3".
 demo: venv system-deps
