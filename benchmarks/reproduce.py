@@ -182,7 +182,7 @@ def train_row(row: Row, config_path: Path, datasets: dict[str, str], parent: str
         init = exports[stage] = report["exports"][stage]
         stages[stage] = {**read_export_info(init), "wall_s": time.perf_counter() - started}
         # exported: its checkpoints (~1 GB a smollm2 stage) are never resumed from again
-        shutil.rmtree(Path(config.storage_path) / config.stage_run_name(stage), ignore_errors=True)
+        shutil.rmtree(Path(config.storage_path) / config.train_run_name, ignore_errors=True)
     return {"run_id": run_id, "exports": exports, "stages": stages}
 
 

@@ -10,7 +10,8 @@ every file loads with `torch.load(weights_only=True)` (the engine's through `job
 A checkpoint counts only once every rank's files are in the run's storage at their size (`upload_checkpoint`):
 pyarrow's S3 upload, which Ray Train uses, can return success with files missing when the endpoint goes
 away mid-upload (the error is only logged when the stream is destroyed), and Ray Train would then commit,
-and later resume from, a half-written folder.
+and later resume from, a half-written folder. Reading one back is checked the same way (`checkpoint_folder`):
+a download can also come back without error and without files.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -31,6 +36,14 @@ from pipelines.stream import TrainingStream
 
 logger = logging.getLogger("jobs.train")
 UPLOAD_ATTEMPTS = 3  # with 1 s, then 2 s between: an endpoint gone for a few seconds is waited out
+# A restarted worker group reads the checkpoint right after the failure, often while the endpoint that
+# failed the upload is still away: 1, 2, 4 ... 32 s between attempts (about a minute) before the group fails.
+DOWNLOAD_ATTEMPTS = 7
+
+
+class CheckpointDownloadError(OSError):
+    """A checkpoint could not be read whole from the run's storage (the worker fails; Ray Train restarts
+    the worker group, up to max_failures)."""
 
 
 class CheckpointUploadError(OSError):
@@ -73,6 +86,19 @@ def worker_state_file(rank: int) -> str:
     return f"worker_{rank:04d}.pt"
 
 
+def checkpoint_name(stage: str, step: int) -> str:
+    """A checkpoint's folder in the run: `checkpoint_<stage>_<step>` (one Ray Train run holds every stage)."""
+    return f"checkpoint_{stage}_{step:07d}"
+
+
+def checkpoint_stage(checkpoint) -> str | None:
+    """The stage a Ray Train checkpoint (or None) was saved in, from its folder's name."""
+    if checkpoint is None:
+        return None
+    found = re.fullmatch(r"checkpoint_([a-z]+)_\d+", checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    return found.group(1) if found else None
+
+
 def save_checkpoint(
     strategy: DeepSpeedStrategy, stream: TrainingStream, clock: StageClock, step: int, stage: str, rank: int
 ) -> None:
@@ -94,7 +120,7 @@ def save_checkpoint(
         ray.train.report(
             {"step": step, "stage": stage},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_{step:07d}",
+            checkpoint_dir_name=checkpoint_name(stage, step),
             checkpoint_upload_fn=upload_checkpoint,
         )
     # Wait until the controller has committed it: a report is registered when the controller next polls
@@ -151,6 +177,59 @@ def _missing_files(fs, root: str, expected: dict[str, int]) -> list[str]:
     ]
 
 
+@contextmanager
+def checkpoint_folder(checkpoint) -> Iterator[str]:
+    """A local folder holding the whole checkpoint: its own path on a local filesystem, else a download
+    checked file by file against the store's listing and retried (`DOWNLOAD_ATTEMPTS`).
+
+    pyarrow's S3 download, like its upload, can come back without error and without files when the
+    endpoint resets connections; DeepSpeed would then find no checkpoint in the folder.
+
+    Raises:
+        CheckpointDownloadError: the listing or the files still failed after the last attempt.
+    """
+    import pyarrow.fs
+
+    fs, root = checkpoint.filesystem, checkpoint.path
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        yield root
+        return
+    with tempfile.TemporaryDirectory(prefix="hovle-resume-") as local:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            expected, target = {}, os.path.join(local, f"attempt-{attempt}")
+            try:
+                listed = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+                expected = {
+                    info.path[len(root) :].lstrip("/"): info.size
+                    for info in listed
+                    if info.type == pyarrow.fs.FileType.File
+                }
+                checkpoint.to_directory(target)
+                missing = [
+                    name
+                    for name, size in expected.items()
+                    if not os.path.isfile(os.path.join(target, name))
+                    or os.path.getsize(os.path.join(target, name)) != size
+                ]
+                problem = "missing or short after the download" if expected else "no files listed"
+            except OSError as err:  # pyarrow's S3 errors are OSErrors
+                missing, problem = ["(listing)"], f"{type(err).__name__}: {err}"
+            if expected and not missing:
+                break
+            logger.warning(
+                "checkpoint %s: read attempt %d/%d failed: %s %s",
+                root, attempt, DOWNLOAD_ATTEMPTS, ", ".join(missing[:5]), problem,
+            )  # fmt: skip
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise CheckpointDownloadError(
+                    f"checkpoint {root}: could not be read whole after {DOWNLOAD_ATTEMPTS} attempts "
+                    f"({problem}); is the storage endpoint reachable?"
+                )
+            shutil.rmtree(target, ignore_errors=True)
+            time.sleep(2 ** (attempt - 1))
+        yield target
+
+
 def read_worker_state(directory: str, rank: int) -> dict[str, Any]:
     """Rank `rank`'s data position and RNG from a checkpoint folder; tensors and plain values only
     (`weights_only=True`: a planted pickle raises `pickle.UnpicklingError` instead of running)."""
@@ -162,7 +241,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the engine from a Ray Train checkpoint, and this rank's data position and RNG; returns the
     client state saved with it (`step` and the clock's)."""
-    with checkpoint.as_directory() as directory:
+    with checkpoint_folder(checkpoint) as directory:
         client_state = strategy.load(directory)
         mine = read_worker_state(directory, rank)
     stream.load_state_dict(mine["stream"])

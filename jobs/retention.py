@@ -1,7 +1,7 @@
 """Retention for scheduled retraining: what finished cycles leave in the storage, cleaned by a policy.
 
 Each cycle (jobs.retrain) trains as the run `retrain-<data version>`: its exports in
-`<storage>/retrain-<version>/` and Ray Train's checkpoints in `<storage>/retrain-<version>-<stage>/`; a
+`<storage>/retrain-<version>/` and Ray Train's checkpoints in `<storage>/retrain-<version>-train/`; a
 cycle that fine-tunes the champion reads a copy of it, `<storage>/retrain/champion-v<N>`. With
 `retrain.retention.keep_cycles: K`, after a cycle finishes (under the retrain lock, so no other cycle runs)
 the folders of finished cycles older than the newest K are removed, except the champion's lineage: the
@@ -46,7 +46,8 @@ def children(uri: str) -> list[str]:
 
 
 def cycle_folders(storage_root: str, run_name: str) -> list[str]:
-    """The run's own folders under `storage_root`: `<run_name>/` and `<run_name>-<stage>/` (existing)."""
+    """The run's own folders under `storage_root` that exist: `<run_name>/`, and `<run_name>-train/` (its
+    Ray Train checkpoints) or any other `<run_name>-*`."""
     own = [n for n in children(storage_root) if n == run_name or n.startswith(f"{run_name}-")]
     return [storage.join(storage_root, n) for n in sorted(own)]
 

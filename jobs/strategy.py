@@ -217,6 +217,11 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {CHECKPOINT_TAG!r}) in {directory}")
         return client_state or {}
 
+    def close(self) -> None:
+        """Release the engine (its optimizer's buffers and hooks) before the next stage builds its own."""
+        self.engine.destroy()
+        self.engine = None
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole module's weights on CPU on rank 0 (None elsewhere); every rank must call it.
 

@@ -123,6 +123,15 @@ class RunTracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def finish_if_open(self, run_id: str) -> None:
+        """FINISHED, unless the run already ended (rank 0 ends a stage's run when its export is written)."""
+        if self.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            self.finish(run_id)
+
+    def schedule(self, run_id: str) -> None:
+        """Mark a stage's run as waiting for its turn (jobs.train makes every stage's run up front)."""
+        self.client.update_run(run_id, status="SCHEDULED")
+
     def log_dict(self, run_id: str, payload: dict[str, Any], name: str) -> None:
         self.client.log_dict(run_id, payload, name)
 
@@ -168,8 +177,9 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 class StageLogger:
     """Rank 0's handle on a stage's run: metrics, text artifacts and MLflow's system metrics.
 
-    Used as a context manager; leaving it stops the system-metrics thread but keeps the run open (the
-    driver closes it when the stage's fit ends, so a restarted worker group logs into the same run).
+    Used as a context manager: entering marks the run RUNNING; leaving stops the system-metrics thread
+    but keeps the run open (a restarted worker group logs into the same run); `finish` ends it once the
+    stage's export is written.
     """
 
     def __init__(self, uri: str, run_id: str, system_metrics: bool = True, sampling_s: float = 5.0) -> None:
@@ -179,6 +189,7 @@ class StageLogger:
         self._monitor = None
 
     def __enter__(self) -> StageLogger:
+        self.client.update_run(self.run_id, status="RUNNING")
         if self.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -196,6 +207,9 @@ class StageLogger:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED")
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

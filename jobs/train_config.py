@@ -1,7 +1,7 @@
 """`TrainConfig`: the `train:` section of a run config, validated once, before any worker starts.
 
     train:
-      run_name: hovle                 # checkpoints at <storage_path>/<run_name>-<stage>; reruns resume
+      run_name: hovle                 # checkpoints at <storage_path>/<run_name>-train; reruns resume
       storage_path: runs              # local folder or s3://bucket/prefix
       seed: 0
       data: {distill: URI, align: URI, instruct: URI}     # prepared datasets (hovle prepare)
@@ -179,7 +179,7 @@ class TrainConfig(_Strict):
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts per stage; -1: unlimited")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts per run (all its stages); -1: unlimited")
     tracking: TrackingSettings = TrackingSettings()
     log_every_n_steps: int = Field(10, ge=1)
     lora: LoraSettings | None = Field(None, description="null: full fine-tuning of what each stage trains")
@@ -220,8 +220,10 @@ class TrainConfig(_Strict):
 
         return tracking_uri(self.tracking.uri)
 
-    def stage_run_name(self, stage: str) -> str:
-        return f"{self.run_name}-{stage}"
+    @property
+    def train_run_name(self) -> str:
+        """The Ray Train run that trains every stage of this run (its checkpoints' folder)."""
+        return f"{self.run_name}-train"
 
     def flat(self) -> dict[str, Any]:
         """The validated config as flat `a.b.c -> value` params (what MLflow logs)."""

@@ -1,8 +1,12 @@
-"""The Ray Train worker loop of one HoVLE stage (`TorchTrainer`'s `train_loop_per_worker`).
+"""The Ray Train worker loop of a run's HoVLE stages (`TorchTrainer`'s `train_loop_per_worker`).
+
+`train_stages` trains the run's stages one after another in the same worker group; a stage whose export
+is complete (trained before a worker-group restart) is skipped. Per stage (`train_stage`):
 
     build   the model (the previous stage's export, or the preset), the stage's trainable split, the
             distill teacher, the DeepSpeed engine (jobs.strategy), this worker's batches (pipelines)
-    resume  from the checkpoint Ray Train hands over (a restarted worker group, or a rerun of the run)
+    resume  from the checkpoint Ray Train hands over (a restarted worker group, or a rerun of the run),
+            when it was saved in this stage (its folder is `checkpoint_<stage>_<step>`)
     loop    micro-batches -> forward, backward, step, until `steps` or the CPU-seconds budget
             (jobs.budget); metrics and a progress line every N steps (jobs.meter); a checkpoint (engine +
             data position + RNG + step, CPU-seconds and tokens) every N steps and at the end, from every rank
@@ -19,6 +23,7 @@ of steps (`TrainingStream`), so no collective waits for a rank that ran out of d
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import tempfile
 from contextlib import nullcontext
@@ -30,8 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from jobs.budget import StageClock
-from jobs.checkpoints import load_checkpoint, save_checkpoint, seed_everything
-from jobs.export import load_export, local_copy, write_export
+from jobs.checkpoints import checkpoint_stage, load_checkpoint, save_checkpoint, seed_everything
+from jobs.export import is_export, load_export, local_copy, write_export
 from jobs.hooks import Hooks, TrainStep
 from jobs.logging_setup import quiet_libraries
 from jobs.meter import StageMeter
@@ -114,11 +119,25 @@ class StageModule(nn.Module):
         return self.head(states) if self.head is not None else states
 
 
-def train_stage(job_config: dict[str, Any]) -> None:
+def train_stages(loop_config: dict[str, Any]) -> None:
+    """Every stage of `loop_config["stages"]` (StageJob dicts, in order) in this worker group."""
     import ray.train
 
     quiet_libraries()  # no GGUF conversion bars in every worker (HOVLE_VERBOSE=1 keeps them)
-    job = StageJob(**job_config)
+    checkpoint = ray.train.get_checkpoint()  # the run's latest: of the stage it was saved in
+    for raw in loop_config["stages"]:
+        job = StageJob(**raw)
+        if is_export(job.export_uri):  # trained before this worker group restarted
+            continue
+        train_stage(job, checkpoint if checkpoint_stage(checkpoint) == job.stage else None)
+        checkpoint = None
+        gc.collect()  # the stage's engine, model and batches, before the next stage builds its own
+
+
+def train_stage(job: StageJob, checkpoint=None) -> None:
+    """One stage on this worker, resumed from `checkpoint` (a Ray Train checkpoint of this stage) if given."""
+    import ray.train
+
     config = TrainConfig.model_validate(job.config)
     settings = config.stages[job.stage]
     context = ray.train.get_context()
@@ -172,7 +191,6 @@ def train_stage(job_config: dict[str, Any]) -> None:
 
     # ---- resume -----------------------------------------------------------------------------------------
     step, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         client_state = load_checkpoint(checkpoint, strategy, stream, rank)
         step = resumed_from = int(client_state["step"])
@@ -246,7 +264,10 @@ def train_stage(job_config: dict[str, Any]) -> None:
         if spec.adapted:  # the adapters' settings, and what they were trained on
             info["lora"] = {**config.lora.model_dump(), "base": job.init_uri or model.config.llm_name_or_path}
         write_export(model, processor, model_weights, job.export_uri, info)
+        if isinstance(tracker, StageLogger):
+            tracker.finish()  # the stage is done: its MLflow run ends now, not when the last stage does
     dist.barrier()
+    strategy.close()
 
 
 def advance_drop_path(

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger("tests.faults")
@@ -33,6 +34,32 @@ class KillLastRank:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class PauseAtStep:
+    """Training: at optimizer step `step` of a worker group that started fresh, rank 0 writes
+    `pause_marker(<Ray Train run>)` and every rank stands still for `seconds`: the checkpoints before that
+    step are committed, and a test can take a node away from a run that is mid-stage."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_step(self, at) -> None:
+        import ray.train
+
+        if at.step != self.step or at.resumed_from_step is not None:
+            return
+        if at.rank == 0:
+            marker = pause_marker(ray.train.get_context().get_experiment_name())
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"stage": at.stage, "step": at.step}))
+        logger.warning("fault: rank %d of %s pauses at step %d", at.rank, at.stage, at.step)
+        time.sleep(self.seconds)
+
+
+def pause_marker(run: str) -> Path:
+    """Where `PauseAtStep` tells a test that the Ray Train run `run` (`<run_name>-train`) stands still."""
+    return Path(tempfile.gettempdir()) / "hovle-faults" / f"{run}.paused"
+
+
 class KillAfterUnits:
     """Prepare: the driver SIGKILLs itself once `units` input units are written (its Ray processes go
     with it)."""
@@ -47,7 +74,7 @@ class KillAfterUnits:
 
 def outage_control(run: str) -> Path:
     """The file through which a test tells the S3 outage hooks of the Ray Train run `run`
-    (`<run_name>-<stage>`) where its proxy (tests/tcp_proxy.py) is: {"control": [host, port], "checkpoints":
+    (`<run_name>-train`) where its proxy (tests/tcp_proxy.py) is: {"control": [host, port], "checkpoints":
     the run's folder URI, "resume_report": a path}."""
     return Path(tempfile.gettempdir()) / "hovle-faults" / f"{run}.json"
 
@@ -111,3 +138,4 @@ kill_after_two_units = KillAfterUnits(2)
 s3_cut_briefly_at_step_2 = S3Outage(2, 4, 400_000)
 s3_cut_for_long_at_step_4 = S3Outage(4, 60, 400_000)
 list_checkpoints_on_resume = ListCheckpointsOnResume()
+pause_at_step_3 = PauseAtStep(3, 300)

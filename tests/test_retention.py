@@ -37,7 +37,8 @@ def layout(root: str) -> dict:
         "v5": export(root, "retrain-v5/exports/instruct", init=copy2),
     }
     for version in exports:
-        storage.write_text_atomic(storage.join(root, f"retrain-{version}-instruct/checkpoint_0000002/a"), "x")
+        checkpoint = f"retrain-{version}-train/checkpoint_instruct_0000002/a"
+        storage.write_text_atomic(storage.join(root, checkpoint), "x")
     storage.write_text_atomic(storage.join(root, "prepared/instruct/manifest.json"), "{}")
     storage.write_text_atomic(storage.join(retrain, "state.json"), "{}")
     cycles = {
@@ -65,13 +66,13 @@ def test_older_finished_cycles_go_and_the_champion_s_lineage_stays(root):
     gone = {uri.removeprefix(root).strip("/") for uri in removed}
     # v1: older than the newest two (v4, v3) and not the champion's: its export and checkpoints go
     # v2: the champion: its export stays (and the copy it started from), its checkpoints go
-    assert gone == {"retrain-v1", "retrain-v1-instruct", "retrain-v2-instruct"}
+    assert gone == {"retrain-v1", "retrain-v1-train", "retrain-v2-train"}
     for uri in removed:
         assert not storage.exists(uri)
     kept = [files["exports"][v] for v in ("v2", "v3", "v4", "v5")] + [files["copy1"], files["copy2"]]
     assert all(storage.exists(storage.join(uri, "export.json")) for uri in kept)
     for version in ("v3", "v4", "v5"):  # kept cycles keep their checkpoints; v5 may still resume
-        assert storage.exists(storage.join(root, f"retrain-{version}-instruct/checkpoint_0000002/a"))
+        assert storage.exists(storage.join(root, f"retrain-{version}-train/checkpoint_instruct_0000002/a"))
     assert storage.exists(storage.join(root, "prepared/instruct/manifest.json"))
     assert storage.exists(storage.join(files["retrain"], "state.json"))
     assert retention.plan(files["cycles"], "v4", 2, root, files["retrain"], files["exports"]["v2"]) == []

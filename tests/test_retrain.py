@@ -227,7 +227,7 @@ def test_new_data_fine_tunes_the_champion_in_a_cycle_that_continues_after_a_cras
     runs, first = root / "runs", first_cycle[1]["data_version"]
     assert summary["retention_removed"]
     assert not any((runs / f"retrain-{first}-{stage}").exists() for stage in ("distill", "align", "instruct"))
-    assert (runs / f"retrain-{summary['data_version']}-instruct").is_dir()  # the cycle that just ran
+    assert (runs / f"retrain-{summary['data_version']}-train").is_dir()  # the cycle that just ran
     # the champion's lineage runs through the first cycle's exports either way: v1 is them, and v2 started
     # from v1's copy, whose export.json leads on to v1's align and distill exports
     assert (runs / "retrain" / "champion-v1" / "export.json").is_file()

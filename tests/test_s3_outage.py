@@ -25,9 +25,13 @@ import pytest
 
 from tests import faults
 from tests.tcp_proxy import ProxyProcess, command
-from tests.test_train import RESUME, assert_same_weights, export_weights, prepared, train  # noqa: F401
+from tests.test_train import assert_same_weights, export_weights, prepared, train  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+RESUME = (
+    "--stage", "align", "--set", "train.stages.align.steps=6", "--set", "train.checkpoint.every_n_steps=2",
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -73,9 +77,9 @@ def test_an_s3_outage_during_checkpoint_uploads_is_retried_then_resumed_from_the
 ):
     run = f"outage-{uuid.uuid4().hex[:8]}"
     storage_path = f"{s3_bucket}/runs"
-    checkpoints = f"{storage_path}/{run}-align"
+    checkpoints = f"{storage_path}/{run}-train"
     report_file = tmp_workdir / "resume.json"
-    control = faults.outage_control(f"{run}-align")
+    control = faults.outage_control(f"{run}-train")
     control.parent.mkdir(parents=True, exist_ok=True)
     control.write_text(
         json.dumps({"control": proxy.control, "checkpoints": checkpoints, "resume_report": str(report_file)})
@@ -102,11 +106,11 @@ def test_an_s3_outage_during_checkpoint_uploads_is_retried_then_resumed_from_the
     at_resume = json.loads(report_file.read_text())
     assert at_resume["resumed_from_step"] == 2
     final = checkpoint_files(checkpoints)
-    assert sorted(final) == ["checkpoint_0000004", "checkpoint_0000006"]  # keep_last 2
-    complete = final["checkpoint_0000004"]  # rewritten by the resumed workers
-    assert final["checkpoint_0000006"] == complete
-    assert sorted(at_resume["checkpoints"]["checkpoint_0000002"]) == complete
-    half_written = at_resume["checkpoints"].get("checkpoint_0000004", [])
+    assert sorted(final) == ["checkpoint_align_0000004", "checkpoint_align_0000006"]  # keep_last 2
+    complete = final["checkpoint_align_0000004"]  # rewritten by the resumed workers
+    assert final["checkpoint_align_0000006"] == complete
+    assert sorted(at_resume["checkpoints"]["checkpoint_align_0000002"]) == complete
+    half_written = at_resume["checkpoints"].get("checkpoint_align_0000004", [])
     assert set(half_written) < set(complete), half_written
     # and the weights are an uninterrupted run's
     assert_same_weights(export_weights(report["exports"]["align"]), uninterrupted)

@@ -64,18 +64,21 @@ def mlflow_client(workdir: Path):
 
 
 # ---- resume ---------------------------------------------------------------------------------------------
+# All three stages in one Ray Train run (one worker group); the kill comes at align's step 3, between its
+# step-2 and step-4 checkpoints.
 RESUME = (
-    "--stage", "align", "--set", "train.stages.align.steps=6", "--set", "train.checkpoint.every_n_steps=2",
+    "--stage", "all", "--set", "train.stages.distill.steps=2", "--set", "train.stages.align.steps=6",
+    "--set", "train.stages.instruct.steps=2", "--set", "train.checkpoint.every_n_steps=2",
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared, tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted(prepared, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     workdir = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
-        report = train(*RESUME, "--data", prepared["align"], "--run-name", "straight")
-    return export_weights(report["exports"]["align"])
+        report = train(*RESUME, "--run-name", "straight", data=prepared)
+    return {stage: export_weights(uri) for stage, uri in report["exports"].items()}
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -85,40 +88,59 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert any(k.startswith("embedding.") for k in want)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint_to_the_same_weights(
+def export_info(report: dict, stage: str) -> dict:
+    return json.loads((Path(report["exports"][stage]) / "export.json").read_text())
+
+
+def logged_steps(client, stage: str, run_name: str) -> list[int]:
+    experiment = client.get_experiment_by_name("hovle").experiment_id
+    query = f"tags.`hovle.stage` = '{stage}' and tags.`mlflow.runName` = '{run_name}-{stage}'"
+    [run] = client.search_runs([experiment], query)
+    return [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+
+
+def test_a_killed_worker_resumes_its_stage_from_the_last_checkpoint_to_the_same_weights(
     prepared, uninterrupted, tmp_workdir, monkeypatch
 ):
     monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
-    report = train(*RESUME, "--data", prepared["align"], "--run-name", "killed")
-    info = json.loads((Path(report["exports"]["align"]) / "export.json").read_text())
-    assert info["resumed_from_step"] == 2  # the restarted workers took the step-2 checkpoint
-    assert_same_weights(export_weights(report["exports"]["align"]), uninterrupted)
-    checkpoints = sorted(p.name for p in (tmp_workdir / "runs" / "killed-align").glob("checkpoint_0*"))
-    assert checkpoints == ["checkpoint_0000004", "checkpoint_0000006"]  # keep_last 2
+    report = train(*RESUME, "--run-name", "killed", data=prepared)
+    assert export_info(report, "align")["resumed_from_step"] == 2  # the restarted workers took align's step 2
+    assert export_info(report, "instruct")["resumed_from_step"] is None  # a fresh start, in the same group
+    for stage in STAGES:
+        assert_same_weights(export_weights(report["exports"][stage]), uninterrupted[stage])
+    # the restarted group skipped the finished distill stage: its steps were logged once
+    client = mlflow_client(tmp_workdir)
+    assert logged_steps(client, "distill", "killed") == [2]  # tiny logs every 2 steps
+    assert logged_steps(client, "align", "killed")[-1] == 6
+    run = tmp_workdir / "runs" / "killed-train"
+    checkpoints = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_align_0000006", "checkpoint_instruct_0000002"]  # keep_last 2
 
 
 def test_rerunning_after_the_whole_job_died_resumes_into_the_same_mlflow_run(
     prepared, uninterrupted, tmp_workdir, monkeypatch
 ):
     monkeypatch.setenv("HOVLE_HOOKS", faults.spec("kill_last_rank_at_step_3"))
-    args = (*RESUME, "--data", prepared["align"], "--run-name", "rerun")
-    assert train(*args, "--set", "train.max_failures=0", expect=1) is None  # the job dies with its worker
+    args = (*RESUME, "--run-name", "rerun")
+    assert (
+        train(*args, "--set", "train.max_failures=0", data=prepared, expect=1) is None
+    )  # dies with its worker
     client = mlflow_client(tmp_workdir)
-    [stage_run] = client.search_runs(
-        [client.get_experiment_by_name("hovle").experiment_id], "tags.`hovle.stage` = 'align'"
-    )
-    assert stage_run.info.status == "FAILED"
+    experiment = client.get_experiment_by_name("hovle").experiment_id
+    status = {run.data.tags["hovle.stage"]: run.info.status
+              for run in client.search_runs([experiment], "tags.`hovle.kind` = 'stage'")}  # fmt: skip
+    assert status == {"distill": "FINISHED", "align": "FAILED", "instruct": "KILLED"}
 
     monkeypatch.delenv("HOVLE_HOOKS")
-    report = train(*args)
-    info = json.loads((Path(report["exports"]["align"]) / "export.json").read_text())
-    assert info["resumed_from_step"] == 2
-    assert_same_weights(export_weights(report["exports"]["align"]), uninterrupted)
-    runs = client.search_runs([client.get_experiment_by_name("hovle").experiment_id])
-    assert len(runs) == 2  # the same parent and stage run, no duplicates
-    resumed = client.get_run(stage_run.info.run_id)
-    assert resumed.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")][-1] == 6
+    report = train(*args, data=prepared)
+    assert export_info(report, "align")["resumed_from_step"] == 2
+    for stage in STAGES:
+        assert_same_weights(export_weights(report["exports"][stage]), uninterrupted[stage])
+    runs = client.search_runs([experiment])
+    assert len(runs) == 4  # the same parent and stage runs, no duplicates
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert logged_steps(client, "distill", "rerun") == [2]  # exported before the crash: not trained again
+    assert logged_steps(client, "align", "rerun")[-1] == 6
 
 
 # ---- ZeRO-3 on S3 -----------------------------------------------------------------------------------------
@@ -139,7 +161,7 @@ def test_zero3_checkpoints_and_exports_to_s3_with_consolidated_weights(prepared,
     exported = {k: v for k, v in model.state_dict().items()}
 
     # the engine's own fp32 partitions from its last checkpoint, merged by DeepSpeed's offline tool
-    last = storage.join(storage_path, "z3-align", "checkpoint_0000004")
+    last = storage.join(storage_path, "z3-train", "checkpoint_align_0000004")
     local = tmp_workdir / "checkpoint"
     storage.get_directory(last, str(local))
     engine = get_fp32_state_dict_from_zero_checkpoint(str(local), tag="state")
