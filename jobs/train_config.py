@@ -179,7 +179,7 @@ class TrainConfig(_Strict):
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts per run (all its stages); -1: unlimited")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts per run; -1: no limit")
     tracking: TrackingSettings = TrackingSettings()
     log_every_n_steps: int = Field(10, ge=1)
     lora: LoraSettings | None = Field(None, description="null: full fine-tuning of what each stage trains")

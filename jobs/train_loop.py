@@ -382,13 +382,17 @@ def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
 
 
 def _endless(stream: TrainingStream):
-    """Batches across epochs; an epoch that yields nothing would loop forever, so it raises instead."""
+    """Batches across epochs. A stream resumed right after its epoch's last batch yields nothing before it
+    moves on to the next epoch; two passes in a row without a batch mean no data, and raise (instead of
+    looping forever)."""
+    empty = 0
     while True:
         yielded = False
         for batch in stream:
             yielded = True
             yield batch
-        if not yielded:
+        empty = 0 if yielded else empty + 1
+        if empty == 2:
             raise RuntimeError("the training data yields no batches for this worker: prepare more samples")
 
 

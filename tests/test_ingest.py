@@ -295,6 +295,32 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches(dataset, processor
     assert flat_ids(run(stream())) == flat_ids(full)  # deterministic
 
 
+def test_training_resumed_right_after_an_epochs_last_batch_goes_on_into_the_next_epoch(dataset, processor):
+    """jobs.train_loop's endless batches: a checkpoint saved at the epoch's last batch resumes into the next
+    epoch (its remainder is empty); data that yields no batch at all raises instead of looping."""
+    from jobs.train_loop import _endless
+
+    def stream() -> TrainingStream:
+        source = ShardSource(
+            str(dataset), rank=1, world_size=2, seed=0, tile_size=processor.tile_size, reader="local"
+        )
+        return TrainingStream(source, batch_size=2, pad_token_id=processor.tokenizer.pad_token_id)
+
+    straight = _endless(stream())
+    first_epoch = len(run(stream()))
+    want = [next(straight) for _ in range(first_epoch + 2)]
+    saved = stream()
+    run(saved, limit=first_epoch)  # a run that checkpointed right after the epoch's last batch
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))
+    batches = _endless(resumed)
+    got = [next(batches) for _ in range(2)]
+    assert all(same_batch(a, b) for a, b in zip(got, want[first_epoch:], strict=True))
+
+    with pytest.raises(RuntimeError, match="yields no batches"):  # a rank left without a batch
+        next(_endless([]))
+
+
 def test_packed_batches_are_full_rows_that_respect_the_budget(dataset, processor):
     source = ShardSource(str(dataset), seed=1, tile_size=processor.tile_size, reader="local")
     stream = TrainingStream(

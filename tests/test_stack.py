@@ -4,8 +4,10 @@ The stack is the compose file's services without Docker, on loopback: moto's S3 
 MLflow's server (artifacts in the bucket, basic auth), a Ray head and a second Ray node. The cycle is
 `hovle submit` (`ray job submit` underneath) with every path an `s3://` URI and tracking on the server;
 the stack gets fake AWS and MLflow secrets from the environment, and afterwards the server's database, the
-bucket and the Ray logs are scanned for them. One stack for the module; `stack.py down` stops exactly its
-process groups (never `ray stop`, which would stop the test session's Ray too).
+bucket and the Ray logs are scanned for them. A training stage with one worker per node loses the second
+node mid-stage (SIGKILL of its process group), waits, and resumes on a replacement node (`stack.py node`).
+One stack for the module; `stack.py down` stops exactly its process groups (never `ray stop`, which would
+stop the test session's Ray too).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import json
 import os
 import secrets
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -207,6 +212,112 @@ def test_a_submitted_cycle_on_the_stack_crowns_a_champion_served_from_the_bucket
     assert asked.returncode == 0, asked.stderr[-3000:]
     [answer] = json.loads(asked.stdout.strip().splitlines()[-1])
     assert isinstance(answer, str)
+
+
+# ---- a node lost mid-stage ---------------------------------------------------------------------------------
+def jobs_api(client: dict[str, str], path: str) -> dict:
+    """GET the Ray Jobs REST API of the stack, with the token `make stack`'s head wrote."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(
+        f"{client['RAY_ADDRESS']}/api/jobs/{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def submit_training(client: dict[str, str], config: Path, run_name: str, hooks: str = "") -> str:
+    """`ray job submit --no-wait` of `hovle train --stage instruct` on the stack; returns the job's id."""
+    runtime_env = yaml.safe_load((REPO_ROOT / "platform" / "ray" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["HOVLE_HOOKS"] = hooks
+    env_file = config.parent / f"{run_name}-runtime-env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING", "RAY_"))}
+    env.update(client)
+    job_id = f"train-{run_name}-{secrets.token_hex(4)}"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", client["RAY_ADDRESS"],
+         "--submission-id", job_id, "--no-wait", "--working-dir", ".", "--runtime-env", str(env_file),
+         "--", "python", "-m", "jobs.train", "--config", str(config), "--stage", "instruct",
+         "--run-name", run_name],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return job_id
+
+
+def wait_for_job(client: dict[str, str], job_id: str, timeout_s: float = 600) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (status := jobs_api(client, job_id)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"{job_id} still {status} after {timeout_s} s"
+        time.sleep(2)
+    return status
+
+
+def alive_nodes(client: dict[str, str]) -> list[dict]:
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "list", "nodes", "--address", client["RAY_ADDRESS"],
+         "--format", "json", "--filter", "state=ALIVE"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout)
+
+
+def test_a_stage_that_loses_a_node_waits_for_a_new_one_and_resumes_to_an_uninterrupted_runs_weights(
+    stack, cycle, tmp_path
+):
+    """Two workers, one per node (STRICT_SPREAD); mid-stage the second node's processes are SIGKILLed by
+    their process group. The run waits (the job stays RUNNING with one node left) until `stack.py node`
+    starts a replacement, then resumes from the last checkpoint to an uninterrupted run's weights."""
+    from safetensors.torch import load
+
+    from tests import faults
+
+    folder, client, state = stack
+    assert cycle[1][0] == 0  # the cycle prepared s3://hovle/prepared/instruct
+    document = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    train = document["train"]
+    train["storage_path"] = "s3://hovle/runs"
+    train["tracking"]["uri"] = client["MLFLOW_TRACKING_URI"]
+    train["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "STRICT_SPREAD"}
+    train["stages"]["instruct"]["steps"] = 6
+    train["checkpoint"] = {"every_n_steps": 2, "keep_last": 2}
+    train["data"] = {**train.get("data", {}), "instruct": "s3://hovle/prepared/instruct"}
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(document))
+
+    assert wait_for_job(client, submit_training(client, config, "two-nodes-straight")) == "SUCCEEDED"
+
+    run = f"two-nodes-lost-{secrets.token_hex(3)}"
+    marker = faults.pause_marker(f"{run}-train")
+    job_id = submit_training(client, config, run, hooks=faults.spec("pause_at_step_3"))
+    deadline = time.monotonic() + 300
+    while not marker.exists():  # step 2's checkpoint is committed, every rank stands at step 3
+        assert time.monotonic() < deadline and jobs_api(client, job_id)["status"] in ("PENDING", "RUNNING")
+        time.sleep(1)
+    marker.unlink()
+    os.killpg(state["groups"]["ray-node-1"], signal.SIGKILL)  # the node's raylet, agents and its worker
+    deadline = time.monotonic() + 120
+    while len(alive_nodes(client)) > 1:  # the head notices the node is gone
+        assert time.monotonic() < deadline, "the killed node is still listed alive"
+        time.sleep(2)
+    time.sleep(10)
+    assert jobs_api(client, job_id)["status"] == "RUNNING"  # waiting for a second node, not failed
+
+    added = subprocess.run([sys.executable, str(STACK), "node", "--dir", str(folder)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert added.stdout.startswith("ray-node-2 joined")
+    assert wait_for_job(client, job_id) == "SUCCEEDED", jobs_api(client, f"{job_id}/logs")["logs"][-3000:]
+
+    fs = s3fs_for(client)
+    info = json.loads(fs.cat_file(f"hovle/runs/{run}/exports/instruct/export.json"))
+    assert info["resumed_from_step"] == 2 and info["steps"] == 6
+    resumed = load(fs.cat_file(f"hovle/runs/{run}/exports/instruct/model.safetensors"))
+    straight = load(fs.cat_file("hovle/runs/two-nodes-straight/exports/instruct/model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    worst = max((resumed[k].float() - straight[k].float()).abs().max().item() for k in straight)
+    assert worst <= 1e-5, worst  # the data position was exact
 
 
 def test_no_credential_reaches_the_database_the_bucket_or_the_ray_logs(stack, cycle):

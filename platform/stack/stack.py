@@ -1,6 +1,7 @@
 """`make stack` / `make stack-down`: the compose stack's services on this machine, on loopback, no Docker.
 
     python platform/stack/stack.py up   [--dir .stack] [--ray-nodes 2] [--free-ports]
+    python platform/stack/stack.py node [--dir .stack]      # one more Ray node joins the running stack
     python platform/stack/stack.py down [--dir .stack]
 
 `up` starts, each in a process group of its own, and records every group in DIR/stack.json:
@@ -12,8 +13,11 @@
 - Ray: `ray start --head` and `--ray-nodes - 1` more nodes joined to it, token authentication on. The nodes
   carry the S3 endpoint and keys and the MLflow credentials in their environment, as a cluster's nodes get
   them from their image or Kubernetes Secrets: a submitted job reads them there, never from its run config.
-Then DIR/env.sh holds what a client exports (`source .stack/env.sh`): the tracking URI and MLflow user,
-the S3 endpoint and keys, the Jobs API address. Credentials come from the environment when set
+`node` starts one more Ray node joined to the head (`ray-node-<N>`, recorded like the others, with the same
+CPUs and environment), e.g. to replace a node that died: a training run waiting for its workers' resources
+resumes on it.
+Then DIR/env.sh holds what a client exports (`source .stack/env.sh`): the tracking URI and MLflow user, the
+S3 endpoint and keys, the Jobs API address. Credentials come from the environment when set
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD), else are
 generated; env.sh is readable by its owner only.
 `down` stops exactly the recorded process groups (never `ray stop`, which would stop every Ray on the
@@ -259,13 +263,10 @@ def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float 
         temp = tempfile.mkdtemp(prefix="hovle-ray-", dir="/tmp")  # short: Ray's socket paths are limited
         stack.state["ray_temp"] = temp
         stack.save()
+        stack.state["cpus_per_node"] = cpus_per_node
         gcs, dashboard = f"127.0.0.1:{ports['gcs']}", f"http://127.0.0.1:{ports['dashboard']}"
         nodes = {}
         for node in range(ray_nodes):
-            own = [f"--{name}={free_port()}" for name in NODE_PORTS] if use_free_ports or node else []
-            # a temp folder per node: nodes sharing one would share its runtime_env cache, and one node
-            # dropping a job's working_dir deletes it under the driver running on another
-            own.append(f"--temp-dir={temp}/node-{node}")
             if node == 0:
                 where = ["--head", "--port", str(ports["gcs"]), "--include-dashboard",
                          "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
@@ -274,12 +275,8 @@ def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float 
             else:
                 where = ["--address", gcs]
             name = "ray-head" if node == 0 else f"ray-node-{node}"
-            process = stack.start(
-                name,
-                [str(BIN / "ray"), "start", "--block", *where, "--node-ip-address", "127.0.0.1",
-                 "--num-cpus", str(cpus_per_node), "--disable-usage-stats", *own],
-                node_env,
-            )  # fmt: skip
+            # the head's own ports are the defaults unless --free-ports; other nodes' are always free ones
+            process = start_ray_node(stack, name, where, node_env, own_ports=use_free_ports or node > 0)
             nodes[name] = process
             if node == 0:
                 stack.wait_until(name, process, http_up(f"{dashboard}/api/version"))
@@ -301,6 +298,53 @@ def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float 
     return env_file
 
 
+def start_ray_node(stack: Stack, name: str, where: list[str], env: dict[str, str], own_ports: bool):
+    """`ray start --block` for the node `name` (the head, or joining with `--address`), in its own group."""
+    own = [f"--{port}={free_port()}" for port in NODE_PORTS] if own_ports else []
+    # a temp folder per node: nodes sharing one would share its runtime_env cache, and one node dropping a
+    # job's working_dir deletes it under the driver running on another
+    own.append(f"--temp-dir={stack.state['ray_temp']}/{name}")
+    return stack.start(
+        name,
+        [str(BIN / "ray"), "start", "--block", *where, "--node-ip-address", "127.0.0.1",
+         "--num-cpus", str(stack.state["cpus_per_node"]), "--disable-usage-stats", *own],
+        env,
+    )  # fmt: skip
+
+
+def add_node(folder: Path) -> str:
+    """One more Ray node joined to the running stack's head; returns its name once the head lists it alive."""
+    stack = Stack(folder)
+    groups = stack.state.get("groups", {})
+    if "ray-head" not in groups:
+        raise StackError(f"no stack is recorded in {stack.state_file}: `make stack` first")
+    client = read_env(Path(stack.state["env_file"]))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "PG"))}
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+    env = {**base, **{k: v for k, v in client.items() if k != "RAY_ADDRESS"}}
+    index = 1
+    while f"ray-node-{index}" in groups:
+        index += 1
+    name = f"ray-node-{index}"
+    dashboard = client["RAY_ADDRESS"]
+    alive = alive_nodes(dashboard)
+    if alive is None:
+        raise StackError(f"the Ray head does not answer at {dashboard}: see {stack.folder}/logs/ray-head.log")
+    head = f"127.0.0.1:{stack.state['ports']['gcs']}"
+    process = start_ray_node(stack, name, ["--address", head], env, own_ports=True)
+    wait_for_nodes(stack, dashboard, {name: process}, count=alive + 1)
+    return name
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """The `export NAME=value` lines `write_private` wrote."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name] = shlex.split(value)[0] if value else ""
+    return values
+
+
 def write_private(path: Path, values: dict[str, str]) -> Path:
     """`export NAME=value` lines in a file only its owner reads (created so, never world-readable)."""
     path.unlink(missing_ok=True)
@@ -310,31 +354,39 @@ def write_private(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
-def wait_for_nodes(stack: Stack, dashboard: str, nodes: dict[str, subprocess.Popen], timeout_s=120) -> None:
-    """Until the head lists every started node alive (the State API); a node that exits fails at once."""
-    count = len(nodes)
-    deadline = time.monotonic() + timeout_s
+def alive_nodes(dashboard: str) -> int | None:
+    """How many Ray nodes the head lists alive (the State API), None if it does not answer."""
     command = [str(BIN / "ray"), "list", "nodes", "--address", dashboard, "--format", "json", "--filter",
                "state=ALIVE"]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    listed = subprocess.run(command, capture_output=True, text=True, env=env)
+    if listed.returncode != 0:
+        return None
+    try:
+        return len(json.loads(listed.stdout))
+    except json.JSONDecodeError:
+        return None
+
+
+def wait_for_nodes(
+    stack: Stack, dashboard: str, nodes: dict[str, subprocess.Popen], count: int | None = None, timeout_s=120
+) -> None:
+    """Until the head lists `count` nodes (default: those started) alive; a node that exits fails at once."""
+    count = len(nodes) if count is None else count
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, process in nodes.items():
             if process.poll() is not None:
                 raise StackError(f"{name} exited ({process.returncode}): see {stack.folder}/logs/{name}.log")
-        listed = subprocess.run(command, capture_output=True, text=True, env=env)
-        if listed.returncode == 0:
-            try:
-                if len(json.loads(listed.stdout)) >= count:
-                    return
-            except json.JSONDecodeError:
-                pass
+        if (alive_nodes(dashboard) or 0) >= count:
+            return
         time.sleep(1)
     raise StackError(f"fewer than {count} Ray nodes alive after {timeout_s:.0f} s: see {stack.folder}/logs/")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("up", "down"))
+    parser.add_argument("command", choices=("up", "node", "down"))
     parser.add_argument("--dir", type=Path, default=REPO / ".stack", help="state, data, logs (.stack)")
     parser.add_argument("--ray-nodes", type=int, default=2, help="Ray nodes including the head (default 2)")
     parser.add_argument("--free-ports", action="store_true", help="any free ports instead of the defaults")
@@ -353,6 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.purge:
             shutil.rmtree(args.dir, ignore_errors=True)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    if args.command == "node":
+        try:
+            name = add_node(args.dir)
+        except (StackError, OSError) as err:
+            print(f"stack: {err}", file=sys.stderr)
+            return 1
+        print(f"{name} joined the stack's Ray cluster")
         return 0
     try:
         env_file = up(args.dir, args.ray_nodes, args.free_ports, args.cpus_per_node)
