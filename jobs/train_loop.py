@@ -48,7 +48,7 @@ from model.config import ConfigError
 from model.lora import PART_PREFIXES, add_lora, is_adapter_key
 from model.presets import config_from_spec, parse_model_spec
 from pipelines.ingest import ShardSource
-from pipelines.stream import TrainingStream
+from pipelines.stream import TrainingStream, endless
 
 logger = logging.getLogger("jobs.train")
 
@@ -213,7 +213,7 @@ def train_stage(job: StageJob, checkpoint=None) -> None:
         else nullcontext()
     )
     meter = StageMeter(model, job.stage, settings, strategy, clock)
-    batches = _endless(stream)
+    batches = endless(stream)
     accumulation = config.deepspeed.gradient_accumulation_steps
     resumed_cpu_seconds = clock.spent
     clock.start()
@@ -379,21 +379,6 @@ def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
     if any(p.requires_grad for p in encoder.parameters()):
         raise ValueError("the vision encoder is expected frozen in every stage")
     encoder.float()
-
-
-def _endless(stream: TrainingStream):
-    """Batches across epochs. A stream resumed right after its epoch's last batch yields nothing before it
-    moves on to the next epoch; two passes in a row without a batch mean no data, and raise (instead of
-    looping forever)."""
-    empty = 0
-    while True:
-        yielded = False
-        for batch in stream:
-            yielded = True
-            yield batch
-        empty = 0 if yielded else empty + 1
-        if empty == 2:
-            raise RuntimeError("the training data yields no batches for this worker: prepare more samples")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

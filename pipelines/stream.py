@@ -1,6 +1,7 @@
 """Training batches: one worker's shard rows -> decode -> pack or pad -> batches, resumable exactly.
 
     iter(TrainingStream(source, ...))  ->  the rest of the epoch as batches (collated by `pipelines.packing`)
+    endless(stream)                    ->  batches across epochs (what a training loop draws from)
     state_dict() / load_state_dict()   ->  the position (`StreamPosition`) after the last yielded batch
 
 The source is a `RowSource`: `pipelines.ingest.ShardSource` (the deterministic per-worker order of a
@@ -227,3 +228,18 @@ class TrainingStream:
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a TrainingStream state ({err!r}): {state!r}") from None
+
+
+def endless(stream: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Batches across epochs. A stream resumed right after its epoch's last batch yields nothing before it
+    moves on to the next epoch; two passes in a row without a batch mean no data, and raise (instead of
+    looping forever)."""
+    empty = 0
+    while True:
+        yielded = False
+        for batch in stream:
+            yielded = True
+            yield batch
+        empty = 0 if yielded else empty + 1
+        if empty == 2:
+            raise RuntimeError("the training data yields no batches for this worker: prepare more samples")

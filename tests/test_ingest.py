@@ -31,7 +31,7 @@ from pipelines.manifest import (
     write_manifest,
 )
 from pipelines.schema import SHARD_SCHEMA
-from pipelines.stream import TrainingStream
+from pipelines.stream import TrainingStream, endless
 from tests.helpers import shapes_image, tiny_model
 
 # image sizes give 1, 2 + thumbnail, 3 + thumbnail and 4 + thumbnail tiles at the tiny preset's 28 px
@@ -296,9 +296,8 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches(dataset, processor
 
 
 def test_training_resumed_right_after_an_epochs_last_batch_goes_on_into_the_next_epoch(dataset, processor):
-    """jobs.train_loop's endless batches: a checkpoint saved at the epoch's last batch resumes into the next
-    epoch (its remainder is empty); data that yields no batch at all raises instead of looping."""
-    from jobs.train_loop import _endless
+    """`endless` (what jobs.train_loop draws batches from): a checkpoint saved at the epoch's last batch
+    resumes into the next epoch (its remainder is empty); a rank without any batch raises, never loops."""
 
     def stream() -> TrainingStream:
         source = ShardSource(
@@ -306,19 +305,19 @@ def test_training_resumed_right_after_an_epochs_last_batch_goes_on_into_the_next
         )
         return TrainingStream(source, batch_size=2, pad_token_id=processor.tokenizer.pad_token_id)
 
-    straight = _endless(stream())
+    straight = endless(stream())
     first_epoch = len(run(stream()))
     want = [next(straight) for _ in range(first_epoch + 2)]
     saved = stream()
     run(saved, limit=first_epoch)  # a run that checkpointed right after the epoch's last batch
     resumed = stream()
     resumed.load_state_dict(json.loads(json.dumps(saved.state_dict())))
-    batches = _endless(resumed)
+    batches = endless(resumed)
     got = [next(batches) for _ in range(2)]
     assert all(same_batch(a, b) for a, b in zip(got, want[first_epoch:], strict=True))
 
     with pytest.raises(RuntimeError, match="yields no batches"):  # a rank left without a batch
-        next(_endless([]))
+        next(endless([]))
 
 
 def test_packed_batches_are_full_rows_that_respect_the_budget(dataset, processor):
