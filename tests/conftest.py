@@ -37,7 +37,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # first, so that under `make test`'s two processes (pytest-xdist, a file per process at a time) the quick
 # files fill in around them at the end instead of leaving one process alone with a long file.
 SLOWEST_FIRST = (
-    "test_readme.py", "test_stack.py", "test_train.py", "test_s3_outage.py", "test_reproduce.py",
+    "test_readme.py", "test_stack.py", "test_train.py", "test_reproduce.py",
     "test_retrain.py", "test_compositional.py", "test_platform_image.py", "test_lora.py",
     "test_cpu_budget.py", "test_import_finetune.py", "test_prepare.py",
 )  # fmt: skip
