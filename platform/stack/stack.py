@@ -177,6 +177,14 @@ def credentials() -> dict[str, str]:
     }
 
 
+def base_env() -> dict[str, str]:
+    """This environment without its cloud, MLflow, Ray-address and PostgreSQL settings, this virtualenv's
+    binaries first: what every service and node starts from (each gets only the secrets it needs)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "PG"))}
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+    return base
+
+
 def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float = 2) -> Path:
     stack = Stack(folder)
     if stack.state.get("groups"):
@@ -185,8 +193,7 @@ def up(folder: Path, ray_nodes: int, use_free_ports: bool, cpus_per_node: float 
     secret = credentials()
     stack.state = {"ports": ports}
     stack.save()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "PG"))}
-    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+    base = base_env()
     s3 = f"http://127.0.0.1:{ports['s3']}"
     aws = {
         "AWS_ENDPOINT_URL": s3, "AWS_DEFAULT_REGION": "us-east-1",
@@ -319,8 +326,7 @@ def add_node(folder: Path) -> str:
     if "ray-head" not in groups:
         raise StackError(f"no stack is recorded in {stack.state_file}: `make stack` first")
     client = read_env(Path(stack.state["env_file"]))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "PG"))}
-    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"
+    base = base_env()
     env = {**base, **{k: v for k, v in client.items() if k != "RAY_ADDRESS"}}
     index = 1
     while f"ray-node-{index}" in groups:
