@@ -38,7 +38,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # files fill in around them at the end instead of leaving one process alone with a long file.
 SLOWEST_FIRST = (
     "test_readme.py", "test_stack.py", "test_train.py", "test_reproduce.py",
-    "test_retrain.py", "test_compositional.py", "test_platform_image.py", "test_lora.py",
+    "test_retrain.py", "test_compositional.py", "test_platform_image.py", "test_llm_families.py",
     "test_cpu_budget.py", "test_import_finetune.py", "test_prepare.py",
 )  # fmt: skip
 

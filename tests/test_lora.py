@@ -1,8 +1,9 @@
 """LoRA (train.lora, model/lora.py): only the adapters train, exports merge or keep them, both load back
 to the adapted model's logits, a DeepSpeed checkpoint holds them, and a registered adapter model answers.
 
-In-process tests use the tiny preset and a few plain optimizer steps; the end-to-end test trains the
-instruct stage with Ray Train + DeepSpeed (ZeRO-2, one CPU worker) and registers its adapter export.
+In-process tests use the tiny preset and a few plain optimizer steps. The end-to-end run (Ray Train +
+DeepSpeed, an adapter export registered and asked through pyfunc) is tests/test_llm_families.py's Gemma 2
+run, which tunes instruct with LoRA.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -218,71 +218,6 @@ def test_a_deepspeed_checkpoint_holds_the_adapters_and_restores_them(tmp_path, z
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
-
-
-# ---- Ray Train + DeepSpeed, registered ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def instruct_data(tmp_path_factory, ray_session) -> str:
-    from pipelines.corpora.synthetic import generate
-    from pipelines.prepare import prepare
-    from pipelines.settings import PrepareSettings
-    from tests.helpers import preset_processor
-
-    root = tmp_path_factory.mktemp("lora-data")
-    jsonl = generate("instruct", 12, seed=0, output_dir=root / "corpus", image_size=56)
-    prepare(
-        preset_processor("tiny"),
-        "instruct",
-        [str(jsonl)],
-        str(root / "instruct"),
-        PrepareSettings(max_tokens=256, val_fraction=0.0),
-    )
-    return str(root / "instruct")
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
-def test_an_instruct_stage_with_lora_trains_adapters_and_its_registered_adapter_model_answers(
-    instruct_data, tmp_workdir
-):
-    from model import build_model, load_preset
-    from tests.test_train import train
-
-    report = train(
-        "--stage", "instruct", "--data", instruct_data, "--run-name", "lora",
-        "--set", "train.stages.instruct.steps=2", "--set", "train.scaling.num_workers=1",
-        "--set", "train.lora.r=4", "--set", "train.lora.target_modules=[q_proj, v_proj]",
-        "--set", "train.lora.export=adapter",
-    )  # fmt: skip
-    export = Path(report["exports"]["instruct"])
-    info = json.loads((export / "export.json").read_text())
-    assert info["lora"]["export"] == "adapter" and info["lora"]["r"] == 4
-    torch.manual_seed(0)  # the workers build the preset's random weights from train.seed
-    base = build_model(load_preset("tiny")).state_dict()
-    stored = load_file(export / "model.safetensors")
-    llm = [k for k in stored if k.startswith("language_model.")]
-    assert llm and all(torch.equal(stored[k], base[k]) for k in llm)  # the base LLM as it started
-    adapter = load_file(export / ADAPTER_FOLDER / "adapter_model.safetensors")
-    assert any(torch.count_nonzero(t) for k, t in adapter.items() if ".lora_B." in k)  # B starts at 0
-
-    from jobs.registry import log_hovle_model, register
-
-    client_uri = f"sqlite:///{tmp_workdir / 'mlflow.db'}"
-    model_uri = log_hovle_model(str(export), info["run_id"], client_uri)
-    version = register(model_uri, "lora", {"hovle.source_commit": "abc"}, {"vqa_accuracy": 0.5}, client_uri)
-    script = (
-        "import json, mlflow\n"
-        f"model = mlflow.pyfunc.load_model('models:/lora/{version}')\n"
-        "out = model.predict([{'prompt': 'Hello'}], params={'max_new_tokens': 3})\n"
-        "print(json.dumps(list(out['answer'])))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": client_uri}
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_workdir, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(answers) == 1 and isinstance(answers[0], str)
 
 
 def test_lora_applies_only_to_the_parts_a_stage_trains_and_adapters_learn_at_the_stages_lr():
