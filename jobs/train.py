@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ from model.config import ConfigError
 from model.stages import STAGE_NAMES
 from pipelines import storage
 
+# Ray Train's worker-group start timeout (ray.train.v2 constants) and its default
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0
 logger = logging.getLogger("jobs.train")
 
 
@@ -142,12 +147,14 @@ def run_stages(jobs: list, config: TrainConfig) -> None:
     processes or process group (a tiny three-stage run: ~100 s -> ~55 s on 2 cores). A rerun of that
     name resumes: a stage with a complete export is skipped, the interrupted one continues from its last
     checkpoint.
-    `max_failures` counts the worker-group restarts of the whole run."""
+    `max_failures` counts the worker-group restarts of the whole run; `wait_for_workers_s` bounds, in all,
+    its waits for the workers' resources (`start_limits`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_stages
 
+    start_timeout, start_failures = start_limits(config.wait_for_workers_s)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
@@ -165,13 +172,34 @@ def run_stages(jobs: list, config: TrainConfig) -> None:
         run_config=ray.train.RunConfig(
             name=config.train_run_name,
             storage_path=resolve_storage(config.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=config.max_failures, controller_failure_limit=start_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
             # Ray Train's own lines (resources requested, worker group started) only with --verbose
             logging_config=ray.train.LoggingConfig(log_level="INFO" if is_verbose() else "WARNING"),
         ),
     )
-    trainer.fit()
+    # Ray Train passes the driver's value of this variable to its controller, which times each start by it
+    previous = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout)
+    try:
+        trainer.fit()
+    finally:
+        if previous is None:
+            del os.environ[START_TIMEOUT_ENV]
+        else:
+            os.environ[START_TIMEOUT_ENV] = previous
+
+
+def start_limits(wait_s: float | None) -> tuple[float, int]:
+    """(seconds one start of the worker group waits for its resources, starts that may fail after the
+    first) so that a run waits about `wait_s` in all; None waits forever. Ray Train counts a start that
+    timed out as a controller failure and tries again until `controller_failure_limit` is passed."""
+    if wait_s is None:
+        return DEFAULT_START_TIMEOUT_S, -1
+    timeout = min(DEFAULT_START_TIMEOUT_S, wait_s)
+    return timeout, math.ceil(wait_s / timeout) - 1
 
 
 def train(
@@ -244,8 +272,16 @@ def train(
                 tracker.finish(job.run_id, "FAILED" if job is unfinished[0] else "KILLED")
             failed = unfinished[0].stage if unfinished else jobs[-1].stage
             tracker.finish(parent, "FAILED")
+            reason = str(err)
+            failure = getattr(err, "controller_failure", None)  # a ControllerError's cause
+            if type(failure).__name__.startswith("WorkerGroupStartup"):  # its workers did not start
+                reason = (
+                    f"its {config.scaling.num_workers} workers did not start within "
+                    f"train.wait_for_workers_s={config.wait_for_workers_s} (a lost node not replaced, or "
+                    f"a cluster smaller than train.scaling asks): {failure}"
+                )
             raise StageFailed(
-                f"stage {failed} failed: {err}; rerun to continue from its last checkpoint"
+                f"stage {failed} failed: {reason}; rerun to continue from its last checkpoint"
             ) from err
         for job in jobs:  # rank 0 finished each; a run it could not reach is finished here
             tracker.finish_if_open(job.run_id)

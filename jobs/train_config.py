@@ -180,6 +180,12 @@ class TrainConfig(_Strict):
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     max_failures: int = Field(1, ge=-1, description="worker-group restarts per run; -1: no limit")
+    wait_for_workers_s: float | None = Field(
+        1800.0,
+        gt=0,
+        description="how long, in all, a run waits for its workers' resources (a lost node not replaced, "
+        "a cluster smaller than `scaling` asks) before it fails; null: forever (an autoscaler adds nodes)",
+    )
     tracking: TrackingSettings = TrackingSettings()
     log_every_n_steps: int = Field(10, ge=1)
     lora: LoraSettings | None = Field(None, description="null: full fine-tuning of what each stage trains")

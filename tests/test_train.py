@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -193,6 +194,28 @@ def test_bf16_on_cpu_when_asked_trains_and_exports(prepared, tmp_workdir):
     [run] = client.search_runs([experiment], "tags.`hovle.stage` = 'instruct'")
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert loss and all(torch.isfinite(torch.tensor(m.value)) for m in loss)
+
+
+# ---- workers that find no resources ---------------------------------------------------------------------
+def test_a_run_whose_workers_find_no_resources_fails_after_wait_for_workers_s_naming_it(
+    prepared, tmp_workdir, capsys
+):
+    """A cluster smaller than train.scaling asks (the session's Ray has 2 CPUs; one worker asks for 3), as
+    after a node is lost and not replaced: Ray Train would retry the start forever; the run fails after
+    train.wait_for_workers_s (one 6 s start here) with that field named and the stage marked FAILED."""
+    train(
+        "--stage", "instruct", "--data", prepared["instruct"], "--run-name", "no-room",
+        "--set", "train.scaling.num_workers=1", "--set", "train.scaling.cpus_per_worker=3",
+        "--set", "train.wait_for_workers_s=6",
+        expect=1,
+    )  # fmt: skip
+    error = capsys.readouterr().err
+    assert "stage instruct failed: its 1 workers did not start within train.wait_for_workers_s=6.0" in error
+    client = mlflow_client(tmp_workdir)
+    experiment = client.get_experiment_by_name("hovle").experiment_id
+    [run] = client.search_runs([experiment], "tags.`hovle.stage` = 'instruct'")
+    assert run.info.status == "FAILED"
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" not in os.environ  # the driver's environment restored
 
 
 # ---- the S3 endpoint going away during checkpoint uploads -------------------------------------------------

@@ -211,3 +211,17 @@ def test_a_node_local_tracking_store_is_refused_on_a_multi_node_cluster_only(uri
             require_shared_tracking(uri, nodes=2)
     else:
         require_shared_tracking(uri, nodes=2)
+
+
+@pytest.mark.parametrize(
+    ("wait", "limits"),
+    [(None, (60.0, -1)), (6, (6, 0)), (60, (60.0, 0)), (90, (60.0, 1)), (1800, (60.0, 29))],
+)
+def test_wait_for_workers_s_becomes_ray_trains_start_timeout_and_retry_limit(wait, limits):
+    """(seconds one worker-group start waits, starts that may time out after the first): `wait` in all."""
+    from jobs.train import start_limits
+
+    assert start_limits(wait) == limits
+    assert parse_train_config({}).wait_for_workers_s == 1800
+    with pytest.raises(ConfigError, match="train.wait_for_workers_s"):
+        parse_train_config({"wait_for_workers_s": 0})
