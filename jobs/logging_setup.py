@@ -44,6 +44,10 @@ def quiet_libraries(verbose: bool | None = None) -> None:
         transformers_logging = None
     if transformers_logging is not None:
         (transformers_logging.enable_progress_bar if verbose else transformers_logging.disable_progress_bar)()
+    # Ray Train names one logger by its file's path, outside "ray.train": a line per reported checkpoint
+    context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context is not None:
+        logging.getLogger(context.__file__).setLevel(level)
     if "ray.data" in sys.modules:  # Ray Data resets its loggers on import: call this after it
         import ray.data
 

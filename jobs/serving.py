@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
@@ -230,8 +231,9 @@ class HoVLEPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_pretrained(folder, dtype=torch.float32).eval()
         self.processor = HoVLEProcessor.from_pretrained(folder)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
+    # the hint is what MLflow hands over (its signature turns a list of dicts into a DataFrame); pandas'
+    # types are hints MLflow infers no schema from, so it neither warns for a missing hint nor re-validates
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
 
         try:
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)

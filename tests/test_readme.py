@@ -159,6 +159,10 @@ def test_the_demo_tells_the_whole_story_on_the_tiny_preset(walkthrough):
     assert (clone / "outputs" / "demo" / "mlflow.db").is_file()
     # Ray Train's placement-group cleaner finds the State API (the dashboard) and stays quiet
     assert "Failed to query Ray Train Controller" not in out
+    # quiet by default: no progress bars (MLflow's artifact downloads), no Ray Train line per reported
+    # checkpoint, no MLflow warning about predict's type hints (each was there before it was silenced)
+    for noise in ("it/s]", "Reporting training result", "Add type hints to the `predict` method"):
+        assert noise not in out, noise
 
 
 @pytest.mark.slow
