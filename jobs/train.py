@@ -80,7 +80,8 @@ def stage_plan(
     """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
     Local paths come back absolute: the workers run elsewhere.
 
-    `all` is every stage of the model's architecture (`model.stages.stages_for(model_type)`).
+    `all` is every stage of the model's architecture (`model.stages.stages_for(model_type)`); a
+    comma-separated list (`align,instruct`) names several, in training order.
 
     Raises:
         ConfigError: a stage the model does not have, a stage without data, or data that is not a prepared
@@ -92,8 +93,11 @@ def stage_plan(
     if stage == "all":
         stages = [name for name in STAGE_NAMES if name in stages_for(model_type)]
     else:
-        stage_spec(model_type, stage)  # raises for a stage this architecture does not have
-        stages = [stage]
+        stages = stage.split(",")
+        for name in stages:
+            stage_spec(model_type, name)  # raises for a stage this architecture does not have
+        if stages != [name for name in STAGE_NAMES if name in stages]:
+            raise ConfigError(f"--stage {stage}: name stages once each, in training order {STAGE_NAMES}")
     if data is not None and len(stages) > 1:
         raise ConfigError("--data names one dataset: use it with one --stage, or set train.data.<stage>")
     exports = resolve_storage(output or storage.join(config.storage_path, config.run_name, "exports"))

@@ -26,6 +26,7 @@ import copy
 import gc
 import logging
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -138,6 +139,7 @@ def train_stage(job: StageJob, checkpoint=None) -> None:
     """One stage on this worker, resumed from `checkpoint` (a Ray Train checkpoint of this stage) if given."""
     import ray.train
 
+    started = time.perf_counter()
     config = TrainConfig.model_validate(job.config)
     settings = config.stages[job.stage]
     context = ray.train.get_context()
@@ -260,6 +262,7 @@ def train_stage(job: StageJob, checkpoint=None) -> None:
             "data": job.data_uri,
             "init": job.init_uri,
             "run_id": job.run_id,
+            "wall_s": round(time.perf_counter() - started, 3),  # this attempt's, from its start to here
         }
         if spec.adapted:  # the adapters' settings, and what they were trained on
             info["lora"] = {**config.lora.model_dump(), "base": job.init_uri or model.config.llm_name_or_path}

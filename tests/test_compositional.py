@@ -171,6 +171,13 @@ def test_distill_is_refused_before_any_worker_starts(tmp_workdir):
         ConfigError, match="train.data.align"
     ):  # `all` is align -> instruct: no distill data asked
         stage_plan(config, "all", None, None, None, COMPOSITIONAL)
+    # a list of stages (how the reproduction trains a row in one run): each checked, in training order
+    with pytest.raises(ConfigError, match="no distill stage"):
+        stage_plan(config, "distill,align", None, None, None, COMPOSITIONAL)
+    with pytest.raises(ConfigError, match="in training order"):
+        stage_plan(config, "instruct,align", None, None, None, COMPOSITIONAL)
+    with pytest.raises(ConfigError, match="train.data.align"):  # both named stages are planned
+        stage_plan(config, "align,instruct", None, None, None, COMPOSITIONAL)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert train_main(["--config", "tiny-compositional", "--stage", "distill"]) == 2
