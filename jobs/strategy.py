@@ -13,9 +13,11 @@ trainable parameters go into it, so frozen parameters have no optimizer state an
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +58,32 @@ def weights_only_checkpoint_engine(ds_config=None):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
     return WeightsOnlyCheckpointEngine(ds_config)
+
+
+def load_comm_op() -> None:
+    """Build or load DeepSpeed's CPU shared-memory all-reduce op (what its CPU backend compiles at start-up)
+    holding a lock that the kernel releases when its holder dies.
+
+    torch's JIT build marks a build in progress with a `lock` file that only the builder removes: a build
+    killed midway (SIGKILL, out of memory, a node lost) leaves it, and every later DeepSpeed start on the
+    machine waits on it forever. While this process holds the flock, no other process of the platform is
+    building, so a `lock` found there is such a leftover and is removed. DeepSpeed's own start then finds
+    the op loaded. A no-op where the accelerator has no such op (CUDA) or it is not compatible."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # TORCH_EXTENSIONS_DIR's folder for the op
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    with open(folder.parent / f"{folder.name}.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        leftover = folder / "lock"
+        if leftover.exists():
+            logger.warning("%s was left by a build that did not finish: removed, building again", leftover)
+            leftover.unlink(missing_ok=True)
+        builder.load(verbose=False)  # kept loaded in this process: DeepSpeed's start does not build again
 
 
 def cpu_bf16_is_native() -> bool:
@@ -158,6 +186,8 @@ class DeepSpeedStrategy:
                 "~40x slower than fp32; set deepspeed.precision to fp32 or auto",
                 torch.backends.cpu.get_cpu_capability(),
             )
+        if not self.config.scaling.use_gpu:
+            load_comm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,

@@ -171,8 +171,9 @@ _CHECKPOINT_SCRIPT = """
 import os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
+from jobs.strategy import DeepSpeedStrategy, load_comm_op
+load_comm_op()
 deepspeed.init_distributed("gloo")
-from jobs.strategy import DeepSpeedStrategy
 from jobs.train_config import parse_train_config
 from jobs.train_loop import StageModule
 from model import apply_stage, stage_spec
