@@ -14,8 +14,10 @@ trainable parameters go into it, so frozen parameters have no optimizer state an
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -60,9 +62,27 @@ def weights_only_checkpoint_engine(ds_config=None):
     return WeightsOnlyCheckpointEngine(ds_config)
 
 
+COMM_OP = "ShareMemCommBuilder"  # DeepSpeed's CPU shared-memory all-reduce, compiled at a CPU run's start-up
+
+
+def comm_op_folder(name: str = "deepspeed_shm_comm") -> Path:
+    """Where the comm op builds: a folder per install of DeepSpeed and torch under TORCH_EXTENSIONS_DIR (or
+    torch's default). torch's build file names the sources by the installs' paths, so two virtualenvs (two
+    clones) sharing one folder would rebuild it, a minute each time, at every switch between them."""
+    import deepspeed
+    from torch.utils.cpp_extension import _get_build_directory  # the folder torch itself would build in
+
+    installs = f"{Path(deepspeed.__file__).parent}\n{Path(torch.__file__).parent}"
+    key = hashlib.sha256(installs.encode()).hexdigest()[:12]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+        Path(_get_build_directory(name, verbose=False)).parent
+    )
+    return Path(root) / f"{name}-{key}" / name
+
+
 def load_comm_op() -> None:
-    """Build or load DeepSpeed's CPU shared-memory all-reduce op (what its CPU backend compiles at start-up)
-    holding a lock that the kernel releases when its holder dies.
+    """Build or load DeepSpeed's CPU comm op in `comm_op_folder()`, holding a lock that the kernel releases
+    when its holder dies.
 
     torch's JIT build marks a build in progress with a `lock` file that only the builder removes: a build
     killed midway (SIGKILL, out of memory, a node lost) leaves it, and every later DeepSpeed start on the
@@ -71,19 +91,27 @@ def load_comm_op() -> None:
     the op loaded. A no-op where the accelerator has no such op (CUDA) or it is not compatible."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory  # TORCH_EXTENSIONS_DIR's folder for the op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    builder = get_accelerator().create_op_builder(COMM_OP)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
-    folder = Path(_get_build_directory(builder.name, verbose=False))
+    folder = comm_op_folder(builder.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
     with open(folder.parent / f"{folder.name}.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         leftover = folder / "lock"
         if leftover.exists():
             logger.warning("%s was left by a build that did not finish: removed, building again", leftover)
             leftover.unlink(missing_ok=True)
-        builder.load(verbose=False)  # kept loaded in this process: DeepSpeed's start does not build again
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder.parent)  # read by torch when it builds
+        try:
+            builder.load(verbose=False)  # kept loaded in this process: DeepSpeed's start does not build again
+        finally:
+            if previous is None:
+                del os.environ["TORCH_EXTENSIONS_DIR"]
+            else:
+                os.environ["TORCH_EXTENSIONS_DIR"] = previous
 
 
 def cpu_bf16_is_native() -> bool:

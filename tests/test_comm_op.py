@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.strategy import comm_op_folder
 from tests.conftest import REPO_ROOT
 
 OP = "deepspeed_shm_comm"
@@ -36,15 +37,18 @@ def load(extensions: Path) -> subprocess.Popen:
 
 
 @pytest.fixture
-def extensions(tmp_path):
-    """An extensions folder holding a copy of the built op (mtimes kept: torch's ninja finds it current)."""
-    machine = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    done = load(machine)  # builds it into the machine-wide cache if this machine has not yet
+def extensions(tmp_path, monkeypatch):
+    """(an extensions folder, the op's build folder in it) holding a copy of the built op (mtimes kept:
+    torch's ninja finds it current)."""
+    done = load(Path(os.environ["TORCH_EXTENSIONS_DIR"]))  # builds it into the machine's cache if not there
     out, err = done.communicate(timeout=600)
     assert done.returncode == 0 and "loaded" in out, err[-3000:]
+    built = comm_op_folder(OP)
     root = tmp_path / "extensions"
-    shutil.copytree(machine / OP, root / OP, ignore=shutil.ignore_patterns("lock"))
-    yield root
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    folder = comm_op_folder(OP)
+    shutil.copytree(built, folder, ignore=shutil.ignore_patterns("lock"))
+    yield root, folder
     for process in STARTED:  # one that failed the test by waiting forever does not outlive it
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -53,8 +57,9 @@ def extensions(tmp_path):
 
 
 def test_a_start_after_a_build_killed_midway_builds_again_instead_of_waiting_forever(extensions):
-    lock = extensions / OP / "lock"
-    (extensions / OP / f"{OP}.so").unlink()  # the next load links it again: a build of a second or two
+    extensions, folder = extensions
+    lock = folder / "lock"
+    (folder / f"{OP}.so").unlink()  # the next load links it again: a build of a second or two
     build = load(extensions)
     deadline = time.monotonic() + 120
     while not lock.exists() and build.poll() is None and time.monotonic() < deadline:
@@ -67,16 +72,17 @@ def test_a_start_after_a_build_killed_midway_builds_again_instead_of_waiting_for
     out, err = start.communicate(timeout=300)  # waited forever before
     assert start.returncode == 0 and "loaded" in out, err[-3000:]
     assert "left by a build that did not finish" in err
-    assert not lock.exists() and (extensions / OP / f"{OP}.so").is_file()
+    assert not lock.exists() and (folder / f"{OP}.so").is_file()
 
 
 def test_a_build_in_progress_elsewhere_is_waited_for_and_not_disturbed(extensions):
-    lock = extensions / OP / "lock"
+    extensions, folder = extensions
+    lock = folder / "lock"
     # another process of the platform building: it holds the flock and torch's `lock` is its own
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
          "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
-         str(extensions / f"{OP}.flock")],
+         str(folder.parent / f"{OP}.flock")],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -92,3 +98,21 @@ def test_a_build_in_progress_elsewhere_is_waited_for_and_not_disturbed(extension
     out, err = waiting.communicate(timeout=300)
     assert waiting.returncode == 0 and "loaded" in out, err[-3000:]
     assert not lock.exists()
+
+
+def test_each_install_of_deepspeed_and_torch_builds_in_a_folder_of_its_own(tmp_path):
+    """A clone of its own venv (the README walkthrough's clone links this one's) keeps its build apart: the
+    build file names the sources by path, so a shared folder was rebuilt at every switch between the two."""
+    linked = tmp_path / "clone-venv"
+    linked.symlink_to(REPO_ROOT / ".venv")
+    show = "from jobs.strategy import comm_op_folder; print(comm_op_folder())"
+    shown = subprocess.run(
+        [str(linked / "bin" / "python"), "-c", show],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    here = comm_op_folder(OP)
+    there = Path(shown.stdout.strip().splitlines()[-1])
+    assert there != here and there.name == here.name == OP
+    assert there.parent.parent == here.parent.parent == Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert comm_op_folder(OP) == here  # the same install, the same folder
