@@ -94,6 +94,8 @@ def walkthrough(tmp_path_factory) -> tuple[Path, list[Ran]]:
     clone = fresh_clone((root / "clone").resolve())
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST")}
     env["DEMO_ARGS"] = TINY_DEMO
+    # the clone's linked .venv is a new install path for DeepSpeed's comm op: its one build stays here
+    env["TORCH_EXTENSIONS_DIR"] = str(root / "torch_extensions")
     env.pop("VIRTUAL_ENV", None)  # a newcomer's shell: .venv is not active until the README activates it
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
     state = root / "shell-state.sh"
