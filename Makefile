@@ -7,8 +7,9 @@ BOOTSTRAP_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v pyth
 
 # Offline, quiet, reproducible: no hub downloads, no telemetry.
 # Machine-wide caches, like pip's and Hugging Face's, shared by every clone: DeepSpeed's compiled CPU comm op
-# (a minute to build; kept per torch version, since a build is tied to the torch it was compiled against) and
-# HOVLE_CACHE_DIR's GGUF conversions and base-model answers (keyed by the files they were made from).
+# (a minute to build; kept per torch version, since a build is tied to the torch it was compiled against, and
+# inside it per virtualenv: jobs.strategy.comm_op_folder) and HOVLE_CACHE_DIR's GGUF conversions and
+# base-model answers (keyed by the files they were made from).
 TORCH_VERSION := 2.13.0
 CACHE_HOME := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
 export TORCH_EXTENSIONS_DIR ?= $(CACHE_HOME)/hovle/torch_extensions/torch-$(TORCH_VERSION)
