@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,15 +223,6 @@ class StageLogger:
 
     def directory(self, local_dir: str, folder: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, local_dir, folder)
-
-
-def log_json_artifact(client_or_tracker, run_id: str, payload: Any, name: str) -> None:
-    """A JSON artifact from any JSON-able payload (what `log_dict` does, without needing a dict)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / name
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
-        client = getattr(client_or_tracker, "client", client_or_tracker)
-        client.log_artifact(run_id, str(path))
 
 
 @contextlib.contextmanager
