@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jobs import environ_set
 from jobs.train_config import StageSettings, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -97,21 +98,14 @@ def load_comm_op() -> None:
         return
     folder = comm_op_folder(builder.name)
     folder.mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
     with open(folder.parent / f"{folder.name}.flock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         leftover = folder / "lock"
         if leftover.exists():
             logger.warning("%s was left by a build that did not finish: removed, building again", leftover)
             leftover.unlink(missing_ok=True)
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder.parent)  # read by torch when it builds
-        try:
+        with environ_set("TORCH_EXTENSIONS_DIR", str(folder.parent)):  # read by torch when it builds
             builder.load(verbose=False)  # kept loaded in this process: DeepSpeed's start does not build again
-        finally:
-            if previous is None:
-                del os.environ["TORCH_EXTENSIONS_DIR"]
-            else:
-                os.environ["TORCH_EXTENSIONS_DIR"] = previous
 
 
 def cpu_bf16_is_native() -> bool:

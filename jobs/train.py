@@ -29,11 +29,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from jobs import environ_set
 from jobs.cli import FAILED, parse_overrides, run_command
 from jobs.hooks import Hooks, from_env
 from jobs.logging_setup import is_verbose, setup_logging
@@ -185,15 +185,8 @@ def run_stages(jobs: list, config: TrainConfig) -> None:
         ),
     )
     # Ray Train passes the driver's value of this variable to its controller, which times each start by it
-    previous = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = str(start_timeout)
-    try:
+    with environ_set(START_TIMEOUT_ENV, str(start_timeout)):
         trainer.fit()
-    finally:
-        if previous is None:
-            del os.environ[START_TIMEOUT_ENV]
-        else:
-            os.environ[START_TIMEOUT_ENV] = previous
 
 
 def start_limits(wait_s: float | None) -> tuple[float, int]:
