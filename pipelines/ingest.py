@@ -5,10 +5,6 @@
     ShardSource.rows: Ray Data reads those rows from the shards in parallel, order kept
     TrainingStream: decode (PNG tiles -> normalised pixels) -> pack or pad -> batches, with state_dict()
 
-This module holds the manifest and shard reading, tile decoding, the per-worker order and the row source
-(`ShardSource`); `pipelines.stream` holds `TrainingStream`, which turns a row source into
-batches and keeps the resumable position.
-
 Why each worker computes its own rows instead of `ray.train.get_dataset_shard` over one dataset:
 `streaming_split` hands blocks to whichever worker asks first, so which rows a rank sees depends on
 timing, and a resumed run cannot tell which rows were consumed. Here the order of an epoch is a pure
@@ -64,11 +60,11 @@ class EmptySplit(ValueError):
 # ---- manifest -----------------------------------------------------------------
 def _split_shards(dataset_uri: str, split: str) -> list[tuple[str, ShardInfo]]:
     """(URI, manifest entry) of every listed shard that holds rows of `split`, in manifest order."""
-    shards = []
-    for entry in read_manifest(dataset_uri).shards:
-        if not entry.split_rows.get(split, 0):
-            continue  # the manifest says the shard has none: do not open it
-        shards.append((storage.join(dataset_uri, entry.path), entry))
+    shards = [  # a shard the manifest says has none is not opened
+        (storage.join(dataset_uri, entry.path), entry)
+        for entry in read_manifest(dataset_uri).shards
+        if entry.split_rows.get(split, 0)
+    ]
     if not shards:
         raise EmptySplit(f"{dataset_uri} has no rows in split {split!r}")
     return shards

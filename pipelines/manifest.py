@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,6 +69,20 @@ class UnitRecord:
         return cls(**{**raw, "shards": [ShardInfo(**s) for s in raw["shards"]]})
 
 
+def tally(records: Iterable[UnitRecord]) -> dict[str, Any]:
+    """read, written, rejected and rejected_by_reason (sorted by reason), summed over unit records."""
+    records = list(records)
+    reasons: Counter[str] = Counter()
+    for record in records:
+        reasons.update(record.rejected_by_reason)
+    return {
+        "read": sum(r.read for r in records),
+        "written": sum(r.written for r in records),
+        "rejected": sum(r.rejected for r in records),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
+
+
 @dataclass
 class ShardManifest:
     stage: str
@@ -86,17 +102,10 @@ class ShardManifest:
 
     def accounting(self) -> dict[str, dict[str, Any]]:
         """Per source: rows read = rows written + rows rejected, and the reasons."""
-        per_source: dict[str, dict[str, Any]] = {}
+        by_source: dict[str, list[UnitRecord]] = {}
         for unit in self.units:
-            entry = per_source.setdefault(
-                unit.source, {"read": 0, "written": 0, "rejected": 0, "rejected_by_reason": {}}
-            )
-            entry["read"] += unit.read
-            entry["written"] += unit.written
-            entry["rejected"] += unit.rejected
-            for reason, n in unit.rejected_by_reason.items():
-                entry["rejected_by_reason"][reason] = entry["rejected_by_reason"].get(reason, 0) + n
-        return per_source
+            by_source.setdefault(unit.source, []).append(unit)
+        return {source: tally(units) for source, units in by_source.items()}
 
     def totals(self) -> dict[str, Any]:
         shards = self.shards

@@ -9,11 +9,8 @@ sample's first token. Samples are atomic: an image's `<IMG_CONTEXT>` run is neve
 The model must run with `use_cache=False`: transformers looks for packed sequences only without a KV
 cache, and a Llama LLM makes one whenever `use_cache` is left to its config (True).
 
-`pack_sequences` is a streaming first-fit over a bounded look-ahead buffer of open packs (`StreamPacker`):
-each sample goes into the first open pack with room, else opens a new one; when more than `max_open`
-packs are open the oldest is closed. Packs depend only on the lengths in order, and the packer's whole
-state is the positions held by its open packs, so a stream can stop after any pack and resume exactly
-(see `pipelines.stream.TrainingStream`).
+`pack_sequences` packs with a `StreamPacker`, a streaming first-fit whose whole state is the positions its
+open packs hold, so a stream can stop after any pack and resume exactly (`pipelines.stream.TrainingStream`).
 """
 
 from __future__ import annotations
@@ -69,6 +66,7 @@ class StreamPacker:
         if oversize not in ("alone", "raise"):
             raise ValueError(f"oversize must be 'alone' or 'raise', got {oversize!r}")
         self.max_tokens, self.max_open, self.oversize = max_tokens, max_open, oversize
+        self._limit = math.inf if max_tokens is None else max_tokens
         self._packs: list[list[int]] = []
         self._room: list[float] = []
 
@@ -79,22 +77,22 @@ class StreamPacker:
 
     def restore(self, open_packs: Sequence[Sequence[int]], lengths: Mapping[int, int]) -> None:
         """Reopen the packs of `open_packs` (from an earlier `open_packs`); `lengths[position]` is known."""
-        limit = math.inf if self.max_tokens is None else self.max_tokens
         self._packs = [list(pack) for pack in open_packs]
-        self._room = [limit - sum(lengths[p] for p in pack) for pack in open_packs]
+        self._room = [self._limit - sum(lengths[p] for p in pack) for pack in open_packs]
 
     def add(self, position: int, length: int) -> list[list[int]]:
         """Place one sample; returns the packs this closed (oldest first), usually none."""
         if length < 1:
             raise ValueError(f"sample {position} has {length} tokens; every sample needs at least one")
-        limit = math.inf if self.max_tokens is None else self.max_tokens
-        if length > limit:
+        if length > self._limit:
             if self.oversize == "raise":
                 raise PackOverflow(
                     f"sample {position} has {length} tokens, more than max_tokens={self.max_tokens}; "
                     "prepare the data with data.max_tokens <= the training max_tokens"
                 )
-            logger.warning("sample %d: %d tokens > max_tokens=%d, packed alone", position, length, limit)
+            logger.warning(
+                "sample %d: %d tokens > max_tokens=%d, packed alone", position, length, self._limit
+            )
             return [[position]]
         for slot, room in enumerate(self._room):
             if room >= length:
@@ -103,7 +101,7 @@ class StreamPacker:
                 break
         else:
             self._packs.append([position])
-            self._room.append(limit - length)
+            self._room.append(self._limit - length)
         closed = []
         while len(self._packs) > self.max_open:
             closed.append(self._packs.pop(0))
@@ -185,9 +183,7 @@ def collate_packed(
         `pixel_values` float [tiles, 3, S, S] in slot order (rows top to bottom, samples left to right),
         or None when no sample has tiles;
         `num_samples` long []: samples in the batch; `num_tokens` long []: non-padding tokens.
-        There is no `attention_mask`: None is what makes the model treat position restarts as packed
-        sequences. Call the model with `use_cache=False`: transformers looks for packed sequences only
-        when there is no KV cache, and a Llama LLM creates one when `use_cache` is left to its config.
+        No `attention_mask`, and the model must run with `use_cache=False`: see the module docstring.
 
     Raises:
         PackOverflow: a pack holds more than `max_tokens` tokens.
@@ -278,10 +274,7 @@ def packing_efficiency(batches: Iterable[Mapping[str, Any]]) -> float:
     """
     real = total = 0
     for batch in batches:
-        if "num_tokens" in batch:
-            real += int(batch["num_tokens"])
-        else:
-            real += int(batch["attention_mask"].sum())
+        real += int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum())
         total += batch["input_ids"].numel()
     if total == 0:
         raise ValueError("packing_efficiency needs at least one non-empty batch")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +37,7 @@ from pipelines.manifest import (
     UnitRecord,
     read_manifest,
     stable_hash,
+    tally,
     write_manifest,
 )
 from pipelines.preprocess import PrepareContext
@@ -86,7 +87,7 @@ def prepare(
     # a dataset already there keeps the form its manifest was hashed with: its units are keyed by it
     processing = next((f for f in forms if existing and stable_hash(f) == existing.processing_hash), forms[0])
     processing_hash = stable_hash(processing)
-    units = _discover(inputs)
+    units = [unit for uri in inputs for unit in discover_units(uri)]  # raises SourceError on an empty input
     keys = {unit_key(u, processing_hash, processor_hash): u for u in units}
     done = {u.key: u for u in existing.units} if existing else {}
     resumed = _completed_units(output, set(keys) - set(done))
@@ -120,16 +121,6 @@ def prepare(
     write_manifest(output, manifest)  # the commit
     _clean_up(output, manifest)
     return _report(manifest, {**resumed, **fresh}, output, started, changed=True, resumed=len(resumed))
-
-
-def _discover(inputs: list[str]) -> list[WorkUnit]:
-    units: list[WorkUnit] = []
-    for uri in inputs:
-        found = discover_units(uri)
-        if not found:
-            logger.warning("no readable input found at %s", uri)
-        units.extend(found)
-    return units
 
 
 def _existing_manifest(output: str, stage: str, processing: dict[str, dict], processor_hash: str):
@@ -267,19 +258,16 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
         )
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        keys = batch.column("unit_key").to_pylist()
         start = 0
-        for end in range(1, len(keys) + 1):  # runs of one unit (rows arrive in input order)
-            if end < len(keys) and keys[end] == keys[start]:
-                continue
-            key = keys[start]
+        for key, run in itertools.groupby(batch.column("unit_key").to_pylist()):  # rows come in input order
+            count = len(list(run))
             if writer is None or writer.key != key:
                 if writer is not None:
                     records[writer.key] = progress.unit_done(writer.finish())
                 writer = UnitWriter(output, units[key], key, settings)
-            writer.add(batch.slice(start, end - start), seen)
-            progress.rows(end - start)
-            start = end
+            writer.add(batch.slice(start, count), seen)
+            progress.rows(count)
+            start += count
     if writer is not None:
         records[writer.key] = progress.unit_done(writer.finish())
 
@@ -287,14 +275,10 @@ def _stream(todo, ctx, settings, output, seen, num_actors, actor_cpus, progress,
 class _Progress:
     """Progress lines a person can follow: records/s and units done, at most one line every few seconds."""
 
-    def __init__(
-        self, total_units: int, on_unit_done: Callable[[int, int], None] | None = None, every: float = 5.0
-    ) -> None:
-        self.total_units, self.on_unit_done = total_units, on_unit_done
-        self.every = every
+    def __init__(self, total_units: int, on_unit_done: Callable[[int, int], None] | None, every: float = 5.0):
+        self.total_units, self.on_unit_done, self.every = total_units, on_unit_done, every
         self.started = self.last = time.perf_counter()
-        self.records = 0
-        self.units = 0
+        self.records = self.units = 0
 
     def rows(self, count: int) -> None:
         self.records += count
@@ -346,14 +330,8 @@ def _report(
     changed: bool,
     resumed: int = 0,
 ) -> dict[str, Any]:
-    reasons: Counter[str] = Counter()
-    for record in records.values():
-        reasons.update(record.rejected_by_reason)
     return {
-        "read": sum(r.read for r in records.values()),
-        "written": sum(r.written for r in records.values()),
-        "rejected": sum(r.rejected for r in records.values()),
-        "rejected_by_reason": dict(sorted(reasons.items())),
+        **tally(records.values()),
         "units_processed": len(records),
         "units_resumed": resumed,
         "changed": changed,

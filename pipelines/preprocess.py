@@ -2,16 +2,11 @@
 
     preprocess_row(raw, ctx)  ->  (shard_row, None)  |  (None, reject_row)
 
-Per row: reader error -> reject; the text bounded before it is tokenized (`max_text_chars`: tokenizing
-grows memory ~200 bytes a character); image refs resolved inside the dataset root (`ids.safe_resolve`)
-and read (regular files of at most `max_file_bytes` only); images validated and decoded (`decode_image`:
-bomb check from the header before any pixel is decoded, EXIF orientation, RGB); tiled with the
-processor's dynamic tiling (tiles stored as PNG); the stage's token sequence built (`distill`: image block
-and/or text tokens, labels all -100; `align`: a chat sample whose answer is the caption; `instruct`: the
-conversation, labels on assistant turns); the token budget applied (`settings.overflow`). A row that
-still raises is quarantined as `internal_error`.
-
-Pure Python + PIL + the HoVLE processor: no Ray here, so the same code runs in a Ray actor or a test.
+Per row: the text bounded before it is tokenized (`max_text_chars`); images resolved inside the dataset
+root, read bounded and validated (`pipelines.validate`); tiled (tiles stored as PNG); the stage's token
+sequence built (`distill`: image block and/or text tokens, nothing supervised; `align`: a caption as the
+answer; `instruct`: the conversation, labels on assistant turns); the token budget applied. No Ray here,
+so the same code runs in a Ray actor or a test.
 """
 
 from __future__ import annotations
@@ -166,9 +161,8 @@ def _as_list(values: Any) -> list[Any]:
 
 def _normalise(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Plain Python values for every RAW_SCHEMA field (Ray batches may hand numpy arrays and None)."""
-    row = {name: str(raw.get(name) or "") for name in ("id", "source", "unit", "root", "kind", "payload")}
-    row["error"] = str(raw.get("error") or "")
-    row["detail"] = str(raw.get("detail") or "")
+    text_fields = ("id", "source", "unit", "root", "kind", "payload", "error", "detail")
+    row = {name: str(raw.get(name) or "") for name in text_fields}
     row["image_refs"] = [str(ref or "") for ref in _as_list(raw.get("image_refs"))]
     blobs = [bytes(blob) if blob is not None else b"" for blob in _as_list(raw.get("image_bytes"))]
     row["image_bytes"] = blobs + [b""] * (len(row["image_refs"]) - len(blobs))
@@ -254,14 +248,6 @@ def _distill_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareCo
 # ---- align / instruct: chat samples --------------------------------------------------------------------
 
 
-def _conversation_messages(payload: dict[str, Any], num_images: int) -> list[dict[str, str]]:
-    """A training conversation: `parse_conversation`, and at least one assistant turn to learn from."""
-    messages = parse_conversation(payload.get("conversations"), num_images)
-    if not any(message["role"] == "assistant" for message in messages):
-        raise RejectedSample("bad_turn_order", "no gpt/assistant turn to learn from")
-    return messages
-
-
 def _caption_messages(payload: dict[str, Any], sample_id: str) -> list[dict[str, str]]:
     caption = payload.get("caption")
     if not isinstance(caption, str):
@@ -284,7 +270,9 @@ def _chat_sample(raw: dict[str, Any], payload: dict[str, Any], ctx: PrepareConte
             raise RejectedSample("image_count_mismatch", f"a caption record with {num_images} images")
         messages = _caption_messages(payload, raw["id"])
     elif kind == "conversation":
-        messages = _conversation_messages(payload, num_images)
+        messages = parse_conversation(payload.get("conversations"), num_images)
+        if not any(message["role"] == "assistant" for message in messages):
+            raise RejectedSample("bad_turn_order", "no gpt/assistant turn to learn from")
     else:
         raise RejectedSample(
             "no_content", f"a {kind or 'record'} record has no text to supervise in {ctx.stage}"

@@ -3,23 +3,11 @@
     read_unit(unit, settings)  ->  raw rows, one per sample, in file order, never raising for bad data
     read_unit_batches(items)   ->  the same rows as Arrow tables, for Ray Data `map_batches` (prepare)
 
-One reader per `WorkUnit.format` (`_READERS`): conversation JSONL and JSON arrays, text JSONL, WebDataset
-tars, Parquet, image-caption folders and text files. `pipelines.sources` finds the units; this module only
-reads them.
-
-The raw-row contract (`schema.raw_row`): every sample gives one row with its stable id
-(``<id_prefix>/<key>``, see `pipelines.sources`), its source, unit key, root and kind (conversation,
-caption, image, text), a JSON payload, and its images as refs (paths relative to the root, not opened
-here: preprocess resolves them with `ids.safe_resolve`) or as inline bytes. Bad data never raises: a
-bad record becomes a row with `error` and `detail` set (invalid_json, invalid_utf8, invalid_record,
-missing_image, empty_file, unsafe_path, not_a_file, record_too_large, file_too_large), and a file that
-cannot be read on ends with one `unreadable_file` row (`internal_error` when the reader itself failed).
-Every read is bounded before it is parsed (`PrepareSettings.max_record_bytes`, `max_file_bytes`; regular
-files only), so no record can hang a reader or exhaust its memory. Meta JSON `repeat_time` is applied
-here (`ids.repeat_copies`); a meta entry whose root was refused (`WorkUnit.root_error`) has every record
-rejected as unsafe_path.
-
-Nothing here imports torch or transformers: `read_unit_batches` runs in Ray Data's lightweight read tasks.
+One reader per `WorkUnit.format` (`_READERS`); `pipelines.sources` finds the units. A row carries its
+images as refs (paths relative to the root, resolved later by preprocess with `ids.safe_resolve`) or as
+inline bytes. Every read is bounded before it is parsed (`max_record_bytes`, `max_file_bytes`, regular
+files only), so no record can hang a reader or exhaust its memory. Nothing here imports torch or
+transformers: `read_unit_batches` runs in Ray Data's lightweight read tasks.
 """
 
 from __future__ import annotations
@@ -50,13 +38,10 @@ def read_unit(
 ) -> Iterator[dict[str, Any]]:
     """Yield the raw rows (schema.RAW_SCHEMA) of one work unit, one per sample, in file order.
 
-    Bad records become rows with `error` set (invalid_json, invalid_utf8, invalid_record,
-    missing_image, record_too_large, ...), with reads bounded by `settings` (max_record_bytes,
-    max_file_bytes); a file that cannot be read at all (or breaks off, e.g. a truncated tar) ends with
-    one `unreadable_file` row, and a reader that fails on a record in a way not foreseen ends the unit
-    with one `internal_error` row instead of failing the run. A unit whose root was refused
-    (`root_error`) has each record rejected as unsafe_path. Meta JSON `repeat_time` is applied here
-    (`repeat_copies`); error rows are emitted once, whatever the repeat.
+    Bad records become rows with `error` and `detail` set; a file that cannot be read on (e.g. a truncated
+    tar) ends with one `unreadable_file` row, a reader failing in a way not foreseen with one
+    `internal_error` row. A unit whose root was refused (`root_error`) has each record rejected as
+    unsafe_path. Meta JSON `repeat_time` is applied here (`repeat_copies`); error rows come once.
     """
     if not isinstance(unit, WorkUnit):
         unit = WorkUnit.from_dict(unit)
@@ -82,11 +67,8 @@ def read_unit_batches(
 ) -> Iterator[pa.Table]:
     """Ray Data `map_batches` over work units (columns `unit`: WorkUnit JSON, `unit_key`): each unit's raw
     rows (`read_unit` with `settings`) as RAW_SCHEMA tables of at most `rows_per_batch` rows, with a
-    `unit_key` column.
-
-    It lives here, away from the preprocessing code, so the reading tasks import neither torch nor
-    transformers: on a small machine their start-up would compete with the preprocessing actors'.
-    """
+    `unit_key` column. Kept away from torch and transformers: on a small machine their start-up would
+    compete with the preprocessing actors'."""
     for unit_json, key in zip(items["unit"], items["unit_key"]):
         unit = WorkUnit.from_dict(json.loads(unit_json))
         rows: list[dict[str, Any]] = []
@@ -105,6 +87,9 @@ def _raw_table(key: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def _row(unit: WorkUnit, sample_id: str, kind: str, **fields: Any) -> dict[str, Any]:
+    """A raw row of `unit`; a row with an `error` carries no payload."""
+    if fields.get("error"):
+        fields["payload"] = ""
     return raw_row(id=sample_id, source=unit.source, unit=unit.key, root=unit.root, kind=kind, **fields)
 
 
@@ -186,10 +171,7 @@ def _read_whole(uri: str, limit: int, too_large: str) -> tuple[bytes, str, str]:
 
 def _read_conversations(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     ids = _Ids(unit)
-    if unit.format == "conversation_json":
-        records = _json_array(unit, settings)
-    else:
-        records = _json_lines(unit, settings)
+    records = (_json_array if unit.format == "conversation_json" else _json_lines)(unit, settings)
     for position, record, error, detail in records:
         own = record.get("id") if isinstance(record, dict) else None
         sample_id = ids(own, position)
@@ -218,12 +200,10 @@ def _read_text_jsonl(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict
     ids = _Ids(unit)
     for position, record, error, detail in _json_lines(unit, settings):
         sample_id = ids(record.get("id") if isinstance(record, dict) else None, position)
-        if not error and not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not error and not isinstance(text, str):
             error, detail = "invalid_record", f"{position}: needs a string 'text' field"
-        if error:
-            yield _row(unit, sample_id, "text", error=error, detail=detail)
-        else:
-            yield _row(unit, sample_id, "text", payload=encode_payload(text=record["text"]))
+        yield _row(unit, sample_id, "text", payload=encode_payload(text=text), error=error, detail=detail)
 
 
 def _read_member_text(unit: WorkUnit, rel: str, settings: PrepareSettings) -> tuple[str | None, str, str]:
@@ -249,31 +229,21 @@ def _read_image_folder(unit: WorkUnit, settings: PrepareSettings) -> Iterator[di
         if not image:
             detail = f"caption {caption_file} has no image of the same name beside it"
             yield _row(unit, sample_id, "caption", error="missing_image", detail=detail)
-            continue
-        if not caption_file:
-            yield _row(unit, sample_id, "image", payload=encode_payload(), image_refs=[image])
-            continue
-        caption, error, detail = _read_member_text(unit, caption_file, settings)
-        if error:
-            yield _row(unit, sample_id, "caption", image_refs=[image], error=error, detail=detail)
+        elif not caption_file:
+            yield _row(unit, sample_id, "image", payload=_caption_payload(None), image_refs=[image])
         else:
+            caption, error, detail = _read_member_text(unit, caption_file, settings)
+            payload = _caption_payload(caption)
             yield _row(
-                unit,
-                sample_id,
-                "caption",
-                payload=encode_payload(caption=caption.strip()),
-                image_refs=[image],
+                unit, sample_id, "caption", payload=payload, image_refs=[image], error=error, detail=detail
             )
 
 
 def _read_text_files(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[str, Any]]:
     for rel in unit.members:
         text, error, detail = _read_member_text(unit, rel, settings)
-        sample_id = join_id(unit.id_prefix, rel)
-        if error:
-            yield _row(unit, sample_id, "text", error=error, detail=detail)
-        else:
-            yield _row(unit, sample_id, "text", payload=encode_payload(text=text))
+        payload = encode_payload(text=text)
+        yield _row(unit, join_id(unit.id_prefix, rel), "text", payload=payload, error=error, detail=detail)
 
 
 def _tar_samples(
@@ -334,16 +304,9 @@ def _read_webdataset(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict
                 meta, error, detail = None, "invalid_json", f"{key}.json: {err}"
             if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
                 caption = meta["caption"]
-        kind = "image" if caption is None else "caption"
-        payload = encode_payload() if caption is None else encode_payload(caption=caption.strip())
+        kind, payload = "image" if caption is None else "caption", _caption_payload(caption)
         yield _row(
-            unit,
-            sample_id,
-            kind,
-            payload="" if error else payload,
-            image_bytes=[files[image_ext]],
-            error=error,
-            detail=detail,
+            unit, sample_id, kind, payload=payload, image_bytes=[files[image_ext]], error=error, detail=detail
         )
 
 
@@ -351,14 +314,12 @@ def _read_parquet(unit: WorkUnit, settings: PrepareSettings) -> Iterator[dict[st
     fs, path = storage.filesystem(unit.uri)
     ident, image_column, text_column = parquet_columns(fs, path)
     columns = [name for name in (ident, image_column, text_column) if name]
-    ids = _Ids(unit)
-    position = 0
+    ids, position, limit = _Ids(unit), 0, settings.max_record_bytes
     with fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
             for record in batch.to_pylist():
                 sample_id = ids(record.get(ident) if ident else None, str(position))
                 position += 1
-                limit = settings.max_record_bytes
                 yield _parquet_row(unit, sample_id, record, image_column, text_column, limit)
 
 
@@ -377,13 +338,18 @@ def _parquet_row(
         if text is None:
             return _row(unit, sample_id, "text", error="invalid_record", detail=f"{text_column} is null")
         return _row(unit, sample_id, "text", payload=encode_payload(text=text))
-    payload = encode_payload() if text is None else encode_payload(caption=text.strip())
+    payload = _caption_payload(text)
     if blob:
         return _row(unit, sample_id, kind, payload=payload, image_bytes=[blob])
     if ref:
         return _row(unit, sample_id, kind, payload=payload, image_refs=[ref])
     error = "missing_image" if blob is None else "empty_file"
     return _row(unit, sample_id, kind, error=error, detail=f"column {image_column!r} holds no image bytes")
+
+
+def _caption_payload(caption: str | None) -> str:
+    """The payload of an image with its caption (stripped), or of an image alone."""
+    return encode_payload() if caption is None else encode_payload(caption=caption.strip())
 
 
 _READERS = {

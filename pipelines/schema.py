@@ -120,12 +120,9 @@ def raw_row(
     detail: str = "",
 ) -> dict[str, Any]:
     """One raw record with every RAW_SCHEMA field present (image_refs and image_bytes aligned)."""
-    refs = list(image_refs or [])
-    blobs = list(image_bytes or [])
-    if blobs and not refs:
-        refs = [""] * len(blobs)
-    if refs and not blobs:
-        blobs = [b""] * len(refs)
+    refs, blobs = list(image_refs or []), list(image_bytes or [])
+    refs = refs or [""] * len(blobs)
+    blobs = blobs or [b""] * len(refs)
     if error and error not in REJECT_REASONS:
         raise ValueError(f"unknown reject reason {error!r}; add it to REJECT_REASONS")
     return {

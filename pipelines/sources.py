@@ -1,25 +1,13 @@
-"""Corpus discovery: find the work units of an input, the pieces that one task each reads.
+"""Corpus discovery: an input URI -> its work units, the pieces that one task each reads (`readers.py`).
 
-    discover_units(input_uri)  ->  [WorkUnit, ...]          (cheap: listings, a peek, a Parquet footer)
-    readers.read_unit(unit)    ->  raw rows (schema.RAW_SCHEMA), one per sample (`pipelines.readers`)
-
-Formats (detected by `discover_units`, see its docstring): LLaVA/InternVL conversation JSONL or JSON
-arrays, InternVL meta JSON, image-caption folders, WebDataset tars (img2dataset layout), Parquet with image
-bytes (Hugging Face `Image` feature), plain image folders, and text corpora (.txt files, JSONL with "text").
-
-Sample ids are stable across runs: ``<id_prefix>/<key>`` where the prefix names the source (and the file
-inside it for multi-file sources) and the key is the record's own id, its WebDataset key, its path inside
-an image folder, or its line/row position when it has no id.
-
-Image refs are not opened here: they are resolved against the unit's root by `safe_resolve`, the one
-place that enforces the dataset-root boundary (preprocess calls it for images, the readers for captions).
-It, the sample-id helpers (`join_id`, `repeat_copies`, ...) live in `pipelines.ids`; `WorkUnit`, its
-formats and `parquet_columns`, which discovery and the readers share, live in `pipelines.units`.
+Cheap: listings, a peek into a JSONL file, a Parquet footer; `discover_units` says which formats are found
+and how. Sample ids are stable across runs: ``<id_prefix>/<key>``, the prefix naming the source (and the
+file inside it), the key the record's own id, its WebDataset key, its path inside an image folder, or its
+line/row position. Image refs are not opened here: preprocess resolves them (`ids.safe_resolve`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +19,7 @@ from fsspec import AbstractFileSystem
 
 from pipelines import storage
 from pipelines.ids import UnsafePath, join_id, safe_resolve, stable_fraction
+from pipelines.manifest import stable_hash
 from pipelines.units import IMAGE_EXTENSIONS, SourceError, WorkUnit, parquet_columns
 
 logger = logging.getLogger(__name__)
@@ -103,18 +92,11 @@ def _extension(path: str) -> str:
     return posixpath.splitext(path)[1].lower().lstrip(".")
 
 
-_QUOTE = '"'  # S3 ETags come quoted
-
-
 def _file_fingerprint(info: Mapping[str, Any]) -> str:
     tag = info.get("ETag") or info.get("etag") or info.get("md5")
     if tag is None:
         tag = info.get("mtime") or info.get("LastModified") or info.get("created")
-    return f"{info.get('size')}:{str(tag).strip(_QUOTE)}"
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return f"{info.get('size')}:" + str(tag).strip('"')  # S3 ETags come quoted
 
 
 def _peek_jsonl_format(fs: AbstractFileSystem, path: str) -> str:
@@ -147,16 +129,8 @@ def _file_unit(
     """A unit reading one file (`info`: its fsspec info; `also_read`: the info of a caption beside it)."""
     uri = storage.to_uri(fs, path)
     file_fingerprints = [_file_fingerprint(info), _file_fingerprint(also_read) if also_read else ""]
-    return WorkUnit(
-        key=uri,
-        uri=uri,
-        source=source,
-        format=fmt,
-        root=root,
-        fingerprint=_fingerprint(fmt, root, id_prefix, file_fingerprints, extra),
-        id_prefix=id_prefix,
-        **extra,
-    )
+    fingerprint = stable_hash([fmt, root, id_prefix, file_fingerprints, extra])[:32]
+    return WorkUnit(uri, uri, source, fmt, root, fingerprint, id_prefix, **extra)
 
 
 def _discover_file(
@@ -181,20 +155,17 @@ def _discover_file(
         return [_file_unit(fs, path, info, source, id_prefix, "webdataset", parent)]
     if ext == "json":
         return _discover_json(fs, path, info, source, id_prefix, image_root)
-    if single and ext == "txt":
-        members = (posixpath.basename(path),)
+    if not single:
+        return []
+    members = (posixpath.basename(path),)
+    if ext == "txt":
         return [_file_unit(fs, path, info, source, "", "text_files", parent, members=members)]
-    if single and ext in IMAGE_EXTENSIONS:
+    if ext in IMAGE_EXTENSIONS:
         caption = posixpath.splitext(path)[0] + ".txt"
         caption_info = fs.info(caption) if fs.exists(caption) else None
-        extra = {
-            "members": (posixpath.basename(path),),
-            "companions": (posixpath.basename(caption) if caption_info else "",),
-        }
+        extra = {"members": members, "companions": (posixpath.basename(caption) if caption_info else "",)}
         return [_file_unit(fs, path, info, source, "", "image_folder", parent, caption_info, **extra)]
-    if single:
-        raise SourceError(f"{source}: unsupported file type {ext!r}")
-    return []
+    raise SourceError(f"{source}: unsupported file type {ext!r}")
 
 
 def _discover_json(
@@ -247,23 +218,11 @@ def _discover_json(
         root, root_error = _meta_root(base, entry.get("root"), f"{source}: meta entry {name!r}")
         if not root and not root_error:
             root = storage.to_uri(afs, posixpath.dirname(apath))
-        afingerprint = _file_fingerprint(ainfo)
-        fingerprint = _fingerprint(
-            fmt, root, root_error, join_id(id_prefix, name), afingerprint, float(repeat_time)
-        )
-        units.append(
-            WorkUnit(
-                key=f"{annotation}#{name}",
-                uri=annotation,
-                source=source,
-                format=fmt,
-                root=root,
-                fingerprint=fingerprint,
-                id_prefix=join_id(id_prefix, name),
-                repeat_time=float(repeat_time),
-                root_error=root_error,
-            )
-        )
+        prefix, repeat = join_id(id_prefix, name), float(repeat_time)
+        fingerprint = stable_hash([fmt, root, root_error, prefix, _file_fingerprint(ainfo), repeat])[:32]
+        key = f"{annotation}#{name}"
+        extra = {"repeat_time": repeat, "root_error": root_error}
+        units.append(WorkUnit(key, annotation, source, fmt, root, fingerprint, prefix, **extra))
     return units
 
 
@@ -374,22 +333,12 @@ def _discover_folder(
         for chunk in _chunks(entries, files_per_unit):
             members = tuple(member for member, _ in chunk)
             companions = tuple(companion for _, companion in chunk) if fmt == "image_folder" else ()
-            file_fingerprints = [
-                _file_fingerprint(files[rel]) if rel else "" for pair in chunk for rel in pair
-            ]
+            files_seen = [_file_fingerprint(files[rel]) if rel else "" for pair in chunk for rel in pair]
+            fingerprint = stable_hash([fmt, folder_uri, source_name, members, companions, files_seen])[:32]
+            key = f"{folder_uri}#{chunk[0][0] or chunk[0][1]}"
             units.append(
                 WorkUnit(
-                    key=f"{folder_uri}#{chunk[0][0] or chunk[0][1]}",
-                    uri=folder_uri,
-                    source=source,
-                    format=fmt,
-                    root=folder_uri,
-                    fingerprint=_fingerprint(
-                        fmt, folder_uri, source_name, members, companions, file_fingerprints
-                    ),
-                    id_prefix=source_name,
-                    members=members,
-                    companions=companions,
+                    key, folder_uri, source, fmt, folder_uri, fingerprint, source_name, members, companions
                 )
             )
     return units

@@ -44,8 +44,7 @@ def storage_options(uri: str) -> dict[str, Any]:
 
 def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URI or a local path."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
-    return fs, path
+    return fsspec.core.url_to_fs(uri, **storage_options(uri))
 
 
 def is_remote(uri: str) -> bool:
@@ -155,13 +154,12 @@ def remove(uri: str, recursive: bool = False) -> None:
 def put_directory(local_dir: str, uri: str) -> None:
     """Copy a local folder's files to `uri` (a folder; created as needed), keeping relative paths."""
     fs, path = filesystem(uri)
+    paths = posixpath if is_remote(uri) else os.path
     for root, _, files in os.walk(local_dir):
         for name in files:
             source = os.path.join(root, name)
-            relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
-            target = posixpath.join(path, relative) if is_remote(uri) else os.path.join(path, relative)
-            parent = posixpath.dirname(target) if is_remote(uri) else os.path.dirname(target)
-            fs.makedirs(parent, exist_ok=True)
+            target = paths.join(path, os.path.relpath(source, local_dir).replace(os.sep, "/"))
+            fs.makedirs(paths.dirname(target), exist_ok=True)
             fs.put_file(source, target)
 
 

@@ -4,16 +4,14 @@
     endless(stream)                    ->  batches across epochs (what a training loop draws from)
     state_dict() / load_state_dict()   ->  the position (`StreamPosition`) after the last yielded batch
 
-The source is a `RowSource`: `pipelines.ingest.ShardSource` (the deterministic per-worker order of a
-prepared dataset). It gives an epoch's rows in a fixed order from any position, and the stream decodes a row
-(`source.prepare`) only when its batch is collated. The position (epoch, step, next row, rows waiting in
-open packs) is all a checkpoint needs: a resumed stream reads the source again from the first waiting row,
-reopens those packs and goes on, no row repeated, none skipped. With every rank's token counts up front
-(`RowSource.lengths`), all ranks take the same number of steps (see `pipelines.ingest`, "Equal steps").
+The source (`RowSource`, in training `pipelines.ingest.ShardSource`) gives an epoch's rows in a fixed order
+from any position, so the position (`StreamPosition`) is all a checkpoint needs. With every rank's token
+counts up front (`RowSource.lengths`), all ranks take the same number of steps (`pipelines.ingest`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -159,31 +157,29 @@ class TrainingStream:
         packer = self._packer()
         packer.restore(start.open, {p: len(rows[p]["input_ids"]) for p in waiting})
 
-        def done() -> bool:
-            return limit is not None and self.position.step >= limit
+        given = start.next  # rows given to the packer
+
+        def closed_packs() -> Iterator[list[int]]:
+            """Packs as they close: while rows come, then the open ones, oldest first."""
+            nonlocal given
+            for row in source_rows:
+                rows[given] = row
+                given += 1
+                yield from packer.add(given - 1, len(row["input_ids"]))
+            while (pack := packer.close_oldest()) is not None:
+                yield pack
 
         pending: list[list[int]] = []
-        position = start.next
-        for row in source_rows:
-            if done():
-                break
-            rows[position] = row
-            # one sample opens at most one pack, so at most one closes: no closed pack waits unbatched
-            pending.extend(packer.add(position, len(row["input_ids"])))
-            position += 1
-            if len(pending) == self.batch_size:
-                yield self._emit(pending, rows, position, packer.open_packs)
-                pending = []
-        while not done():  # the rows are exhausted: close the open packs, oldest first
-            pack = packer.close_oldest()
-            if pack is None:
-                break
+        for pack in closed_packs():
             pending.append(pack)
             if len(pending) == self.batch_size:
-                yield self._emit(pending, rows, position, packer.open_packs)
+                yield self._emit(pending, rows, given, packer.open_packs)
                 pending = []
-        if pending and not done():
-            yield self._emit(pending, rows, position, [])
+                if limit is not None and self.position.step >= limit:
+                    break
+        else:
+            if pending:
+                yield self._emit(pending, rows, given, [])
         self.position = StreamPosition(epoch=epoch + 1)
 
     def _emit(
@@ -203,14 +199,7 @@ class TrainingStream:
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last yielded batch: {epoch, step, next, open, rows} (JSON-able)."""
-        p = self.position
-        return {
-            "epoch": p.epoch,
-            "step": p.step,
-            "next": p.next,
-            "open": [list(x) for x in p.open],
-            "rows": p.rows,
-        }
+        return dataclasses.asdict(self.position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from `state_dict()`: the next batch is the one that followed it.

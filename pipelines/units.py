@@ -108,9 +108,7 @@ def parquet_columns(fs: AbstractFileSystem, path: str) -> tuple[str | None, str 
         return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
 
     def is_text(name: str) -> bool:
-        return pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(
-            schema.field(name).type
-        )
+        return pa.types.is_string(kind := schema.field(name).type) or pa.types.is_large_string(kind)
 
     image_candidates = [names[c] for c in PARQUET_IMAGE_COLUMNS if c in names] + list(schema.names)
     image = next((name for name in image_candidates if is_image(name)), None)

@@ -142,7 +142,6 @@ def check_text(text: str, where: str) -> None:
     """Refuse text holding a reserved image token (the model scatters image features into those slots)."""
     for token in (IMG_START, IMG_END, IMG_CONTEXT):
         if token in text:
-            # the model scatters image features into <IMG_CONTEXT> slots: a stray one breaks the count
             raise RejectedSample("invalid_record", f"{where} contains the reserved image token {token}")
 
 

@@ -1,11 +1,6 @@
-"""What runs in Ray workers for `pipelines.prepare`, and how a record that kills its worker is found.
-
-Preprocessor (actor)      a batch of raw rows -> one result row each (RESULT_SCHEMA): a shard row or
-                          a reject row
-isolated_unit(...)        a unit read here and preprocessed in single tasks without retries, halving
-                          any batch whose worker process dies until the record that kills it is alone
-                          (reject `worker_crashed`)
-"""
+"""What runs in Ray workers for `pipelines.prepare`: the preprocessing actor (raw rows -> one result row
+each, RESULT_SCHEMA: a shard row or a reject row), and `isolated_unit`, which finds a record that kills
+its worker process."""
 
 from __future__ import annotations
 
@@ -37,16 +32,16 @@ RESULT_SCHEMA = pa.schema(
     ]
     + [SHARD_SCHEMA.field(name) for name in SHARD_SCHEMA.names]
 )
-EMPTY_SHARD = {
-    "split": "",
-    "input_ids": [],
-    "labels": [],
-    "num_tokens": 0,
-    "tiles": [],
-    "tiles_per_image": [],
-    "truncated": False,
-    "dedup_key": "",
-}
+EMPTY_SHARD = dict(
+    split="",
+    input_ids=[],
+    labels=[],
+    num_tokens=0,
+    tiles=[],
+    tiles_per_image=[],
+    truncated=False,
+    dedup_key="",
+)
 
 
 class Preprocessor:
@@ -62,19 +57,8 @@ class Preprocessor:
         rows = []
         for raw in batch.to_pylist():
             shard, reject = preprocess_row(raw, self.ctx)
-            if shard is not None:
-                rows.append(
-                    {
-                        "unit_key": raw["unit_key"],
-                        "ok": True,
-                        "unit": raw["unit"],
-                        "reason": "",
-                        "detail": "",
-                        **shard,
-                    }
-                )
-            else:
-                rows.append({"unit_key": raw["unit_key"], "ok": False, **EMPTY_SHARD, **reject})
+            result = {"unit": raw["unit"], "reason": "", "detail": "", **shard} if shard else reject
+            rows.append({"unit_key": raw["unit_key"], "ok": shard is not None, **EMPTY_SHARD, **result})
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
@@ -92,8 +76,8 @@ def worker_died(err: BaseException) -> bool:
 
 
 def isolated_unit(key, unit, ctx, settings, output, seen, actor_cpus) -> UnitRecord:
-    """One unit read here and preprocessed in single tasks (no retries), bisecting batches whose worker
-    dies until the record that kills it is alone."""
+    """One unit read here and preprocessed in single tasks (no retries), halving any batch whose worker
+    dies until the record that kills it is alone (reject `worker_crashed`)."""
     import ray
 
     task = ray.remote(max_retries=0, num_cpus=actor_cpus)(_preprocess_alone)

@@ -26,9 +26,6 @@ from pipelines.schema import REJECT_SCHEMA, SHARD_SCHEMA
 from pipelines.settings import PrepareSettings
 from pipelines.units import WorkUnit
 
-_SHARD_FIELDS = SHARD_SCHEMA.names
-_REJECT_FIELDS = REJECT_SCHEMA.names
-
 
 @dataclass
 class UnitWriter:
@@ -48,40 +45,26 @@ class UnitWriter:
     def add(self, results: pa.Table, seen: set[str]) -> None:
         """Take a batch of this unit's results; drop exact duplicates of anything `seen` (and add to it)."""
         self.read += results.num_rows
-        ok = results.column("ok").to_pylist()
-        keep = []
-        duplicate = []
-        for index, (is_ok, dedup_key) in enumerate(zip(ok, results.column("dedup_key").to_pylist())):
-            if not is_ok:
-                continue
-            if dedup_key in seen:
-                duplicate.append(index)
-            else:
+        keep, duplicate = [], []
+        ok, dedup_keys = results.column("ok").to_pylist(), results.column("dedup_key").to_pylist()
+        for index, (is_ok, dedup_key) in enumerate(zip(ok, dedup_keys)):
+            if is_ok:
+                (duplicate if dedup_key in seen else keep).append(index)
                 seen.add(dedup_key)
-                keep.append(index)
         rejected = results.filter(pc.invert(results.column("ok")))
         if rejected.num_rows:
-            self.rejects.append(rejected.select(_REJECT_FIELDS))
+            self.rejects.append(rejected.select(REJECT_SCHEMA.names))
         if duplicate:
-            dups = results.take(duplicate)
-            detail = [
-                f"same image bytes and text (dedup_key {k[:16]}) as an earlier sample"
-                for k in dups.column("dedup_key").to_pylist()
-            ]
-            self.rejects.append(
-                pa.table(
-                    {
-                        "id": dups.column("id"),
-                        "source": dups.column("source"),
-                        "unit": dups.column("unit"),
-                        "reason": pa.array(["duplicate"] * len(duplicate), pa.string()),
-                        "detail": pa.array(detail, pa.string()),
-                    },
-                    schema=REJECT_SCHEMA,
+            rows = results.take(duplicate).select(["id", "source", "unit", "dedup_key"]).to_pylist()
+            for row in rows:
+                key = row.pop("dedup_key")[:16]
+                row.update(
+                    reason="duplicate",
+                    detail=f"same image bytes and text (dedup_key {key}) as an earlier sample",
                 )
-            )
+            self.rejects.append(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA))
         if keep:
-            kept = results.take(keep).select(_SHARD_FIELDS).cast(SHARD_SCHEMA)
+            kept = results.take(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
             self.pending.append(kept)
             self.pending_rows += kept.num_rows
             self.pending_bytes += kept.nbytes
@@ -104,15 +87,9 @@ class UnitWriter:
         relative = f"{SHARDS_DIR}/{self.key}-{len(self.shards):05d}.parquet"
         data = parquet_bytes(shard)
         storage.write_bytes_atomic(storage.join(self.output, relative), data)
-        splits = Counter(shard.column("split").to_pylist())
+        splits = dict(sorted(Counter(shard.column("split").to_pylist()).items()))
         self.shards.append(
-            ShardInfo(
-                relative,
-                shard.num_rows,
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-                dict(sorted(splits.items())),
-            )
+            ShardInfo(relative, shard.num_rows, len(data), hashlib.sha256(data).hexdigest(), splits)
         )
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows

@@ -121,10 +121,7 @@ class CorpusSource(Protocol):
 
 def _conversation(turns: list[Turn], n_images: int) -> list[dict[str, str]]:
     """Human/gpt turns; the image placeholders go at the start of the first question."""
-    if n_images == 1:
-        prefix = "<image>\n"
-    else:
-        prefix = "".join(f"Image {k + 1}: <image>\n" for k in range(n_images))
+    prefix = "<image>\n" if n_images == 1 else "".join(f"Image {k + 1}: <image>\n" for k in range(n_images))
     conversation = []
     for k, turn in enumerate(turns):
         conversation.append({"from": "human", "value": (prefix if k == 0 else "") + turn.question})

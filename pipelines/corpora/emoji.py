@@ -116,15 +116,8 @@ class EmojiSource(LabelledImageSource):
         y = rng.randint(0, self.image_size - glyph.height)
         image.paste(glyph, (x, y), glyph)
         label = unicodedata.name(char).lower()
-        return (
-            image,
-            label,
-            {
-                "codepoint": f"U+{ord(char):04X}",
-                "name": label,
-                "box": [x, y, x + glyph.width, y + glyph.height],
-            },
-        )
+        box = [x, y, x + glyph.width, y + glyph.height]
+        return image, label, {"codepoint": f"U+{ord(char):04X}", "name": label, "box": box}
 
 
 def import_emoji(

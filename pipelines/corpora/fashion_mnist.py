@@ -29,17 +29,8 @@ FASHION_MNIST_FILES = {
 }
 # Label index -> normalised class name (the dataset's names, lowercased).
 FASHION_CLASSES = (
-    "t-shirt/top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-)
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
 FEET_QUESTION = "Is this item worn on the feet?"
 
 
@@ -146,12 +137,9 @@ class FashionMnistSource(LabelledImageSource):
         self.cursor += 1
         small = Image.fromarray(self.images[index], mode="L")
         image = small.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC).convert("RGB")
-        label = FASHION_CLASSES[int(self.label_ids[index])]
-        return (
-            image,
-            label,
-            {"split": self.split, "index": index, "label": int(self.label_ids[index]), "class": label},
-        )
+        label_id = int(self.label_ids[index])
+        label = FASHION_CLASSES[label_id]
+        return image, label, {"split": self.split, "index": index, "label": label_id, "class": label}
 
 
 def import_fashion_mnist(

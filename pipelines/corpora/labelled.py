@@ -26,15 +26,12 @@ from pipelines.corpora.corpus import (
     Turn,
     ask,
 )
+from pipelines.corpora.scenes import with_article as _article
 
 COMPARE_PROBABILITY = 0.15
 # Answer-form instructions of held-out questions (see pipelines.corpora.synthetic.ANSWER_FORMS), by skill.
 YES_NO_FORMS = ("Answer yes or no.", "Reply with yes or no only.")
 LABEL_ANSWER_FORMS = {"verify": YES_NO_FORMS, "category": YES_NO_FORMS, "compare": COMPARE_ANSWER_FORMS}
-
-
-def _article(phrase: str) -> str:
-    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,8 @@ SHAPES = ("circle", "square", "triangle", "star")
 GRID = 3
 # Row-major names of the 3x3 grid cells; also the answers to position questions.
 POSITIONS = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "centre",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-)
+    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
+)  # fmt: skip
 MAX_SHAPES = 5
 STAR_INNER_RATIO = 0.45
 
@@ -151,17 +143,15 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
     return image
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+def with_article(phrase: str) -> str:
+    """`phrase` after "a", or "an" before a vowel: "a red", "an orange"."""
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
 def describe_scene(scene: Scene) -> str:
     """E.g. "a red circle at the top left and a blue square at the bottom right"."""
-    parts = [f"{_article(s.colour)} {s.colour} {s.shape} at the {s.position}" for s in scene.shapes]
+    parts = [f"{with_article(s.colour)} {s.shape} at the {s.position}" for s in scene.shapes]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-# The training templates of scene questions (and, below, of text and two-image questions).
 
 
 # ---- rendered words (OCR) ---------------------------------------------------------------------------
