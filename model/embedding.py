@@ -33,6 +33,21 @@ class ImageTokenMismatch(ValueError):
     """The number of <IMG_CONTEXT> slots does not match the image tokens the pixel values produce."""
 
 
+def check_image_slots(image_mask: torch.Tensor, pixel_values: torch.Tensor | None, per_tile: int) -> int:
+    """The number of tiles in pixel_values [tiles, 3, T, T] (0 for None), checked against the
+    <IMG_CONTEXT> slots of image_mask [b, L]: `per_tile` slots per tile."""
+    slots = int(image_mask.sum())
+    tiles = 0 if pixel_values is None else pixel_values.shape[0]
+    if slots and not tiles:
+        raise ImageTokenMismatch(f"{slots} <IMG_CONTEXT> tokens but no pixel_values were given")
+    if slots != tiles * per_tile:
+        raise ImageTokenMismatch(
+            f"{slots} <IMG_CONTEXT> tokens but {tiles} tiles x {per_tile} tokens/tile = {tiles * per_tile}: "
+            "build inputs with the HoVLE processor"
+        )
+    return tiles
+
+
 def pixel_shuffle(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Space-to-depth: [n, h, w, c] -> [n, h*ratio, w*ratio, c/ratio^2].
 
@@ -137,47 +152,28 @@ class HolisticEmbedding(nn.Module):
         """
         image_mask = input_ids == self.config.img_context_token_id
         text = self.embed_tokens(input_ids)
-        patches = self._image_patches(pixel_values, image_mask)
-        groups = None if patches is None else group_patches(patches, self.config.pixel_shuffle_ratio)
-        if self.config.post_shuffle_layout == "raster" and patches is not None:
-            groups = patches.reshape(groups.shape)  # raster order, read k*k entries per slot
+        groups = None
+        if check_image_slots(image_mask, pixel_values, self.config.image_tokens_per_tile):
+            patches = self.embed_patches(pixel_values)
+            groups = group_patches(patches, self.config.pixel_shuffle_ratio)
+            if self.config.post_shuffle_layout == "raster":
+                groups = patches.reshape(groups.shape)  # raster order, read k*k entries per slot
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cache)
-
-        if self.config.shuffle_location == "pre":
-            hidden = text
-            if groups is not None:
-                tokens = self.merge_patches(groups).to(text.dtype)
-                hidden = text.masked_scatter(image_mask.unsqueeze(-1), tokens)
-            return self._run_layers(
-                hidden,
-                image_mask,
-                attention_mask,
-                position_ids,
-                cache,
-                use_cache,
-                packed_positions=position_ids,
+        if self.config.shuffle_location == "post":
+            return self._forward_post_shuffle(
+                text, groups, image_mask, attention_mask, position_ids, cache, use_cache
             )
-        return self._forward_post_shuffle(
-            text, groups, image_mask, attention_mask, position_ids, cache, use_cache
+        hidden = text
+        if groups is not None:
+            hidden = text.masked_scatter(image_mask.unsqueeze(-1), self.merge_patches(groups).to(text.dtype))
+        return self._run_layers(
+            hidden, image_mask, attention_mask, position_ids, cache, use_cache, position_ids
         )
 
-    def _image_patches(
-        self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Check the slot count and return the tiles' patches [tiles, g, g, hidden]."""
-        slots = int(image_mask.sum())
-        per_tile = self.config.image_tokens_per_tile
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if slots:
-                raise ImageTokenMismatch(f"{slots} <IMG_CONTEXT> tokens but no pixel_values were given")
-            return None
-        if slots != pixel_values.shape[0] * per_tile:
-            raise ImageTokenMismatch(
-                f"{slots} <IMG_CONTEXT> tokens but {pixel_values.shape[0]} tiles x {per_tile} tokens/tile "
-                f"= {pixel_values.shape[0] * per_tile}: build inputs with the HoVLE processor"
-            )
-        return self.embed_patches(pixel_values)
+    def _past(self, cache: Cache | None) -> int:
+        """The tokens the module already holds in `cache` (0 without one)."""
+        return cache.get_seq_length(self.layer_offset) if cache is not None else 0
 
     def _forward_post_shuffle(self, text, groups, image_mask, attention_mask, position_ids, cache, use_cache):
         """HoVLE-HD: every image slot is expanded to its k*k patches for the layers, then merged back."""
@@ -194,11 +190,12 @@ class HolisticEmbedding(nn.Module):
         # rows with fewer image slots are left-padded to the longest expanded row
         expanded_len = widths.sum(1)
         longest = int(expanded_len.max())
-        placed = torch.arange(longest, device=text.device).unsqueeze(0) >= (longest - expanded_len).unsqueeze(
-            1
-        )
+        placed = torch.arange(longest, device=text.device) >= (longest - expanded_len).unsqueeze(1)
 
         def expand(values: torch.Tensor, fill) -> torch.Tensor:
+            """[b, L, f, ...] (or [b, L]: the same for a slot's f patches) -> [b, longest, ...]."""
+            if values.dim() == 2:
+                values = values.unsqueeze(-1).expand(b, length, f)
             out = torch.full((b, longest, *values.shape[3:]), fill, dtype=values.dtype, device=values.device)
             out[placed] = values[valid]
             return out
@@ -210,29 +207,20 @@ class HolisticEmbedding(nn.Module):
             sub = torch.arange(f, device=text.device) * image_mask.unsqueeze(-1)
             positions = expand((position_ids + shift).unsqueeze(-1) + sub, 0)
         else:  # the k*k patches of one slot share that slot's position
-            positions = expand(position_ids.unsqueeze(-1).expand(b, length, f), 0)
-        current = torch.ones(b, length, dtype=torch.bool, device=text.device)
-        if attention_mask is not None:
-            current = attention_mask[:, -length:].bool()
-        mask = expand(current.unsqueeze(-1).expand(b, length, f), False)
-        past_mask = getattr(cache, "embedding_attention_mask", None) if cache is not None else None
-        if past_mask is not None and cache.get_seq_length(self.layer_offset) > 0:
-            mask = torch.cat([past_mask, mask], dim=1)
+            positions = expand(position_ids, 0)
+        current = (
+            attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(image_mask)
+        )
+        mask = expand(current, False)
+        if self._past(cache) and getattr(cache, "embedding_attention_mask", None) is not None:
+            mask = torch.cat([cache.embedding_attention_mask, mask], dim=1)
         if use_cache and cache is not None:
             cache.embedding_attention_mask = mask
         segments = None
-        if attention_mask is None and (cache is None or cache.get_seq_length(self.layer_offset) == 0):
-            if _has_restarts(position_ids):  # packed samples: found on the compact positions, then expanded
-                segments = expand(packed_segments(position_ids).unsqueeze(-1).expand(b, length, f), -1)
+        if attention_mask is None and not self._past(cache) and _has_restarts(position_ids):
+            segments = expand(packed_segments(position_ids), -1)  # packed samples, found on compact positions
         out = self._run_layers(
-            hidden_states,
-            expand(image_mask.unsqueeze(-1).expand(b, length, f), False),
-            mask,
-            positions,
-            cache,
-            use_cache,
-            packed_positions=None,
-            segments=segments,
+            hidden_states, expand(image_mask, False), mask, positions, cache, use_cache, segments=segments
         )
         gathered = torch.zeros_like(source)
         gathered[valid] = out[placed]
@@ -253,31 +241,23 @@ class HolisticEmbedding(nn.Module):
         f = self.config.shuffle_factor
         slots = image_mask.long()
         before = slots.cumsum(1) - slots
-        if _has_restarts(position_ids) and (cache is None or cache.get_seq_length(self.layer_offset) == 0):
+        if _has_restarts(position_ids) and not self._past(cache):
             segment = packed_segments(position_ids)
             start = torch.ones_like(image_mask)
             start[:, 1:] = segment[:, 1:] != segment[:, :-1]
             before = before - torch.where(start, before, 0).cummax(1).values
         shift = before * (f - 1)
-        carried = getattr(cache, "embedding_position_shift", None) if cache is not None else None
-        if carried is not None and cache.get_seq_length(self.layer_offset) > 0:
+        carried = getattr(cache, "embedding_position_shift", None) if self._past(cache) else None
+        if carried is not None:
             shift = shift + carried.unsqueeze(1)
         if use_cache and cache is not None:
             cache.embedding_position_shift = shift[:, -1] + slots[:, -1] * (f - 1)
         return shift
 
     def _run_layers(
-        self,
-        hidden,
-        image_mask,
-        attention_mask,
-        position_ids,
-        cache,
-        use_cache,
-        packed_positions=None,
-        segments=None,
+        self, hidden, image_mask, padding, position_ids, cache, use_cache, packed=None, segments=None
     ):
-        past = cache.get_seq_length(self.layer_offset) if cache is not None else 0
+        past = self._past(cache)
         and_mask = _same_segment(segments) if segments is not None else None
         needs_bias = self.defocus and bool(image_mask.any())
         if needs_bias and past > 0:
@@ -288,9 +268,9 @@ class HolisticEmbedding(nn.Module):
         mask = create_causal_mask(
             config=self.layer_config,
             inputs_embeds=hidden,
-            attention_mask=attention_mask,
+            attention_mask=padding,
             cache=cache,
-            position_ids=packed_positions,
+            position_ids=packed,
             and_mask_function=and_mask,
             layer_idx=self.layer_offset,
             allow_is_causal_skip=not needs_bias,
@@ -319,13 +299,9 @@ class HolisticEmbedding(nn.Module):
                 )
                 continue
             hidden = layer(
-                hidden,
-                attention_mask=layer_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=rotary,
-            )
+                hidden, attention_mask=layer_mask, position_ids=position_ids, cache=cache,
+                use_cache=use_cache, position_embeddings=rotary,
+            )  # fmt: skip
         return hidden
 
 

@@ -27,19 +27,12 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 def find_closest_grid(
     width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448
 ) -> tuple[int, int]:
-    """Choose the tile grid (cols, rows) for an image, following InternVL's dynamic tiling.
+    """The tile grid ``(cols, rows)`` for an image, as InternVL's dynamic tiling picks it.
 
-    Candidates are all grids with ``min_tiles <= cols * rows <= max_tiles``, visited in order of
-    increasing area. The grid whose ratio ``cols / rows`` is closest to ``width / height`` wins. On an exact
-    tie (same ratio, e.g. 1x1 and 2x2) the larger grid replaces the current choice only when the image
-    has more than half the pixels of that grid, i.e. ``width * height > 0.5 * tile_size**2 * cols * rows``,
-    so small images are not blown up to many tiles.
-
-    Returns:
-        ``(cols, rows)``.
-
-    Raises:
-        ValueError: for a non-positive image size or an empty tile range.
+    Of the grids with ``min_tiles <= cols * rows <= max_tiles`` (by increasing area), the one whose
+    ``cols / rows`` is closest to ``width / height`` wins; on a tie (1x1 and 2x2) the larger grid wins only
+    when the image has more than half its pixels, so small images are not blown up to many tiles.
+    ValueError for a non-positive image size or an empty tile range.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got width={width}, height={height}")
@@ -70,13 +63,9 @@ def find_closest_grid(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB.
-
-    Transparent images are composited over white (a plain ``convert`` would show whatever colour hides
-    under transparent pixels, often black). 16-bit greyscale is scaled down to 8 bits rather than
-    clipped; 32-bit ``I`` images are treated as 16-bit when any value exceeds 255, ``F`` images as
-    0..1 when no value exceeds 1.
-    """
+    """An image of any PIL mode as 8-bit RGB: transparency composited over white (a plain ``convert``
+    shows what hides under it, often black); 16-bit greyscale scaled, not clipped, to 8 bits (32-bit ``I``
+    too when a value exceeds 255); ``F`` images read as 0..1 when no value exceeds 1."""
     if image.mode == "RGB":
         return image
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
@@ -97,15 +86,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def dynamic_tiles(
     image: Image.Image, tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool
 ) -> list[Image.Image]:
-    """Cut an image into ``tile_size`` square RGB tiles on the grid chosen by :func:`find_closest_grid`.
-
-    The image is resized (bicubic) to ``(tile_size * cols, tile_size * rows)`` and cut row-major; when
-    there is more than one tile and ``use_thumbnail`` is set, a ``tile_size`` square thumbnail of the
-    whole image is appended last.
-
-    Returns:
-        ``cols * rows`` tiles, plus one thumbnail where it applies.
-    """
+    """``cols * rows`` square RGB tiles, row-major, of the image resized (bicubic) to the grid
+    :func:`find_closest_grid` picks; then, with ``use_thumbnail`` and more than one tile, the whole image
+    as one more tile."""
     image = to_rgb(image)
     cols, rows = find_closest_grid(image.width, image.height, min_tiles, max_tiles, tile_size)
     resized = image.resize((tile_size * cols, tile_size * rows), Image.Resampling.BICUBIC)
@@ -124,18 +107,8 @@ def tiles_to_tensor(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Stack equally sized tiles into a normalised float tensor.
-
-    Args:
-        tiles: n images of the same size T x T, any mode (converted with :func:`to_rgb`).
-        mean, std: per-channel statistics on the 0..1 scale.
-
-    Returns:
-        float32 tensor ``[n, 3, T, T]`` holding ``(pixel / 255 - mean) / std``.
-
-    Raises:
-        ValueError: if there are no tiles or their sizes differ.
-    """
+    """n tiles of one size T x T (any mode) -> float32 ``[n, 3, T, T]`` holding ``(pixel / 255 - mean) / std``
+    (per-channel statistics on the 0..1 scale). ValueError when there are no tiles or their sizes differ."""
     import torch
 
     if not tiles:

@@ -1,11 +1,5 @@
 """LoRA on the LLM (and optionally the embedding module) with peft, injected in place.
 
-    add_lora(model, r, alpha, dropout, target_modules, parts)   adapters on `parts`' linear layers
-    base, adapter = split_adapter(state_dict)                   base weights | peft-format adapter weights
-    merged = merge_adapter(base, adapter, scaling)              W + scaling * B @ A (a plain state dict)
-    save_adapter(folder, adapter, config, base_reference)       <folder>/adapter: peft's files
-    apply_saved_adapter(model, folder, keep=False)              what `model.loading.load_pretrained` does
-
 The adapters are injected into the model itself (`peft.inject_adapter_in_model`), not around it: the
 model keeps its class and forward, parameter names keep their paths (`...q_proj.base_layer.weight`,
 `...q_proj.lora_A.default.weight`), and the stage's trainable set (model/stages.py) selects them by name.

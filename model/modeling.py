@@ -126,6 +126,9 @@ def language_model_output(
 
 
 class HoVLEPreTrainedModel(PreTrainedModel):
+    """The base of both VLMs (HoVLE and the compositional baseline): the LLM on the input embeddings that
+    the subclass's `_llm_inputs` makes, with a `cache_class` cache when generating."""
+
     config: HoVLEConfig
     config_class = HoVLEConfig
     base_model_prefix = "hovle"
@@ -136,6 +139,7 @@ class HoVLEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    cache_class = HoVLECache
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -143,20 +147,6 @@ class HoVLEPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.position_embedding, std=self.config.text_config.initializer_range)
         elif isinstance(module, (ImageDecayBias, LearnableRotaryEmbedding)):
             module.reset_parameters()
-
-
-class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
-    """The monolithic VLM. Inputs come from `HoVLEProcessor`: input_ids with <IMG_CONTEXT> slots and the
-    tiles' pixel_values [tiles, 3, T, T] in slot order."""
-
-    def __init__(self, config: HoVLEConfig):
-        super().__init__(config)
-        self.embedding = HolisticEmbedding(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embedding.embed_tokens
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -178,15 +168,31 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         # training calls leave use_cache unset: no cache, so packed samples stay apart (generate sets it)
         use_cache = bool(use_cache)
         if use_cache and cache is None:
-            cache = HoVLECache()
+            cache = self.cache_class()
         if position_ids is None:
             position_ids = default_position_ids(input_ids, cache)
-
-        embeds = self.embedding(input_ids, pixel_values, attention_mask, position_ids, cache, bool(use_cache))
+        embeds = self._llm_inputs(input_ids, pixel_values, attention_mask, position_ids, cache, use_cache)
         return language_model_output(
             self.language_model, embeds, attention_mask, position_ids, cache, labels, use_cache,
             logits_to_keep, output_embedding_states, **kwargs,
         )  # fmt: skip
+
+
+class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
+    """The monolithic VLM. Inputs come from `HoVLEProcessor`: input_ids with <IMG_CONTEXT> slots and the
+    tiles' pixel_values [tiles, 3, T, T] in slot order."""
+
+    def __init__(self, config: HoVLEConfig):
+        super().__init__(config)
+        self.embedding = HolisticEmbedding(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.embed_tokens
+
+    def _llm_inputs(self, input_ids, pixel_values, attention_mask, position_ids, cache, use_cache):
+        return self.embedding(input_ids, pixel_values, attention_mask, position_ids, cache, use_cache)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # The cache must hold the embedding module's layers too, which a cache sized from the LLM's config
@@ -213,9 +219,8 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
         self.embedding.embed_tokens.weight.copy_(llm_embeddings)
         if mode == "identity":
             for layer in self.embedding.layers:
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
                 for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    proj.weight.zero_()
                     if proj.bias is not None:
                         proj.bias.zero_()
         elif mode == "copy":
@@ -226,19 +231,23 @@ class HoVLEForConditionalGeneration(HoVLEPreTrainedModel, GenerationMixin):
             raise ValueError(f"embedding_init={mode!r}: expected 'random', 'identity' or 'copy'")
 
 
-def register_auto_classes() -> None:
-    """Make the Auto classes (config, model, processor) resolve "hovle" without `trust_remote_code`."""
+def register_auto_classes(
+    config_class: type[HoVLEConfig] = HoVLEConfig,
+    model_class: type[PreTrainedModel] = HoVLEForConditionalGeneration,
+) -> None:
+    """Make the Auto classes (config, model, processor) resolve `config_class.model_type` ("hovle", or
+    model.compositional's "hovle-compositional") to `model_class` without `trust_remote_code`."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from model.processor import HoVLEProcessor
 
     try:
-        AutoConfig.register("hovle", HoVLEConfig)
+        AutoConfig.register(config_class.model_type, config_class)
     except ValueError:  # already registered in this process
         return
-    AutoModel.register(HoVLEConfig, HoVLEForConditionalGeneration)
-    AutoModelForImageTextToText.register(HoVLEConfig, HoVLEForConditionalGeneration)
-    AutoProcessor.register(HoVLEConfig, HoVLEProcessor)
+    AutoModel.register(config_class, model_class)
+    AutoModelForImageTextToText.register(config_class, model_class)
+    AutoProcessor.register(config_class, HoVLEProcessor)
 
 
 register_auto_classes()  # on import: see the package docstring

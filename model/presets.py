@@ -12,6 +12,7 @@ a wrong or unknown field fails with its dotted name.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -77,6 +78,13 @@ class EmbeddingSpec(_Strict):
     rms_norm_eps: float | None = Field(None, gt=0)
     hidden_act: str | None = None
     attention_bias: bool = False
+
+
+# the `model.embedding` fields named alike in HoVLEConfig; the others are its `embedding_<name>`
+_UNPREFIXED_EMBEDDING_FIELDS = frozenset(
+    "attention drop_path_rate defocus_drop_path_start defocus_drop_path_end defocus_aux_loss "
+    "shuffle_location post_shuffle_layout".split()
+)
 
 
 class ImageSpec(_Strict):
@@ -166,12 +174,10 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
     text_config._attn_implementation = llm.attn_implementation
 
     tokenizer_source = llm.tokenizer or llm.path
-    token_ids: dict[str, int] = {}
     chat_template = None
     if tokenizer_source is not None:
-        tokenizer = _tokenizer(
-            tokenizer_source, llm.gguf_file if tokenizer_source == llm.path else None, llm.chat_template
-        )
+        gguf = llm.gguf_file if tokenizer_source == llm.path else None
+        tokenizer = _tokenizer(tokenizer_source, gguf, llm.chat_template)
         text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
         token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
         chat_template = tokenizer.chat_template
@@ -180,15 +186,9 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
         first = text_config.vocab_size - len(HOVLE_SPECIAL_TOKENS)
         token_ids = {t: first + HOVLE_SPECIAL_TOKENS.index(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
 
-    emb, image = spec.embedding, spec.image
     shared = dict(
         text_config=text_config,
-        tile_size=image.tile_size,
-        patch_size=image.patch_size,
-        pixel_shuffle_ratio=image.pixel_shuffle_ratio,
-        min_tiles=image.min_tiles,
-        max_tiles=image.max_tiles,
-        use_thumbnail=image.use_thumbnail,
+        **spec.image.model_dump(),
         img_start_token_id=token_ids[IMG_START],
         img_end_token_id=token_ids[IMG_END],
         img_context_token_id=token_ids[IMG_CONTEXT],
@@ -199,27 +199,15 @@ def config_from_spec(spec: ModelSpec) -> HoVLEConfig:
     )
     if spec.architecture == "compositional":
         return _compositional_config(spec.vision, shared)
-    return HoVLEConfig(
-        **shared,
-        embedding_num_layers=emb.num_layers,
-        embedding_num_heads=emb.num_heads,
-        embedding_num_kv_heads=emb.num_kv_heads,
-        embedding_intermediate_size=emb.intermediate_size,
-        embedding_rope_theta=emb.rope_theta,
-        embedding_init=emb.init,
-        attention=emb.attention,
-        drop_path_rate=emb.drop_path_rate,
-        defocus_drop_path_start=emb.defocus_drop_path_start,
-        defocus_drop_path_end=emb.defocus_drop_path_end,
-        defocus_aux_loss=emb.defocus_aux_loss,
-        shuffle_location=emb.shuffle_location,
-        post_shuffle_layout=emb.post_shuffle_layout,
-        embedding_rope_scaling=emb.rope_scaling,
-        embedding_max_position_embeddings=emb.max_position_embeddings,
-        embedding_rms_norm_eps=emb.rms_norm_eps,
-        embedding_hidden_act=emb.hidden_act,
-        embedding_attention_bias=emb.attention_bias,
-    )
+    return HoVLEConfig(**shared, **embedding_config_fields(spec.embedding.model_dump()))
+
+
+def embedding_config_fields(embedding: dict[str, Any]) -> dict[str, Any]:
+    """`model.embedding` fields -> `HoVLEConfig` keyword arguments (`X` -> `embedding_X`, or `X`)."""
+    return {
+        name if name in _UNPREFIXED_EMBEDDING_FIELDS else f"embedding_{name}": v
+        for name, v in embedding.items()
+    }
 
 
 def _compositional_config(vision: VisionSpec, shared: dict[str, Any]) -> HoVLEConfig:
@@ -256,20 +244,13 @@ def _compositional_config(vision: VisionSpec, shared: dict[str, Any]) -> HoVLECo
     )
 
 
-_TOKENIZERS: dict[tuple[str, str | None, str], Any] = {}
-
-
-def _tokenizer(source: str, gguf_file: str | None, chat_template: str = CHATML):
-    key = (source, gguf_file, chat_template)
-    if key not in _TOKENIZERS:
-        template = chat_template if chat_template in (CHATML, OWN) else resolve_path(chat_template)
-        try:
-            _TOKENIZERS[key] = load_tokenizer(
-                source if source == "byte" else resolve_path(source), gguf_file, template
-            )
-        except ChatTemplateError as err:
-            raise ConfigError(str(err)) from None
-    return _TOKENIZERS[key]
+@functools.cache  # one per process and (source, GGUF file, template): loading reads files
+def _tokenizer(source: str, gguf_file: str | None, chat_template: str):
+    template = chat_template if chat_template in (CHATML, OWN) else resolve_path(chat_template)
+    try:
+        return load_tokenizer(source if source == "byte" else resolve_path(source), gguf_file, template)
+    except ChatTemplateError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_processor(config: HoVLEConfig) -> HoVLEProcessor:
@@ -280,8 +261,13 @@ def build_processor(config: HoVLEConfig) -> HoVLEProcessor:
             "(e.g. InternLM2-chat-1.8B's) to build a processor"
         )
     gguf = config.llm_gguf_file if config.tokenizer_name_or_path == config.llm_name_or_path else None
+    return processor_for(config, _tokenizer(config.tokenizer_name_or_path, gguf, CHATML))
+
+
+def processor_for(config: HoVLEConfig, tokenizer) -> HoVLEProcessor:
+    """A processor with `tokenizer` and `config`'s image geometry and chat template."""
     return HoVLEProcessor(
-        _tokenizer(config.tokenizer_name_or_path, gguf),
+        tokenizer,
         tile_size=config.tile_size,
         min_tiles=config.min_tiles,
         max_tiles=config.max_tiles,
@@ -292,11 +278,11 @@ def build_processor(config: HoVLEConfig) -> HoVLEProcessor:
 
 
 def build_model(config: HoVLEConfig, device: str | torch.device = "cpu") -> HoVLEForConditionalGeneration:
-    """Build the model `config` describes (HoVLE, or the compositional model for a `CompositionalConfig`).
+    """The model `config` describes (HoVLE, or the compositional model for a `CompositionalConfig`).
 
-    On "meta" nothing is allocated or loaded (for counting); otherwise the LLM's weights are loaded from
-    `config.llm_name_or_path` when it names a checkpoint, its vocabulary grown for the added tokens, and
-    then HoVLE's embedding module is initialised from it (`config.embedding_init`), or the compositional
+    On "meta" nothing is allocated or loaded (for counting); otherwise the LLM's weights load from
+    `config.llm_name_or_path` when it names a checkpoint (vocabulary grown for the added tokens), then
+    HoVLE's embedding module is initialised from it (`config.embedding_init`), or the compositional
     model's vision encoder loads its pre-trained weights (its projector starts at random).
     """
     from model.compositional import MODEL_TYPE, CompositionalVLM

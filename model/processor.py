@@ -42,8 +42,7 @@ class ImagePlaceholderMismatch(ValueError):
     """The number of ``<image>`` placeholders in a conversation differs from the number of images."""
 
     def __init__(self, num_placeholders: int, num_images: int) -> None:
-        self.num_placeholders = num_placeholders
-        self.num_images = num_images
+        self.num_placeholders, self.num_images = num_placeholders, num_images
         super().__init__(
             f"the conversation has {num_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {num_images} "
             f"image(s) were given; put exactly one '{IMAGE_PLACEHOLDER}' in the message text where each "
@@ -55,8 +54,7 @@ class SequenceTooLong(ValueError):
     """A tokenized sample is longer than the allowed ``max_length``; the data pipeline decides what to do."""
 
     def __init__(self, length: int, max_length: int) -> None:
-        self.length = length
-        self.max_length = max_length
+        self.length, self.max_length = length, max_length
         super().__init__(
             f"sample has {length} tokens but max_length is {max_length}; raise max_length, lower max_tiles, "
             "or truncate/drop the sample in the data pipeline"
@@ -148,35 +146,24 @@ class HoVLEProcessor:
     __hash__ = None  # type: ignore[assignment]  # mutable and compared by value
 
     def process_images(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[int]]:
-        """Tile and normalise images.
-
-        Returns:
-            ``pixel_values`` float32 ``[total_tiles, 3, T, T]`` (images in order, each image's tiles
-            row-major then its thumbnail) and the number of tiles of each image.
-        """
+        """Images -> ``pixel_values`` float32 ``[total_tiles, 3, T, T]`` (images in order, each image's tiles
+        row-major then its thumbnail) and the number of tiles of each image."""
         import torch
 
-        tiles: list[Image.Image] = []
-        tiles_per_image: list[int] = []
-        for image in images:
-            image_tiles = dynamic_tiles(
-                image, self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail
-            )
-            tiles.extend(image_tiles)
-            tiles_per_image.append(len(image_tiles))
+        per_image = [
+            dynamic_tiles(image, self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail)
+            for image in images
+        ]
+        tiles = [tile for image_tiles in per_image for tile in image_tiles]
+        tiles_per_image = [len(image_tiles) for image_tiles in per_image]
         if not tiles:
             return torch.empty(0, 3, self.tile_size, self.tile_size), []
         return tiles_to_tensor(tiles, self.image_mean, self.image_std), tiles_per_image
 
     def expand_image_placeholders(self, text: str, tiles_per_image: Sequence[int]) -> str:
-        """Replace each ``<image>`` of ``text`` with the image's token run, in order.
-
-        The i-th placeholder becomes ``<img>`` + ``<IMG_CONTEXT>`` x (``image_tokens_per_tile`` x
-        ``tiles_per_image[i]``) + ``</img>``.
-
-        Raises:
-            ImagePlaceholderMismatch: if the text's placeholder count differs from ``len(tiles_per_image)``.
-        """
+        """Replace the i-th ``<image>`` of ``text`` with ``<img>`` + ``<IMG_CONTEXT>`` x
+        (``image_tokens_per_tile`` x ``tiles_per_image[i]``) + ``</img>`` (ImagePlaceholderMismatch when
+        the counts differ)."""
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(tiles_per_image):
             raise ImagePlaceholderMismatch(len(pieces) - 1, len(tiles_per_image))
@@ -193,24 +180,15 @@ class HoVLEProcessor:
         add_generation_prompt: bool = False,
         max_length: int | None = None,
     ) -> dict[str, Any]:
-        """Build the inputs of one conversation.
+        """The inputs of one conversation.
 
-        Args:
-            messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``; each image is
-                marked by one ``<image>`` in the text, in the order of ``images``.
-            images: the conversation's images, or None.
-            add_generation_prompt: append the template's assistant header (for generation).
-            max_length: if set, longer samples raise :class:`SequenceTooLong`.
-
-        Returns:
-            ``input_ids`` long ``[1, L]``, ``attention_mask`` long ``[1, L]``, ``labels`` long ``[1, L]``
-            (token ids on assistant content and its end-of-turn token, -100 elsewhere and on image
-            tokens), ``pixel_values`` float32 ``[n_tiles, 3, T, T]`` or None, ``num_tiles`` (list[int],
-            one per image).
-
-        Raises:
-            ImagePlaceholderMismatch: if placeholders and images do not match in number.
-            SequenceTooLong: if the sample has more than ``max_length`` tokens.
+        messages: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``, one ``<image>`` in
+            the text per image, in the order of ``images``; ``add_generation_prompt`` appends the template's
+            assistant header; a sample longer than ``max_length`` raises :class:`SequenceTooLong`.
+        Returns ``input_ids``, ``attention_mask``, ``labels`` long ``[1, L]`` (labels: token ids on assistant
+        content and its end-of-turn token, -100 elsewhere and on image tokens), ``pixel_values`` float32
+        ``[n_tiles, 3, T, T]`` or None and ``num_tiles`` (one per image). Placeholders and images differing
+        in number raise :class:`ImagePlaceholderMismatch`.
         """
         images = images or []
         for message in messages:
@@ -247,11 +225,8 @@ class HoVLEProcessor:
     def tokenize(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False
     ) -> tuple[list[int], list[int]]:
-        """Token ids and labels of a conversation whose image placeholders are already expanded.
-
-        Labels are the token ids on assistant content and its end-of-turn token(s) and -100 elsewhere
-        and on image tokens. Plain lists: no torch needed (see the module docstring).
-        """
+        """Token ids and labels (as :meth:`__call__`'s) of a conversation whose image placeholders are
+        already expanded, as plain lists: no torch needed (see the module docstring)."""
         messages = self.turns.fold_system(messages)
         if self.turns.generation_blocks:
             encoded = self.tokenizer.apply_chat_template(
@@ -277,17 +252,9 @@ class HoVLEProcessor:
         return input_ids, labels
 
     def collate(self, samples: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, Any]:
-        """Pad samples from :meth:`__call__` into one batch.
-
-        Returns:
-            ``input_ids`` ``[B, L_max]`` (pad token), ``attention_mask`` ``[B, L_max]`` (0 on padding),
-            ``labels`` ``[B, L_max]`` (-100 on padding), ``pixel_values`` ``[sum of tiles, 3, T, T]`` in
-            sample order or None when no sample has images, ``num_tiles`` (list[int], every image of the
-            batch in sample order, matching the ``<IMG_CONTEXT>`` runs of ``input_ids`` read row-major).
-
-        Raises:
-            ValueError: for an empty batch, an unknown padding side or a tokenizer without pad token.
-        """
+        """Pad samples from :meth:`__call__` into one batch: :func:`pad_batch`'s, plus ``num_tiles`` (every
+        image of the batch in sample order, as the ``<IMG_CONTEXT>`` runs of ``input_ids`` read row-major).
+        ValueError for a tokenizer without pad token."""
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError(
@@ -316,14 +283,9 @@ class HoVLEProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **auto_kwargs) -> HoVLEProcessor:
-        """Restore a processor written by :meth:`save_pretrained` (local files only).
-
-        ``auto_kwargs`` are what ``AutoProcessor.from_pretrained`` passes along (``trust_remote_code`` and
-        the like); a saved processor needs none of them, so they are not used.
-
-        Raises:
-            FileNotFoundError: if ``directory`` has no ``processor_config.json``.
-        """
+        """Restore a processor written by :meth:`save_pretrained` (local files only; FileNotFoundError
+        without ``processor_config.json``). ``auto_kwargs`` (what ``AutoProcessor.from_pretrained`` passes
+        along, ``trust_remote_code`` and the like) are not needed, so not used."""
         directory = Path(directory)
         config_path = directory / PROCESSOR_CONFIG_NAME
         if not config_path.is_file():
@@ -343,20 +305,14 @@ class HoVLEProcessor:
 def pad_batch(
     samples: Sequence[Mapping[str, Any]], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, Any]:
-    """One sample per row, padded to the longest: the one padding collator (the processor's batches for
-    generation and tests, and the training stream's unpacked batches).
+    """One sample per row, padded to the longest: the one padding collator (the processor's batches, and
+    the training stream's unpacked ones).
 
-    Args:
-        samples: mappings with `input_ids` and `labels` (lists, arrays or tensors with one row) and
-            optionally `pixel_values` (the sample's tiles; empty or None when it has no image).
-
-    Returns:
-        `input_ids` long [b, L_max] (the pad token on padding), `attention_mask` long [b, L_max] (0 on
-        padding), `labels` long [b, L_max] (-100 on padding), `pixel_values` [tiles, 3, S, S] in sample
-        order, or None when no sample has an image.
-
-    Raises:
-        ValueError: no samples, an unknown padding side, or a sample whose labels and ids differ in length.
+    samples: `input_ids` and `labels` (lists, arrays or one-row tensors), optionally `pixel_values` (the
+        sample's tiles; empty or None without an image).
+    Returns `input_ids` long [b, L_max] (the pad token on padding), `attention_mask` long [b, L_max] (0 on
+    padding), `labels` long [b, L_max] (-100 on padding), `pixel_values` [tiles, 3, S, S] in sample order or
+    None. ValueError: no samples, an unknown padding side, or labels and ids of different lengths.
     """
     import torch
 

@@ -107,22 +107,14 @@ STAGES_BY_MODEL_TYPE: dict[str, dict[str, StageSpec]] = {
 
 
 def stages_for(model_type: str) -> dict[str, StageSpec]:
-    """The stages a model of `model_type` trains through, by name.
-
-    Raises:
-        ConfigError: a model type this package does not train.
-    """
+    """The stages a model of `model_type` trains through, by name (ConfigError for one not trained here)."""
     if model_type not in STAGES_BY_MODEL_TYPE:
         raise ConfigError(f"model_type {model_type!r}: expected one of {sorted(STAGES_BY_MODEL_TYPE)}")
     return STAGES_BY_MODEL_TYPE[model_type]
 
 
 def stage_spec(model_type: str, stage: str) -> StageSpec:
-    """The `StageSpec` of `stage` for a model of `model_type`.
-
-    Raises:
-        ConfigError: the stage does not apply to that model (e.g. distill for the compositional model).
-    """
+    """The `StageSpec` of `stage` for a model of `model_type` (ConfigError when it does not apply)."""
     stages = stages_for(model_type)
     if stage not in stages:
         if model_type == "hovle-compositional" and stage == "distill":

@@ -1,18 +1,11 @@
-"""Stage-1 (distillation) vision teachers.
+"""Stage-1 (distillation) vision teachers: per-image-token targets for the holistic embedding module.
 
-In HoVLE's first stage the holistic embedding module learns, per image token, to
-reproduce the features of a frozen pre-trained vision encoder (and, per text
-token, the LLM's input embeddings). This module provides the image side:
-
-- the backbones (model/backbones.py): the packaged ImageNet MobileNetV2, or any
-  local Hugging Face vision model, as a feature map;
-- ``VisionTeacher``: a frozen backbone giving per-token targets on the student's
-  token grid, plus the small trainable head that maps student tokens into the
-  teacher's feature space;
-- ``CompositionalTeacher``: the paper's teacher, a trained compositional VLM's
-  vision encoder + projector (model/compositional.py), whose targets already live
-  in the LLM's input space: no head, the student's tokens are compared directly;
-- ``build_teacher``: builds one from a spec string.
+- ``VisionTeacher``: a frozen backbone (model/backbones.py: the packaged MobileNetV2 or a local Hugging Face
+  vision model) read out on the student's token grid, plus the trainable head mapping student tokens into
+  its feature space;
+- ``CompositionalTeacher``: the paper's teacher, a trained compositional VLM's encoder + projector
+  (model/compositional.py), whose targets already live in the LLM's input space: no head;
+- ``build_teacher``: one from a spec string.
 """
 
 from __future__ import annotations
@@ -42,23 +35,11 @@ MOBILENET_V2_SPEC = "mobilenet_v2"
 COMPOSITIONAL_PREFIX = "compositional:"  # compositional:<folder of a compositional VLM>
 
 
-# --------------------------------------------------------------------------- teacher
-
-
 def grid_features(
     backbone: nn.Module, pixel_values: torch.Tensor, grid: tuple[int, int], input_size: int | None = None
 ) -> torch.Tensor:
-    """A backbone's feature map on a token grid.
-
-    Args:
-        backbone: ImageNet-normalised images [n, 3, H, W] -> feature map [n, C, h, w].
-        pixel_values: ImageNet-normalised tiles [n, 3, T, T] (any float dtype).
-        grid: the (gh, gw) token grid per tile.
-        input_size: resize the tiles to this square size first (None: as given).
-
-    Returns:
-        [n, gh * gw, C] float32, raster order (see :func:`resample_to_grid`).
-    """
+    """ImageNet-normalised tiles [n, 3, T, T] -> `backbone`'s features on the (gh, gw) token grid
+    [n, gh * gw, C] float32, raster order; tiles are resized to `input_size` first (None: as given)."""
     if input_size is not None and tuple(pixel_values.shape[-2:]) != (input_size, input_size):
         pixel_values = resize(pixel_values.float(), (input_size, input_size))
     parameter = next(backbone.parameters(), None)
@@ -68,19 +49,10 @@ def grid_features(
 
 
 def resample_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Resample a feature map onto the student's token grid, flattened in raster order.
+    """features [n, C, h, w] -> [n, gh * gw, C] on the student's (gh, gw) grid, token = row * gw + column.
 
-    Downsampling (both axes shrink) uses adaptive average pooling: each target is
-    the mean teacher feature over the image region that student token covers,
-    using every source cell (bilinear sampling would skip some). Otherwise bilinear
-    interpolation (align_corners=False), antialiased on any axis that shrinks.
-
-    Args:
-        features: [n, C, h, w].
-        grid: (gh, gw) of the student.
-
-    Returns:
-        [n, gh * gw, C], token index = row * gw + column.
+    Downsampling (both axes shrink) averages over each token's region (adaptive pooling uses every source
+    cell; bilinear sampling would skip some); otherwise antialiased bilinear interpolation.
     """
     gh, gw = grid
     h, w = features.shape[-2:]
@@ -96,10 +68,8 @@ def resample_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
 class VisionTeacher(nn.Module):
     """Frozen vision backbone giving per-token targets, plus the trainable student→teacher head.
 
-    The head maps the STUDENT's tokens into the teacher's feature space rather than
-    the teacher's features into the student's: the targets then stay fixed during
-    training, so the cosine loss cannot be minimised by collapsing both sides onto
-    a shared trivial direction (a trainable map on the target side could do that).
+    The head maps the STUDENT's tokens into the teacher's space, not the reverse: the targets then stay
+    fixed, so the cosine loss cannot be met by collapsing both sides onto one trivial direction.
     """
 
     in_input_space = False  # targets are the backbone's features, not LLM input embeddings
@@ -110,9 +80,7 @@ class VisionTeacher(nn.Module):
         super().__init__()
         self.backbone = backbone
         freeze(self.backbone)
-        self.feature_dim = feature_dim
-        self.student_hidden = student_hidden
-        self.input_size = input_size
+        self.feature_dim, self.student_hidden, self.input_size = feature_dim, student_hidden, input_size
         self.head: nn.Module = (
             nn.Linear(student_hidden, feature_dim) if student_hidden != feature_dim else nn.Identity()
         )
@@ -125,24 +93,14 @@ class VisionTeacher(nn.Module):
 
     @torch.no_grad()
     def targets(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Teacher features on the student's token grid.
-
-        Args:
-            pixel_values: ImageNet-normalised tiles [n, 3, T, T] (any float dtype).
-            grid: the student's (gh, gw) image-token grid per tile.
-
-        Returns:
-            [n, gh * gw, feature_dim] float32, detached, raster order.
-        """
+        """ImageNet-normalised tiles [n, 3, T, T] -> [n, gh * gw, feature_dim] float32, detached."""
         return grid_features(self.backbone, pixel_values, grid, self.input_size).detach()
 
     def project(self, student_tokens: torch.Tensor) -> torch.Tensor:
         """Student image tokens [..., student_hidden] -> teacher space [..., feature_dim]."""
         return self.head(student_tokens)
 
-    def forward(self, student_tokens: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`project` (the trainable path, so wrappers like DDP see the head)."""
-        return self.project(student_tokens)
+    forward = project  # the trainable path, so wrappers like DDP see the head
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The head's parameters only (none when the widths already match)."""
@@ -185,8 +143,7 @@ class CompositionalTeacher(nn.Module):
         """The identity: the student's image tokens are already in the targets' space."""
         return student_tokens
 
-    def forward(self, student_tokens: torch.Tensor) -> torch.Tensor:
-        return self.project(student_tokens)
+    forward = project
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """None: the teacher is fixed and there is no head."""
@@ -222,17 +179,12 @@ def load_compositional_teacher(folder: str | os.PathLike[str], student_hidden: i
 def build_teacher(
     spec: str, student_hidden: int, input_size: int | None = None
 ) -> VisionTeacher | CompositionalTeacher:
-    """Build a stage-1 vision teacher.
+    """A stage-1 vision teacher for student image tokens `student_hidden` wide.
 
-    Args:
-        spec: ``"mobilenet_v2"`` for the packaged ImageNet MobileNetV2 (1280 features), a local Hugging
-            Face vision model directory, or ``"compositional:<folder>"`` for a trained compositional VLM
-            (its own encoder input size applies; ``input_size`` is not used).
-        student_hidden: width of the student's image tokens.
-        input_size: resize tiles to this square size before the backbone (None: as given).
-
-    Raises:
-        TeacherUnavailable: the packaged weights or the directory are missing.
+    spec: "mobilenet_v2" (the packaged ImageNet MobileNetV2, 1280 features), a local Hugging Face vision
+        model directory, or "compositional:<folder>" (a trained compositional VLM, with its own encoder
+        input size: `input_size`, the square size tiles are resized to, is not used).
+    Raises TeacherUnavailable when the packaged weights or the directory are missing.
     """
     if spec.startswith(COMPOSITIONAL_PREFIX):
         return load_compositional_teacher(spec.removeprefix(COMPOSITIONAL_PREFIX), student_hidden)

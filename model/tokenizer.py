@@ -1,15 +1,9 @@
 """Tokenizers for HoVLE: the added image/grounding tokens, the ChatML template, and loaders.
 
-Two sources are supported:
-
-* ``"byte"``: a tiny deterministic byte-level tokenizer built in code (no files, no training). It is meant
-  for tests and smoke runs: it round-trips any UTF-8 text and has every token HoVLE needs.
-* a local directory (optionally with a ``gguf_file`` inside it) loaded with ``AutoTokenizer``.
-
-Every tokenizer goes through :func:`prepare_tokenizer`, which adds the HoVLE tokens and sets the chat
-template: HoVLE's ChatML by default, whose ``{% generation %}`` blocks let transformers return the
-assistant-token mask used for labels, or the tokenizer's own or a ``.jinja`` file's
-(`model.llm.chat_template`; `model.chat_template` finds the labels and the end of turn of any of them).
+A tokenizer comes from ``"byte"`` (a tiny deterministic byte-level tokenizer built in code, for tests and
+smoke runs) or a local directory (optionally a ``gguf_file`` in it), and always goes through
+:func:`prepare_tokenizer`: HoVLE's tokens added, the chat template set (HoVLE's ChatML by default, whose
+``{% generation %}`` blocks give the assistant-token mask for labels; `model.chat_template` handles others).
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from model.chat_template import CHATML, resolve_chat_template
 
@@ -68,37 +63,14 @@ class TokenizerSourceNotFound(FileNotFoundError):
     """Raised when a tokenizer source is neither ``"byte"`` nor an existing local path."""
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """Map each byte 0..255 to a printable unicode character (the byte-level BPE alphabet).
-
-    Printable Latin-1 bytes keep their own character; the remaining bytes (controls, space, ...) are
-    shifted to code points 256 and up, in byte order. This is the alphabet the ``ByteLevel``
-    pre-tokenizer and decoder of the ``tokenizers`` library use.
-    """
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
-    mapping: dict[int, str] = {}
-    next_free = 256
-    for byte in range(256):
-        if byte in printable:
-            mapping[byte] = chr(byte)
-        else:
-            mapping[byte] = chr(next_free)
-            next_free += 1
-    return mapping
-
-
 def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Build a deterministic byte-level tokenizer in code: 256 byte tokens plus the chat/HoVLE specials.
+    """A deterministic byte-level tokenizer built in code, prepared (:func:`prepare_tokenizer`).
 
-    Ids 0..255 are the bytes in order, then ``<|endoftext|>`` (pad/unk), ``<|im_start|>``,
-    ``<|im_end|>`` (eos: a chat model stops at the end of its turn) and the 9 HoVLE tokens: 268 in all.
-    There are no merges, so every byte of ordinary text is one token and any UTF-8 string round-trips
-    exactly through ``encode``/``decode(skip_special_tokens=False)``.
-
-    Returns:
-        A prepared ``PreTrainedTokenizerFast`` (see :func:`prepare_tokenizer`).
+    Ids 0..255 are the bytes, then ``<|endoftext|>`` (pad/unk), ``<|im_start|>``, ``<|im_end|>`` (eos: a
+    chat model stops at the end of its turn) and the 9 HoVLE tokens: 268 in all. No merges: any UTF-8
+    string round-trips exactly through ``encode``/``decode(skip_special_tokens=False)``.
     """
-    byte_chars = _byte_to_unicode()
+    byte_chars = bytes_to_unicode()  # the byte-level BPE alphabet of tokenizers' ByteLevel
     vocab = {byte_chars[byte]: byte for byte in range(256)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     # No prefix space and no post-processing: the text is encoded exactly as given.
@@ -120,22 +92,10 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 def prepare_tokenizer(
     tokenizer: PreTrainedTokenizerFast, chat_template: str = CHATML
 ) -> PreTrainedTokenizerFast:
-    """Make a tokenizer HoVLE-ready, in place; calling it again changes nothing.
-
-    Adds :data:`HOVLE_SPECIAL_TOKENS` as extra special tokens (never split by the tokenizer), falls back
-    to the eos token for padding when there is no pad token, and sets ``chat_template``.
-
-    Args:
-        chat_template: ``"chatml"`` (:data:`CHATML_TEMPLATE`), ``"own"`` (keep the tokenizer's own) or
-            the path of a ``.jinja`` file (see `model.chat_template.resolve_chat_template`).
-
-    Returns:
-        The same tokenizer object.
-
-    Raises:
-        ValueError: if the tokenizer has neither a pad nor an eos token to pad with.
-        model.chat_template.ChatTemplateError: the template choice cannot be met.
-    """
+    """Make a tokenizer HoVLE-ready, in place (idempotent), and return it: adds :data:`HOVLE_SPECIAL_TOKENS`
+    as extra special tokens (never split), pads with eos when there is no pad token (ValueError without
+    either) and sets the chat template: ``"chatml"``, ``"own"`` or a ``.jinja`` path
+    (`model.chat_template.resolve_chat_template`; ChatTemplateError when it cannot be met)."""
     missing = [token for token in HOVLE_SPECIAL_TOKENS if token not in tokenizer.extra_special_tokens]
     if missing:
         added = tokenizer.add_special_tokens(
@@ -159,20 +119,9 @@ def prepare_tokenizer(
 def load_tokenizer(
     source: str, gguf_file: str | None = None, chat_template: str = CHATML
 ) -> PreTrainedTokenizerFast:
-    """Load and prepare a tokenizer from ``"byte"`` or a local path; never touches the network.
-
-    Args:
-        source: ``"byte"`` for :func:`build_byte_tokenizer`, a local directory holding tokenizer files
-            (or a GGUF file named by ``gguf_file``), or the path of a ``.gguf`` file itself.
-        gguf_file: name of a GGUF file inside ``source`` to read the tokenizer from.
-        chat_template: ``"chatml"``, ``"own"`` or a ``.jinja`` path (see :func:`prepare_tokenizer`).
-
-    Returns:
-        A tokenizer prepared by :func:`prepare_tokenizer`.
-
-    Raises:
-        TokenizerSourceNotFound: if the directory or the GGUF file does not exist.
-    """
+    """A tokenizer prepared by :func:`prepare_tokenizer`, never from the network: ``source`` is ``"byte"``
+    (:func:`build_byte_tokenizer`), a local directory of tokenizer files (or holding the GGUF file
+    ``gguf_file``) or a ``.gguf`` file's path. TokenizerSourceNotFound when the folder or file is missing."""
     if source == BYTE_TOKENIZER_SOURCE:
         return prepare_tokenizer(build_byte_tokenizer(), chat_template)
     path = Path(source).expanduser()

@@ -13,7 +13,6 @@ config `model:` section (model.yaml) beside them. Conversion streams one source 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from model.convert import ConversionError, internlm2, shards
+from model.convert import ConversionError, internlm2, read_json_object, shards
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +70,7 @@ def read_config(source: Path) -> dict[str, Any]:
     exactly (ConversionError naming what is not)."""
     path = source / "config.json"
     _need(path.is_file(), source, "no config.json: not a HoVLE checkpoint folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path}: not JSON ({err})") from err
-    _need(isinstance(config, dict), path, "not a config object")
+    config = read_json_object(path)
     emb, llm = config.get("embedding_config"), config.get("llm_config")
     _need(
         config.get("model_type") == MODEL_TYPE and isinstance(emb, dict) and isinstance(llm, dict),
@@ -116,18 +111,6 @@ def read_config(source: Path) -> dict[str, Any]:
     return config
 
 
-def _rope_scaling(emb: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = emb.get("rope_scaling")
-    if scaling is None:
-        return None
-    kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
-    if kind not in ("dynamic", "linear") or "factor" not in scaling:
-        raise ConversionError(
-            f"embedding_config.rope_scaling {scaling!r}: expected dynamic or linear + factor"
-        )
-    return {"rope_type": kind, "factor": float(scaling["factor"])}
-
-
 def model_section(config: dict[str, Any], tokenizer: str) -> dict[str, Any]:
     """The run config `model:` section describing the released model (`model.presets` reads it)."""
     emb, llm = config["embedding_config"], config["llm_config"]
@@ -143,7 +126,7 @@ def model_section(config: dict[str, Any], tokenizer: str) -> dict[str, Any]:
             "num_kv_heads": emb.get("num_key_value_heads") or emb["num_attention_heads"],
             "intermediate_size": emb["intermediate_size"],
             "rope_theta": float(emb.get("rope_theta", 10000.0)),
-            "rope_scaling": _rope_scaling(emb),
+            "rope_scaling": internlm2.rope_scaling(emb.get("rope_scaling"), "embedding_config.rope_scaling"),
             "max_position_embeddings": emb.get("max_position_embeddings", 4096),
             "rms_norm_eps": float(emb.get("rms_norm_eps", 1e-5)),
             "hidden_act": emb.get("hidden_act", "silu"),
@@ -169,28 +152,18 @@ def hovle_config(config: dict[str, Any], tokenizer, chat_template: str | None):
     from transformers import LlamaConfig
 
     from model.config import HoVLEConfig
+    from model.presets import embedding_config_fields
     from model.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
     section = model_section(config, "")
-    emb, image = section["embedding"], section["image"]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMG_START, IMG_END, IMG_CONTEXT)}
     released = config["embedding_config"].get("img_context_token_id")
     if released is not None and released != ids[IMG_CONTEXT]:
         raise ConversionError(f"img_context_token_id {released} is not the tokenizer's {IMG_CONTEXT} ({ids})")
     return HoVLEConfig(
         text_config=LlamaConfig(**internlm2.llama_config(config["llm_config"])),
-        **{
-            f"embedding_{k}": emb[k] for k in ("num_heads", "num_kv_heads", "intermediate_size", "rope_theta")
-        },
-        **{f"embedding_{k}": emb[k] for k in ("rope_scaling", "max_position_embeddings", "rms_norm_eps")},
-        embedding_hidden_act=emb["hidden_act"],
-        embedding_attention_bias=emb["attention_bias"],
-        embedding_num_layers=emb["num_layers"],
-        embedding_init="random",
-        drop_path_rate=emb["drop_path_rate"],
-        shuffle_location=emb["shuffle_location"],
-        post_shuffle_layout=emb["post_shuffle_layout"],
-        **image,
+        **embedding_config_fields(section["embedding"]),
+        **section["image"],
         img_start_token_id=ids[IMG_START],
         img_end_token_id=ids[IMG_END],
         img_context_token_id=ids[IMG_CONTEXT],
@@ -240,8 +213,7 @@ def import_checkpoint(
     Streams one shard at a time; only the text tables wait for each other (they are joined into one)."""
     from model.convert.internlm2_tokenizer import SPM_FILE, build_tokenizer
     from model.modeling import HoVLEForConditionalGeneration
-    from model.presets import generation_config_for
-    from model.processor import HoVLEProcessor
+    from model.presets import generation_config_for, processor_for
 
     config = read_config(source)
     _need((source / SPM_FILE).is_file(), source, f"no {SPM_FILE}: the released tokenizer is missing")
@@ -285,16 +257,7 @@ def import_checkpoint(
             raise ConversionError(f"{source}: {len(missing)} tensors lack a source, e.g. {missing[:3]}")
         files = writer.close()
         hovle.save_pretrained(str(out))
-        processor = HoVLEProcessor(
-            tokenizer,
-            tile_size=hovle.tile_size,
-            min_tiles=hovle.min_tiles,
-            max_tiles=hovle.max_tiles,
-            use_thumbnail=hovle.use_thumbnail,
-            image_tokens_per_tile=hovle.image_tokens_per_tile,
-            chat_template=hovle.chat_template,
-        )
-        processor.save_pretrained(out)
+        processor_for(hovle, tokenizer).save_pretrained(out)
         # greedy, stopping at the template's end of turn, never generating image tokens (as built models)
         generation_config_for(tokenizer, hovle.chat_template).save_pretrained(str(out))
         section = model_section(config, str(dest.resolve()))

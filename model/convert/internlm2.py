@@ -8,7 +8,6 @@ that share it, then its key head, then its value head. Splitting along that grou
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from model.convert import ConversionError, shards
+from model.convert import ConversionError, read_json_object, shards
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +110,20 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     keeps a grown base for later, shorter sequences; transformers returns to the original base below
     `max_position_embeddings`, which is what a fresh released model computes for them.)"""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
-    scaling = config.get("rope_scaling")
+    return {**params, **(rope_scaling(config.get("rope_scaling"), "rope_scaling") or {})}
+
+
+def rope_scaling(scaling: Any, field: str) -> dict[str, Any] | None:
+    """InternLM2's `rope_scaling` (None, or {"type" or "rope_type": "dynamic" | "linear", "factor": f}) ->
+    {"rope_type": ..., "factor": f} or None; ConversionError naming `field` for anything else."""
     if scaling is None:
-        return params
+        return None
     kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
     if kind not in _ROPE_TYPES or "factor" not in scaling:
         raise ConversionError(
-            f"rope_scaling {scaling!r}: InternLM2 knows {{'type': 'dynamic' | 'linear', 'factor': f}} only"
+            f"{field} {scaling!r}: InternLM2 knows {{'type': 'dynamic' | 'linear', 'factor': f}} only"
         )
-    return {**params, "rope_type": kind, "factor": float(scaling["factor"])}
+    return {"rope_type": kind, "factor": float(scaling["factor"])}
 
 
 def llama_config(internlm2_config: dict[str, Any]) -> dict[str, Any]:
@@ -194,12 +198,7 @@ def read_config(source: Path) -> dict[str, Any]:
     path = source / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{source}: no config.json (expected an InternLM2 checkpoint folder)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path}: not JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: not a config object")
+    config = read_json_object(path)
     check_config(config)
     return config
 
