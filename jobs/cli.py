@@ -87,6 +87,23 @@ def parse_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[s
     return dict(pairs)
 
 
+def job_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A job's parser: its module docstring `doc`, laid out as written, describes it in --help."""
+    return argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed with a last option, `--verbose`, and logging set up by it."""
+    from jobs.logging_setup import setup_logging
+
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args
+
+
 def usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     lines = [

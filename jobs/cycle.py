@@ -34,14 +34,7 @@ def prepare_cycle(run: RunConfig, raw: dict[str, list[str]], prepared_root: str)
     from jobs.prepare import prepare_stages
     from pipelines import storage
 
-    outputs = {stage: storage.join(prepared_root, stage) for stage in raw}
-    reports = prepare_stages(run, raw, outputs)
-    for stage, report in reports.items():
-        logger.info(
-            "%s: read %d, written %d, rejected %d (%s)",
-            stage, report["read"], report["written"], report["rejected"], outputs[stage],
-        )  # fmt: skip
-    return reports
+    return prepare_stages(run, raw, {stage: storage.join(prepared_root, stage) for stage in raw})
 
 
 def run_cycle(

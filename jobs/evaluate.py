@@ -1,22 +1,15 @@
 """`hovle evaluate --model URI --data JSONL [--text JSONL] [--base URI]`: how good a model is, into MLflow.
 
-    evaluate(model_uri, EvalSettings) -> EvalReport     the plain function: answers, scores, language kept
-    run_evaluation(model_uri, settings, tracking_uri, run_id, output)   + the gallery and results files,
-                                                        logged into an MLflow run; what `demo`, `retrain`
-                                                        and the CLI call
+    evaluate(model_uri, EvalSettings) -> EvalReport    answers, scores, language kept (the plain function)
+    run_evaluation(model_uri, settings, ...) -> dict   + gallery.html and eval_results.json, logged into an
+                                                       MLflow run: what `demo`, `retrain` and the CLI call
 
-    evaluate_vqa(model, processor, data)    greedy answers on a held-out conversation JSONL (`hovle synth`'s
-                                            format, or any LLaVA-style one: human/gpt or user/assistant/
-                                            system), normalised exact match overall and per skill
-    jobs.language.preservation(...)         general language kept against the base (keyed text-only
-                                            questions never trained on) and the held-out text perplexity
-
-Models resolve through jobs.models (exports, Hugging Face folders, runs:/, models:/, preset:), answers are
-scored by jobs.scoring, the page is jobs.gallery's. Metrics, params and the artifacts (`gallery.html`,
-`eval_results.json`) go to `--run-id` or a new run named `evaluate`. The last line of stdout is one JSON
-object: the metrics, `run_id` and `output` (the local folder holding the gallery and results; null when
-it was a temporary one). Exit codes: 0 done; 2 bad arguments, a model, data file or run that does not
-exist; 1 anything unexpected (a traceback).
+VQA is greedy answers to a held-out conversation JSONL (`hovle synth`'s format, or any LLaVA-style one),
+scored by normalised exact match overall and per skill (jobs.scoring); language preservation is
+jobs.language's. Models resolve through jobs.models. Metrics, params and the artifacts go to `--run-id` or a
+new run named `evaluate`. The last line of stdout is one JSON object: the metrics, `run_id` and `output` (the
+local folder holding the gallery and results; null when it was a temporary one). Exit codes: 0 done; 2 bad
+arguments, a model, data file or run that does not exist; 1 anything unexpected (a traceback).
 """
 
 from __future__ import annotations
@@ -52,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 VISION_CHECK_IMAGES = 16  # held-out images the blindness check compares
 _LIMITS = PrepareSettings()  # the image bounds a record is read with: prepare's defaults
+MAX_INPUT_BYTES = 1 << 30  # a held-out file larger than this is not one
 
 
 class DataNotFound(FileNotFoundError):
@@ -93,10 +87,6 @@ class VqaPrompt:
     expected: str
 
 
-def _parent(uri: str) -> str:
-    return uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(os.path.abspath(uri))
-
-
 def parse_record(line: str, root: str) -> VqaPrompt:
     """A JSONL line -> the chat up to its last user turn, its images (paths relative to `root`), its answer
     (the `answer` field, else the reply that followed). Conversations are read as training reads them
@@ -135,9 +125,6 @@ def parse_record(line: str, root: str) -> VqaPrompt:
     return VqaPrompt(str(record.get("id", "")), skill, prompt, images, prompt[-1]["content"], expected)
 
 
-MAX_INPUT_BYTES = 1 << 30  # a held-out file larger than this is not one
-
-
 def read_lines(uri: str, what: str) -> list[str]:
     """The non-empty lines of a text file at `uri`. Raises DataNotFound when it is not there, or is not a
     regular UTF-8 text file of at most MAX_INPUT_BYTES."""
@@ -169,7 +156,8 @@ def evaluate_vqa(
         DataNotFound: `data` is missing, or no record of it could be evaluated.
     """
     lines = read_lines(data, "data")[:max_samples]
-    root, report = _parent(data), VqaReport()
+    root = data.rsplit("/", 1)[0] if "://" in data else os.path.dirname(os.path.abspath(data))
+    report = VqaReport()
     prompts: list[VqaPrompt] = []
     for n, line in enumerate(lines, 1):
         try:
@@ -237,11 +225,8 @@ class EvalReport:
             self.vqa.results, self.vqa.thumbnails, self.vqa.skipped, f"HoVLE evaluation of {self.model}"
         )
         gallery.write_text(page, encoding="utf-8")
-        document = {
-            "metrics": self.metrics,
-            "records": [asdict(r) for r in self.vqa.results],
-            "language": self.language,
-        }
+        records = [asdict(r) for r in self.vqa.results]
+        document = {"metrics": self.metrics, "records": records, "language": self.language}
         results.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8")
         return [gallery, results]
 
@@ -249,20 +234,14 @@ class EvalReport:
 def check_inputs(settings: EvalSettings) -> list | None:
     """Fail before any model loads: every input file is readable text; returns the parsed language
     questions."""
-    inputs = (
-        (settings.data, "data"),
-        (settings.text, "text"),
-        (settings.language_questions, "language questions"),
-    )
-    for uri, what in inputs:
-        if uri:
-            read_lines(uri, what)  # there, and readable text: small files, read again where used
-    if not settings.language_questions:
-        return None
     from pipelines.general_text import parse_keyed_questions
 
+    named = {"data": settings.data, "text": settings.text, "language questions": settings.language_questions}
+    lines = {what: read_lines(uri, what) for what, uri in named.items() if uri}  # small: read again later
+    if "language questions" not in lines:
+        return None
     try:
-        return parse_keyed_questions(read_lines(settings.language_questions, "language questions"))
+        return parse_keyed_questions(lines["language questions"])
     except ValueError as err:
         raise DataNotFound(f"language questions {settings.language_questions}: {err}") from err
 
@@ -278,7 +257,7 @@ def evaluate(model_uri: str, settings: EvalSettings, tracking_uri: str | None = 
     model.to(device)
     base = None
     if settings.base:
-        from jobs.language import BaseReference
+        from jobs.language import BaseReference, preservation
 
         base = BaseReference.from_uri(settings.base, tracking_uri, device)
         if base.key is None:
@@ -294,8 +273,6 @@ def evaluate(model_uri: str, settings: EvalSettings, tracking_uri: str | None = 
     if base is None:
         logger.info("no --base model given: language preservation not measured (the gate refuses it)")
     else:
-        from jobs.language import preservation
-
         texts = read_texts(settings.text) if settings.text else None
         try:
             found, language = preservation(model, processor, base, texts, questions)
@@ -338,9 +315,8 @@ def run_evaluation(
             ).info.run_id
         )
         params = {"model": model_uri, "data": settings.data, "base": settings.base or ""}
-        log_results(
-            client, target, {**params, "max_samples": settings.max_samples or "all"}, report.metrics, files
-        )
+        params["max_samples"] = settings.max_samples or "all"
+        log_results(client, target, params, report.metrics, files)
     if not run_id:
         client.set_terminated(target)  # a given run belongs to its creator, who closes it
     logger.info(
@@ -375,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    settings = EvalSettings(
-        data=args.data, text=args.text, base=args.base, language_questions=args.language_questions,
-        max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-    )  # fmt: skip
+    settings = EvalSettings(**{k: v for k, v in vars(args).items() if k in EvalSettings.model_fields})
 
     def body() -> int:
         summary = run_evaluation(

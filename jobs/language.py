@@ -32,10 +32,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +42,10 @@ import torch
 import transformers
 
 from jobs.logging_setup import setup_logging
-from jobs.models import PRESET_SCHEME, generate_answers, perplexity, resolve_model
+from jobs.models import PRESET_SCHEME, Loaded, generate_answers, perplexity, resolve_model, token_nll
 from jobs.scoring import NUMBER_WORDS
 from model import HoVLEForConditionalGeneration, HoVLEProcessor
+from pipelines import storage
 from pipelines.general_text import CHAT_FILE, SKILL, KeyedQuestion, general_prompts, language_eval_questions
 
 logger = logging.getLogger(__name__)
@@ -60,20 +59,11 @@ def answer_words(text: str) -> list[str]:
     return [NUMBER_WORDS.get(word, word) for word in re.findall(r"[a-z0-9]+", text.lower())]
 
 
-def _same(answer: str, other: str) -> bool:
-    return answer_words(answer) == answer_words(other)
-
-
 def answers_key(answer: str, keys: tuple[str, ...]) -> bool:
     """True when one of `keys` appears in `answer` as whole words: "It is Paris." matches ("paris",);
     "12" does not match ("2",)."""
-    words = answer_words(answer)
-    for key in keys:
-        wanted = answer_words(key)
-        span = len(wanted)
-        if span and any(words[i : i + span] == wanted for i in range(len(words) - span + 1)):
-            return True
-    return False
+    words, wanted = answer_words(answer), [answer_words(key) for key in keys]
+    return any(w and any(words[i : i + len(w)] == w for i in range(len(words) - len(w) + 1)) for w in wanted)
 
 
 def ask(
@@ -91,31 +81,19 @@ def ask(
     return answers
 
 
-@torch.inference_mode()
 def answer_nll(
     model: HoVLEForConditionalGeneration, processor: HoVLEProcessor, pairs: list[tuple[str, str]]
 ) -> float:
     """Mean negative log-likelihood per answer token of the (question, answer) pairs, the answer as the
     assistant's turn (its closing <|im_end|> included)."""
-    total, tokens = 0.0, 0
-    for question, answer in pairs:
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        inputs = processor(messages)
-        labels = inputs["labels"].to(model.device)
-        count = int((labels[:, 1:] != -100).sum())
-        if not count:
-            continue
-        ids = inputs["input_ids"].to(model.device)
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        total += loss.item() * count
-        tokens += count
+    chats = ([{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs)
+    total, tokens = token_nll(model, ((x["input_ids"], x["labels"]) for x in map(processor, chats)))
     return total / tokens if tokens else float("nan")
 
 
 # ---- the base, its answers cached when its weights are known ----------------------------------------
 
 _CACHE_FORMAT = 1  # bump when what an entry holds changes
-Loaded = tuple[HoVLEForConditionalGeneration, HoVLEProcessor]
 
 
 class BaseReference:
@@ -164,13 +142,22 @@ class BaseReference:
         return self._cached(["perplexity", texts], lambda: perplexity(*self.loaded(), texts))
 
     def _cached(self, inputs: list[Any], compute: Callable[[], Any]) -> Any:
-        path = _cache_file(self.key, inputs)
+        from model.gguf_cache import cache_root
+
+        path, root = None, cache_root()
+        if self.key is not None and root is not None:
+            digest = hashlib.sha256(json.dumps(inputs).encode("utf-8")).hexdigest()[:16]
+            path = root / "language" / self.key / f"{inputs[0]}-{digest}.json"
         if path is not None and path.is_file():
             logger.info("the base's %s from the cache (%s)", inputs[0], path.name)
             return json.loads(path.read_text(encoding="utf-8"))["value"]
         value = compute()
-        if path is not None:
-            _publish_json(path, {"base": self.name, "what": inputs[0], "value": value})
+        if path is not None:  # whole or not at all; a cache that cannot be written is skipped
+            try:
+                document = {"base": self.name, "what": inputs[0], "value": value}
+                storage.write_text_atomic(str(path), json.dumps(document, ensure_ascii=False))
+            except OSError as err:
+                logger.warning("cannot write the cache entry %s: %s", path, err)
         return value
 
 
@@ -200,28 +187,6 @@ def preset_fingerprint(preset: str) -> str | None:
     parts += [[f.name, f.read_text()] for f in sorted(source.glob("*.py"))]
     digest.update(json.dumps(parts).encode("utf-8"))
     return f"{path.stem}-{digest.hexdigest()[:16]}"
-
-
-def _cache_file(key: str | None, inputs: list[Any]) -> Path | None:
-    from model.gguf_cache import cache_root
-
-    root = cache_root()
-    if key is None or root is None:
-        return None
-    digest = hashlib.sha256(json.dumps(inputs).encode("utf-8")).hexdigest()[:16]
-    return root / "language" / key / f"{inputs[0]}-{digest}.json"
-
-
-def _publish_json(path: Path, document: dict[str, Any]) -> None:
-    """Write `document` to `path` whole or not at all (a temporary file renamed into place); a cache that
-    cannot be written is skipped with a warning."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-            json.dump(document, handle, ensure_ascii=False)
-        os.replace(handle.name, path)
-    except OSError as err:
-        logger.warning("cannot write the cache entry %s: %s", path, err)
 
 
 def language_preservation(
@@ -254,7 +219,8 @@ def language_preservation(
         "base_text_accuracy": len(base_right) / len(records),
         # undefined (nan) when the base answers nothing right: then nothing can be said to be kept
         "text_retained": sum(r["correct"] for r in base_right) / len(base_right) if base_right else math.nan,
-        "text_agreement": sum(_same(r["answer"], r["base_answer"]) for r in records) / len(records),
+        "text_agreement": sum(answer_words(r["answer"]) == answer_words(r["base_answer"]) for r in records)
+        / len(records),
         "answer_ppl_ratio": math.exp(min(nll - base_nll, 50.0)),
         "text_questions": float(len(records)),
     }
@@ -266,9 +232,6 @@ def language_preservation(
     return metrics, records
 
 
-# ---- writing the training conversations (once; the output is committed) --------------------------------
-
-
 def preservation(
     model: HoVLEForConditionalGeneration,
     processor: HoVLEProcessor,
@@ -276,10 +239,8 @@ def preservation(
     texts: list[str] | None = None,
     questions: list | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, per-question records) against the base (a `jobs.language.BaseReference`): the
-    general-language metrics of jobs.language (`text_retained`, `text_agreement`, `answer_ppl_ratio`, ...)
-    on `questions` (default: the package's keyed general questions), and with `texts` also `text_ppl`,
-    `base_text_ppl` and `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated).
+    """`language_preservation`'s (metrics, records), and with `texts` also `text_ppl`, `base_text_ppl` and
+    `ppl_ratio` (text_ppl / base_text_ppl on held-out text: reported, never gated).
 
     Raises:
         ValueError: `texts` hold no text of two or more tokens.
@@ -291,6 +252,9 @@ def preservation(
     else:
         logger.info("no held-out text given: perplexity against the base is not measured")
     return metrics, records
+
+
+# ---- writing the training conversations (once; the output is committed) --------------------------------
 
 
 def write_chat(preset: str, output: Path, max_new_tokens: int) -> int:

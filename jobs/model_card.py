@@ -39,14 +39,12 @@ class ModelCard:
 
     def write(self, folder: str | Path) -> list[Path]:
         """README.md (and LICENSE when the licence text is known) into `folder`; returns the files."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        files = [folder / "README.md"]
-        files[0].write_text(self.text)
-        if self.license_text:
-            files.append(folder / "LICENSE")
-            files[1].write_text(self.license_text)
-        return files
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        texts = {Path(folder) / "README.md": self.text, Path(folder) / "LICENSE": self.license_text}
+        for path, text in texts.items():
+            if text:
+                path.write_text(text)
+        return [path for path, text in texts.items() if text]
 
 
 def llm_license(source: str | None) -> tuple[str, str | None, str]:
@@ -77,16 +75,12 @@ def _folder_license(folder: Path) -> tuple[str | None, str | None, str]:
 
 
 def _front_matter(readme: Path) -> dict[str, Any]:
-    if not readme.is_file():
-        return {}
-    text = readme.read_text()
-    if not text.startswith("---"):
-        return {}
-    parts = text.split("---", 2)
+    text = readme.read_text() if readme.is_file() else ""
+    parts = text.split("---", 2) if text.startswith("---") else []
     try:
         matter = yaml.safe_load(parts[1]) if len(parts) == 3 else None
     except yaml.YAMLError:
-        return {}
+        matter = None
     return matter if isinstance(matter, dict) else {}
 
 
@@ -151,11 +145,7 @@ def stage_settings(client, run_id: str | None, stage: str) -> dict[str, Any]:
 
 
 def build_model_card(
-    export_folder: str | Path,
-    name: str,
-    tags: dict[str, Any],
-    scores: dict[str, float],
-    client=None,
+    export_folder: str | Path, name: str, tags: dict[str, Any], scores: dict[str, float], client=None
 ) -> ModelCard:
     """The card of the export in `export_folder` (a local folder), to be registered as `name` with `tags`
     (hovle.source_commit, hovle.config_hash, ...) and evaluation `scores`; `client` (MLflow) finds each
@@ -167,19 +157,17 @@ def build_model_card(
     gguf = config.get("llm_gguf_file")
     base = f"{source} ({gguf})" if source and gguf else source or "none: randomly initialised LLM"
     licence, licence_text, found_in = llm_license(source)
-    stages = []
-    for info in chain:
-        stage = info.get("stage", "?")
-        stages.append(
-            {
-                "stage": stage,
-                "steps": info.get("steps"),
-                "tokens": info.get("tokens"),
-                "data": data_version(info["data"]) if info.get("data") else None,
-                "lora": info.get("lora"),
-                "settings": stage_settings(client, info.get("run_id"), stage),
-            }
-        )
+    stages = [
+        {
+            "stage": info.get("stage", "?"),
+            "steps": info.get("steps"),
+            "tokens": info.get("tokens"),
+            "data": data_version(info["data"]) if info.get("data") else None,
+            "lora": info.get("lora"),
+            "settings": stage_settings(client, info.get("run_id"), info.get("stage", "?")),
+        }
+        for info in chain
+    ]
     text = _render(name, config, base, licence, found_in, bool(licence_text), stages, tags, scores)
     return ModelCard(text, base, licence, licence_text, stages)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterable
 
 import torch
 from PIL import Image
@@ -39,12 +40,9 @@ def _load_hf_folder(folder: str) -> Loaded:
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> Loaded:
-    """(model in eval mode, processor) from `uri`.
-
-    `uri` is a stage export (folder with `export.json`, local or s3://), a Hugging Face folder written by
-    `save_pretrained` (local or s3://), an MLflow model (`runs:/<run>/<path>`, `models:/<name>@<alias>`,
-    `models:/<name>/<version>`: a pyfunc model whose artifact `hf_model` is the Hugging Face folder), or
-    `preset:<name or YAML>` (the preset's untrained model).
+    """(model in eval mode, processor) from `uri`: a stage export (`export.json`) or a `save_pretrained`
+    folder, local or s3://; an MLflow pyfunc model whose `hf_model` artifact is one (`runs:/<run>/<path>`,
+    `models:/<name>@<alias>`, `models:/<name>/<version>`); or `preset:<name or YAML>`.
 
     Raises:
         ModelNotFound: nothing loadable at `uri` (the message says what was expected).
@@ -93,13 +91,8 @@ def generate_answers(
     max_new_tokens: int = 16,
 ) -> list[str]:
     """Greedy replies to `chats` (one `<image>` per image in the messages), as one left-padded batch."""
-    batch = processor.collate(
-        [
-            processor(messages, images=images or None, add_generation_prompt=True)
-            for messages, images in chats
-        ],
-        padding_side="left",
-    )
+    encoded = [processor(chat, images=images or None, add_generation_prompt=True) for chat, images in chats]
+    batch = processor.collate(encoded, padding_side="left")
     pixel_values = batch["pixel_values"]
     out = model.generate(
         input_ids=batch["input_ids"].to(model.device),
@@ -112,6 +105,21 @@ def generate_answers(
 
 
 @torch.inference_mode()
+def token_nll(
+    model: HoVLEForConditionalGeneration, examples: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) over (input_ids, labels) pairs: each mean loss times the
+    tokens it is the mean of (labels after the first position other than -100); pairs with none skipped."""
+    total, tokens = 0.0, 0
+    for ids, labels in examples:
+        ids, labels = ids.to(model.device), labels.to(model.device)
+        count = int((labels[:, 1:] != -100).sum())
+        if count:
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+            total, tokens = total + loss.item() * count, tokens + count
+    return total, tokens
+
+
 def perplexity(
     model: HoVLEForConditionalGeneration,
     processor: HoVLEProcessor,
@@ -123,15 +131,9 @@ def perplexity(
     Raises:
         ValueError: no text of two or more tokens.
     """
-    total_loss, total_tokens = 0.0, 0
-    for text in texts:
-        encoded = processor.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")
-        ids = encoded["input_ids"].to(model.device)
-        if ids.shape[1] < 2:
-            continue  # nothing to predict
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        total_loss += loss.item() * (ids.shape[1] - 1)
-        total_tokens += ids.shape[1] - 1
-    if not total_tokens:
+    options = {"truncation": True, "max_length": max_tokens, "return_tensors": "pt"}
+    encoded = (processor.tokenizer(text, **options)["input_ids"] for text in texts)
+    total, tokens = token_nll(model, ((ids, ids) for ids in encoded))
+    if not tokens:
         raise ValueError("the text file holds no text of two or more tokens to compute a perplexity on")
-    return math.exp(total_loss / total_tokens)
+    return math.exp(total / tokens)

@@ -11,15 +11,13 @@ The last line of stdout is one JSON object: {"model", "prompt", "answer"}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import types
 from pathlib import Path
 
-from jobs.cli import USAGE_ERROR, run_command
-from jobs.logging_setup import setup_logging
+from jobs.cli import USAGE_ERROR, job_parser, parse_job_args, run_command
 
 
 def answer(model_uri: str, prompt: str, image: str | None = None, max_new_tokens: int = 32) -> str:
@@ -65,16 +63,12 @@ def _base64(image: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hovle predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = job_parser("hovle predict", __doc__)
     parser.add_argument("--model", required=True, help="models:/name@alias, runs:/ID/model or an export")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--image", default=None, help="image path or URI (omit for a text-only question)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = parse_job_args(parser, argv)
     if args.image and "://" not in args.image and not Path(args.image).is_file():
         print(f"hovle predict: no image file {args.image}", file=sys.stderr)
         return 2

@@ -11,15 +11,14 @@ dataset's totals and its location. Rerunning over unchanged inputs writes nothin
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from jobs.cli import USAGE_ERROR, parse_overrides, positive_int, run_command
+from jobs.cli import USAGE_ERROR, job_parser, parse_job_args, parse_overrides, positive_int, run_command
 from jobs.hooks import Hooks, from_env
-from jobs.logging_setup import quiet_libraries, setup_logging
+from jobs.logging_setup import quiet_libraries
 from jobs.run_config import RunConfig, add_config_arguments, load_run_config
 from model.config import HoVLEConfig
 from model.presets import build_processor, config_from_spec
@@ -53,7 +52,7 @@ def prepare_stages(
     on_unit_done: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each stage's raw inputs -> its prepared dataset at `outputs[stage]`, with the processor the run
-    config's `model:` section builds (once) and its `data:` settings; returns each stage's report."""
+    config's `model:` section builds (once) and its `data:` settings; logs and returns each stage's report."""
     import ray.data  # noqa: F401 (imported before quieting it: Ray Data resets its loggers on import)
 
     quiet_libraries()  # one line per unit from prepare, not Ray Data's operator lines every second
@@ -61,31 +60,26 @@ def prepare_stages(
     processor, key = build_processor(config), config_hash(config)
     reports = {}
     for stage, inputs in raw.items():
-        reports[stage] = prepare(
+        reports[stage] = report = prepare(
             processor, stage, inputs, outputs[stage], run.data,
             num_actors=num_actors, on_unit_done=on_unit_done, config_hash=key,
+        )  # fmt: skip
+        logger.info(
+            "%s: read %d, written %d, rejected %d -> %s",
+            stage, report["read"], report["written"], report["rejected"], report["output"],
         )  # fmt: skip
     return reports
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hovle prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = job_parser("hovle prepare", __doc__)
     parser.add_argument("--stage", required=True, choices=STAGE_NAMES)
     parser.add_argument("--input", action="append", required=True, help="input URI (repeatable)")
     parser.add_argument("--output", required=True, help="dataset URI (local folder or s3://...)")
     add_config_arguments(parser)
-    parser.add_argument(
-        "--num-actors",
-        type=positive_int,
-        default=None,
-        help="preprocessing actors (default: one per CPU of the cluster)",
-    )
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-
+    actors = "preprocessing actors (default: one per CPU of the cluster)"
+    parser.add_argument("--num-actors", type=positive_int, default=None, help=actors)
+    args = parse_job_args(parser, argv)
     overrides = parse_overrides(parser, args.set)
 
     def body() -> int:
@@ -95,10 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             run, {args.stage: args.input}, {args.stage: args.output}, num_actors=args.num_actors,
             on_unit_done=lambda done, total: hooks.emit("on_prepare_unit", done, total),
         )[args.stage]  # fmt: skip
-        logger.info(
-            "read %d, written %d, rejected %d -> %s",
-            report["read"], report["written"], report["rejected"], report["output"],
-        )  # fmt: skip
         print(json.dumps(report))
         return 0
 

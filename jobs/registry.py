@@ -1,28 +1,26 @@
 """The MLflow registry side: a stage export -> a logged pyfunc model -> a registered version -> the gate.
 
-    uri = log_hovle_model(export_uri, run_id)                   # pyfunc (jobs/serving.py) + the HF folder
-    version = register(uri, "hovle", tags)                      # tags: manifest/config hashes, commit, scores
-    decision = promote(client, "hovle", version, scores, gate)  # challenger; champion only if it wins
+    uri = log_hovle_model(export_uri, run_id, tracking_uri)    # pyfunc (jobs/serving.py) + the HF folder
+    version = register(uri, name, tags, scores, tracking_uri)   # + model card; tags: hashes, commit, scores
+    decision = promote(client, name, version, gate)             # challenger; champion only if it wins
 
-Promotion is decided here, from evaluation scores, never by hand: the new version always takes the
-`challenger` alias; it takes `champion` only if
-- it kept its LLM's language (jobs/language.py): of the general text-only questions the base answers right,
-  it still answers at least `min_text_retained`, and the base's own answers are not much less likely under
-  it (`answer_ppl_ratio` at most `max_answer_ppl_ratio`); a version evaluated without a base, or against a
-  base that answers none of them, has shown nothing and is refused;
-- with no champion yet: its `metric` reaches `floor`;
-- with a champion: its `metric` beats the champion's by `min_improvement`, and its `text_retained` is not
-  lower than the champion's by more than `max_text_retained_drop`.
-The perplexity of the training domain's own text (`ppl_ratio`) is reported but never decides: it improves
-as the LLM is overwritten by that text. The reason is recorded on the version (`hovle.promotion` tag), and
-on a crowned version the champion it replaced (`hovle.previous_champion`), which `hovle registry rollback`
-returns to (jobs/registry_cli.py).
+The gate decides from evaluation scores, never by hand. A new version always takes `challenger`; it takes
+`champion` only if it kept its LLM's language (jobs/language.py: `text_retained` at least
+`min_text_retained`, `answer_ppl_ratio` at most `max_answer_ppl_ratio`; a version evaluated without a base,
+or against a base that answers none of the questions, has shown nothing and is refused), and then, with no
+champion yet, its `metric` reaches `floor`; with one, it beats the champion's by `min_improvement` and its
+`text_retained` is not lower than the champion's by more than `max_text_retained_drop`. The domain text's
+perplexity (`ppl_ratio`) never decides: it improves as the LLM is overwritten by that text. The reason is
+tagged on the version (`hovle.promotion`), and on a crowned version the champion it replaced
+(`hovle.previous_champion`), which `hovle registry rollback` returns to (jobs/registry_cli.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -68,12 +66,9 @@ class GateSettings(BaseModel):
     min_improvement: float = Field(0.0, ge=0, description="margin over the champion's metric")
     floor: float = Field(0.3, ge=0, description="the first champion's metric must reach this")
     min_text_retained: float | None = Field(
-        0.9,
-        ge=0,
-        le=1,
-        description="language kept: share of base-right text questions still right "
+        0.9, ge=0, le=1, description="language kept: share of base-right text questions still right "
         "(null: not checked, for models without language, e.g. tests' random ones)",
-    )
+    )  # fmt: skip
     max_text_retained_drop: float = Field(0.05, ge=0, description="how much lower than the champion's")
     max_answer_ppl_ratio: float | None = Field(
         2.0, gt=0, description="perplexity of the base's answers, model / base (null: not checked)"
@@ -109,29 +104,21 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec("string", "image", required=False),
-            ColSpec("binary", "image_bytes", required=False),
-        ]
-    )
-    outputs = Schema([ColSpec("string", "answer")])
+    image = [ColSpec("string", "image", required=False), ColSpec("binary", "image_bytes", required=False)]
+    inputs, outputs = Schema([ColSpec("string", "prompt"), *image]), Schema([ColSpec("string", "answer")])
     params = ParamSchema([ParamSpec("max_new_tokens", "long", 32)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _example_image() -> str:
-    import base64
-    import io
-
+    """A small base64 PNG (a red square on grey) for the logged model's input example."""
     from PIL import Image, ImageDraw
+
+    from jobs.gallery import thumbnail
 
     image = Image.new("RGB", (64, 64), (225, 225, 225))
     ImageDraw.Draw(image).rectangle([8, 8, 40, 40], fill=(220, 30, 30))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return thumbnail(image)  # already under the thumbnail size: the PNG as drawn
 
 
 def log_hovle_model(export_uri: str, run_id: str, tracking_uri: str) -> str:
@@ -171,8 +158,6 @@ def download_hf_folder(uri: str, tracking_uri: str | None, scratch: str) -> Path
     Raises:
         MlflowException, OSError: no such model, version or alias, or the download failed.
     """
-    import os
-
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -186,10 +171,7 @@ def download_hf_folder(uri: str, tracking_uri: str | None, scratch: str) -> Path
     # MLflow keeps an artifact under artifacts/<its folder's name>: the MLmodel file says where
     try:
         artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts") or {}
-    except (
-        MlflowException,
-        OSError,
-    ):  # no MLmodel: not a pyfunc model; the default path is checked by callers
+    except (MlflowException, OSError):  # no MLmodel: not a pyfunc model; callers check the default path
         artifacts = {}
     return local / artifacts.get(HF_ARTIFACT, {}).get("path", f"artifacts/{HF_ARTIFACT}")
 
@@ -198,23 +180,12 @@ def source_commit() -> str:
     """The commit the running code was built from: HOVLE_SOURCE_COMMIT when set (the container image
     bakes it in; a Ray runtime env uploads no .git), else this checkout's git commit (with `-dirty`
     when it has changes), else "unknown"."""
-    import os
-
     if commit := os.environ.get("HOVLE_SOURCE_COMMIT", "").strip():
         return commit
+    git = functools.partial(subprocess.run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
+        commit = git(["git", "rev-parse", "HEAD"], check=True).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -247,6 +218,7 @@ def _log_model_card(
 ):
     """Build the card of the logged model at `model_uri` (models:/m-...) and log README.md (+ LICENSE)
     into it: at its root and in its Hugging Face folder."""
+    import mlflow.artifacts
     from mlflow import MlflowClient
 
     from jobs.model_card import build_model_card
@@ -255,7 +227,6 @@ def _log_model_card(
         raise ValueError(
             f"{model_uri}: expected a logged model's URI (models:/m-...), as log_hovle_model returns"
         )
-    import mlflow.artifacts
 
     model_id, client = model_uri.removeprefix("models:/"), MlflowClient(tracking_uri)
     root = client.get_logged_model(model_id).artifact_location.rstrip("/")
@@ -268,8 +239,7 @@ def _log_model_card(
                 tracking_uri=tracking_uri,
             )  # fmt: skip
         card = build_model_card(folder, name, tags, scores, client)
-        written = card.write(Path(scratch) / "card")
-        for path in written:
+        for path in card.write(Path(scratch) / "card"):
             client.log_model_artifact(model_id, str(path))
             client.log_model_artifact(model_id, str(path), f"artifacts/{HF_ARTIFACT}")
     return card

@@ -19,7 +19,6 @@ done (no champion, no previous one recorded, no such version).
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import logging
@@ -27,8 +26,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from jobs.cli import USAGE_ERROR, parse_overrides, run_command
-from jobs.logging_setup import setup_logging
+from jobs.cli import USAGE_ERROR, job_parser, parse_job_args, parse_overrides, run_command
 from jobs.registry import CHAMPION, PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, champion_version, version_scores
 from jobs.run_config import add_config_arguments, load_run_config
 
@@ -136,9 +134,9 @@ def history(client, name: str) -> list[dict[str, Any]]:
         aliases.setdefault(str(number), []).append(alias)
     for version in found:
         verdict = version.tags.get(PROMOTION_TAG)
-        decision = None
-        if verdict is not None:
-            decision = "promoted" if verdict.startswith("champion:") else "not_promoted"
+        decision = (
+            None if verdict is None else "promoted" if verdict.startswith("champion:") else "not_promoted"
+        )
         created = datetime.fromtimestamp(version.creation_timestamp / 1000, UTC)
         rows.append(
             {
@@ -175,9 +173,7 @@ def format_history(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hovle registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = job_parser("hovle registry", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     shown = sub.add_parser("history", help="every version: the gate's decision, scores, rollbacks")
     add_config_arguments(shown)
@@ -186,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(back)
     back.add_argument("--to", help="the version to make champion (default: the one the champion replaced)")
     back.add_argument("--reason", required=True, help="why (recorded on both versions)")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = parse_job_args(parser, argv)
     overrides = parse_overrides(parser, args.set)
 
     def body() -> int:

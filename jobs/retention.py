@@ -38,11 +38,8 @@ def lineage(export_uri: str) -> list[str]:
 def children(uri: str) -> list[str]:
     """The names of the entries directly under the folder `uri` (none when it does not exist)."""
     fs, root = storage.filesystem(uri)
-    return (
-        [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
-        if fs.exists(root)
-        else []
-    )
+    entries = fs.ls(root, detail=False) if fs.exists(root) else []
+    return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
 
 
 def cycle_folders(storage_root: str, run_name: str) -> list[str]:
@@ -77,13 +74,11 @@ def plan(
     def is_protected(folder: str) -> bool:
         return any(p == folder or p.startswith(folder.rstrip("/") + "/") for p in protected)
 
-    remove = []
-    for version, _ in done:
-        if version in kept_versions:
-            continue
-        remove += [f for f in cycle_folders(storage_root, f"retrain-{version}") if not is_protected(f)]
-    copies = [storage.join(retrain_root, n) for n in children(retrain_root) if n.startswith("champion-v")]
-    return remove + [folder for folder in copies if not is_protected(folder)]
+    doomed = [
+        f for v, _ in done if v not in kept_versions for f in cycle_folders(storage_root, f"retrain-{v}")
+    ]
+    doomed += [storage.join(retrain_root, n) for n in children(retrain_root) if n.startswith("champion-v")]
+    return [folder for folder in doomed if not is_protected(folder)]
 
 
 def remove(folders: list[str]) -> list[str]:

@@ -36,7 +36,6 @@ reports every non-zero exit as FAILED; `hovle submit` reads this line) still tel
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -46,11 +45,10 @@ import tempfile
 import traceback
 from typing import Any
 
-from jobs.cli import FAILED, USAGE_ERROR, parse_overrides, run_command
+from jobs.cli import FAILED, USAGE_ERROR, job_parser, parse_job_args, parse_overrides, run_command
 from jobs.init_model import init_export, model_folder
 from jobs.lock import LockHeld, LockLost, StorageLock
-from jobs.logging_setup import setup_logging
-from jobs.run_config import EvalSettings, RetrainSettings, RunConfig, add_config_arguments, load_run_config
+from jobs.run_config import RetrainSettings, RunConfig, add_config_arguments, load_run_config
 from jobs.train import StageFailed, resolve_storage
 from model.config import ConfigError
 from model.stages import STAGE_NAMES
@@ -62,8 +60,8 @@ logger = logging.getLogger("jobs.retrain")
 LOCKED = 3
 
 
-def load_settings(run: RunConfig, source: str) -> tuple[RetrainSettings, EvalSettings]:
-    """The run config's `retrain:` and `eval:` sections, which a cycle needs."""
+def load_settings(run: RunConfig, source: str) -> RetrainSettings:
+    """The run config's `retrain:` section, checked with the `eval:` section a cycle needs."""
     if run.retrain is None:
         raise ConfigError(f"{source}: no `retrain:` section (raw inputs per stage, the prepared root)")
     if run.eval is None:
@@ -73,17 +71,17 @@ def load_settings(run: RunConfig, source: str) -> tuple[RetrainSettings, EvalSet
             f"{source}: retrain.init: a model to fine-tune goes with retrain.stages: instruct (stages: all "
             "trains every stage from the `model:` section's model)"
         )
-    return run.retrain, run.eval
+    return run.retrain
 
 
 def data_version(datasets: dict[str, str]) -> str:
     """A hash of what the prepared datasets hold (their units and shards), not of when they were written."""
     from pipelines.manifest import read_manifest
 
-    content = {}
-    for stage, uri in sorted(datasets.items()):
-        manifest = read_manifest(uri)
-        content[stage] = sorted((u.key, [s.sha256 for s in u.shards]) for u in manifest.units)
+    content = {
+        stage: sorted((u.key, [s.sha256 for s in u.shards]) for u in read_manifest(uri).units)
+        for stage, uri in sorted(datasets.items())
+    }
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
@@ -134,7 +132,7 @@ def retrain(config_path: str, overrides: dict[str, str] | None = None) -> dict[s
     from jobs.cycle import prepare_cycle, run_cycle
 
     run = load_run_config(config_path, overrides)
-    settings, _ = load_settings(run, config_path)
+    settings = load_settings(run, config_path)
     stages = list(STAGE_NAMES) if settings.stages == "all" else ["instruct"]
     base = None
     if settings.init is not None:  # jobs/init_model.py: a stage export or a model folder of this model
@@ -226,13 +224,9 @@ def strict_json(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hovle retrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = job_parser("hovle retrain", __doc__)
     add_config_arguments(parser)
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = parse_job_args(parser, argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     overrides = parse_overrides(parser, args.set)
     final: dict[str, Any] = {}

@@ -1,23 +1,16 @@
 """The MLflow pyfunc model of a HoVLE (or compositional baseline) export: image + prompt -> answer.
 
-Logged as "model from code" (`jobs.registry.log_hovle_model`): MLflow copies this file and the `model/` and
-`pipelines/` packages into the logged model, and the Hugging Face folder into its artifacts (`hf_model`);
-a LoRA adapter export's `hf_model/adapter` is merged into the weights on load (`model.load_pretrained`).
-Loading it (`mlflow.pyfunc.load_model("models:/hovle@champion")`, `mlflow models serve`) needs neither Ray
-nor DeepSpeed nor the training code: only mlflow, torch, transformers, pillow and fsspec, the copied
-`model/` and, for an image named by path or URI, `pipelines.storage`.
+Logged from code (`jobs.registry.log_hovle_model`) with the `model/` and `pipelines/` packages, the Hugging
+Face folder as its `hf_model` artifact (a LoRA adapter export's `adapter/` is merged on load). Loading it
+(`mlflow.pyfunc.load_model("models:/hovle@champion")`, `mlflow models serve`) needs neither Ray, DeepSpeed
+nor the training code: only mlflow, torch, transformers, pillow and fsspec.
 
-Input (a DataFrame, or a list of dicts; at most `MAX_ROWS` rows): `prompt` (str, at most
-`MAX_PROMPT_TOKENS` tokens), and the image as `image` (str: base64) or `image_bytes` (bytes), at most
-`MAX_IMAGE_BYTES` bytes and `MAX_IMAGE_PIXELS` pixels; no image asks a text-only question. An `image` may
-also be an absolute path, a `file://` URI or another fsspec URI (`s3://`, `https://`), but only under a
-prefix the deployment allows in `HOVLE_SERVE_IMAGE_PREFIXES` (comma-separated; none by default), checked on
-the resolved real path. Params: `max_new_tokens` (int, default 32, at most `MAX_NEW_TOKENS`).
-Output: a DataFrame with one `answer` column.
-
-Whatever a caller sends, the reply is an answer or an error of one line: a request this model refuses is
-`RequestRefused` (HTTP 400) and says which row and limit; any other failure is logged here with its trace and
-answered `ModelFailed` (HTTP 500), without the trace or any part of the request.
+Input: at most `MAX_ROWS` rows (a DataFrame or a list of dicts) of `prompt` and an optional image as
+`image` (base64; or an absolute path, `file://` or fsspec URI, only under a prefix the deployment allows in
+`HOVLE_SERVE_IMAGE_PREFIXES`, checked on the resolved real path) or `image_bytes`; param `max_new_tokens`.
+Output: a DataFrame with one `answer` column. A request over a limit (the `MAX_*` constants) or otherwise
+refused is `RequestRefused` (HTTP 400, naming the row and limit); any other failure is logged here with its
+trace and answered `ModelFailed` (HTTP 500), without the trace or any part of the request.
 """
 
 from __future__ import annotations
@@ -44,13 +37,10 @@ IMAGE_PREFIXES_ENV = "HOVLE_SERVE_IMAGE_PREFIXES"
 DEFAULT_MAX_NEW_TOKENS = 32
 MAX_NEW_TOKENS = 512
 MAX_PROMPT_TOKENS = 2048  # prepare's default max_tokens: no training sample was longer
-MAX_PROMPT_CHARS = (
-    32 * MAX_PROMPT_TOKENS
-)  # a longer prompt is refused untokenized (no text is near 32 a token)
+# a longer prompt is refused untokenized (no text is near 32 characters a token)
+MAX_PROMPT_CHARS = 32 * MAX_PROMPT_TOKENS
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
-MAX_IMAGE_PIXELS = (
-    40_000_000  # prepare's default max_image_pixels (pipelines/settings.py; a test keeps them equal)
-)
+MAX_IMAGE_PIXELS = 40_000_000  # prepare's default max_image_pixels (pipelines/settings.py; a test checks)
 MAX_ROWS = 16
 
 
@@ -234,7 +224,6 @@ class HoVLEPyfunc(mlflow.pyfunc.PythonModel):
     # the hint is what MLflow hands over (its signature turns a list of dicts into a DataFrame); pandas'
     # types are hints MLflow infers no schema from, so it neither warns for a missing hint nor re-validates
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-
         try:
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
             if len(rows) > MAX_ROWS:

@@ -27,7 +27,6 @@ that fails is logged as a warning and never changes the exit code.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -38,26 +37,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 import yaml
 
-from jobs.cli import FAILED, USAGE_ERROR, parse_overrides
-from jobs.logging_setup import setup_logging
+from jobs.cli import FAILED, USAGE_ERROR, job_parser, parse_job_args, parse_overrides
 
 logger = logging.getLogger("jobs.submit")
 
 LOCKED = 3  # as jobs.retrain's (not imported: that module imports the training stack)
-EXIT_CODES = {
-    "promoted": 0,
-    "not_promoted": 0,
-    "nothing_to_do": 0,
-    "bad_config": USAGE_ERROR,
-    "locked": LOCKED,
-    "failed": FAILED,
-}
+EXIT_CODES = {"promoted": 0, "not_promoted": 0, "nothing_to_do": 0}
+EXIT_CODES |= {"bad_config": USAGE_ERROR, "locked": LOCKED, "failed": FAILED}
 WEBHOOK_TIMEOUT_S = 10.0
 # a head that was just started answers before its job agent has registered; its Jobs API says so
 NO_AGENT_YET = "No available agent to submit job"
@@ -102,10 +92,6 @@ def outcome(logs: str, job_id: str | None, job_status: str) -> dict[str, Any]:
     return {**found, "job_id": job_id, "job_status": job_status}
 
 
-def exit_code(line: dict[str, Any]) -> int:
-    return EXIT_CODES.get(line.get("status"), FAILED)
-
-
 def post_webhook(url: str, line: dict[str, Any], timeout_s: float = WEBHOOK_TIMEOUT_S) -> bool:
     """POST `line` as JSON to `url`; False (and a warning) when it failed. The URL is never logged whole:
     a chat webhook's path is its secret."""
@@ -114,12 +100,8 @@ def post_webhook(url: str, line: dict[str, Any], timeout_s: float = WEBHOOK_TIME
     if parts.scheme not in ("http", "https"):
         logger.warning("webhook %s: not an http(s) URL; nothing posted", where)
         return False
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(line).encode(),
-        headers={"Content-Type": "application/json", "User-Agent": "hovle-submit"},
-        method="POST",
-    )
+    headers = {"Content-Type": "application/json", "User-Agent": "hovle-submit"}
+    request = urllib.request.Request(url, data=json.dumps(line).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             response.read()
@@ -131,10 +113,8 @@ def post_webhook(url: str, line: dict[str, Any], timeout_s: float = WEBHOOK_TIME
 
 def retrain_entrypoint(config: str, sets: list[str]) -> str:
     """The job's command line, quoted for the shell Ray runs it with."""
-    argv = ["python", "-m", "jobs.retrain", "--config", config]
-    for item in sets:
-        argv += ["--set", item]
-    return shlex.join(argv)
+    flags = [arg for item in sets for arg in ("--set", item)]
+    return shlex.join(["python", "-m", "jobs.retrain", "--config", config, *flags])
 
 
 def runtime_env(path: str | None, inline: str | None, working_dir: str | None) -> dict[str, Any] | None:
@@ -150,28 +130,17 @@ def runtime_env(path: str | None, inline: str | None, working_dir: str | None) -
     return env or None
 
 
-@contextmanager
-def _only_address(address: str | None) -> Iterator[None]:
-    """Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given: while it
-    is built with an explicit --address, they are hidden."""
-    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-    saved = {name: os.environ.get(name) for name in names}
-    if address:
-        for name in names:
-            os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is not None:
-                os.environ[name] = value
-
-
 def connect(address: str | None) -> JobClient:
+    """Ray's job client for `address`. Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the
+    address it is given: while it is built with an explicit --address, they are hidden."""
     from ray.job_submission import JobSubmissionClient
 
-    with _only_address(address):
+    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if address else ()
+    hidden = {name: os.environ.pop(name, None) for name in names}
+    try:
         return JobSubmissionClient(address)
+    finally:
+        os.environ.update({name: value for name, value in hidden.items() if value is not None})
 
 
 def submit(client: JobClient, entrypoint: str, env: dict[str, Any] | None) -> str:
@@ -240,22 +209,19 @@ def report(line: dict[str, Any], webhook: str | None) -> int:
     print(json.dumps(line), flush=True)
     if webhook:
         post_webhook(webhook, line)
-    return exit_code(line)
+    return EXIT_CODES.get(line.get("status"), FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hovle submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = job_parser("hovle submit", __doc__)
     parser.add_argument(
         "--address", default=os.environ.get("RAY_ADDRESS"), help="Ray Jobs API URL (default $RAY_ADDRESS)"
     )
     parser.add_argument("--config", required=True, help="the run config, as the job on the cluster reads it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    webhook = os.environ.get("HOVLE_WEBHOOK_URL")
     parser.add_argument(
-        "--webhook",
-        default=os.environ.get("HOVLE_WEBHOOK_URL"),
-        help="POST the final line here (default $HOVLE_WEBHOOK_URL)",
+        "--webhook", default=webhook, help="POST the final line here (default $HOVLE_WEBHOOK_URL)"
     )
     parser.add_argument("--runtime-env", help="a runtime env YAML file (e.g. platform/ray/runtime_env.yaml)")
     parser.add_argument("--runtime-env-json", help="a runtime env as JSON (over --runtime-env's)")
@@ -263,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, help="stop the job after this long (default: wait)")
     parser.add_argument("--poll-s", type=float, default=5.0, help="how often the job's status is asked")
     parser.add_argument("--no-follow", action="store_true", help="do not stream the job's logs to stderr")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    args = parse_job_args(parser, argv)
     parse_overrides(parser, args.set)  # a malformed --set fails here, not on the cluster
     try:
         env = runtime_env(args.runtime_env, args.runtime_env_json, args.working_dir)

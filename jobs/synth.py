@@ -38,25 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0); evaluate on another")
     parser.add_argument("--output", type=Path, required=True, help="folder for data.jsonl and images/")
     parser.add_argument("--source", choices=SOURCES, default="shapes", help="what to draw (default shapes)")
-    parser.add_argument(
-        "--image-size", type=positive_int, default=None, help="image side in pixels (default per source)"
-    )
-    parser.add_argument(
-        "--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)"
-    )
-    parser.add_argument(
-        "--phrasing",
-        choices=PHRASINGS,
-        default="train",
-        help="question wording: train (default) or heldout, paraphrases training never uses (instruct only)",
-    )
-    parser.add_argument(
-        "--skills",
-        nargs="+",
-        choices=INSTRUCT_SKILLS,
-        default=None,
-        help="shapes instruct only: ask these skills in turn, e.g. `colour shape count` (default: at random)",
-    )
+    size, split = "image side in pixels (default per source)", "Fashion-MNIST split (default train)"
+    parser.add_argument("--image-size", type=positive_int, default=None, help=size)
+    parser.add_argument("--split", choices=("train", "test"), default="train", help=split)
+    phrasing = "question wording: train (default) or heldout, paraphrases training never uses (instruct only)"
+    parser.add_argument("--phrasing", choices=PHRASINGS, default="train", help=phrasing)
+    skills = "shapes instruct only: ask these skills in turn, e.g. `colour shape count` (default: at random)"
+    parser.add_argument("--skills", nargs="+", choices=INSTRUCT_SKILLS, default=None, help=skills)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -99,14 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         jsonl = write(args)
         records, images = count_records_and_images(jsonl)
-        summary = {
-            "output": str(jsonl),
-            "records": records,
-            "images": images,
-            "stage": args.stage,
-            "source": args.source,
-            "phrasing": args.phrasing,
-        }
+        summary = {"output": str(jsonl), "records": records, "images": images}
+        summary |= {"stage": args.stage, "source": args.source, "phrasing": args.phrasing}
         text = jsonl.with_name("text.jsonl")
         if args.stage == "distill" and text.is_file():
             summary["text"] = str(text)  # the unpaired text corpus beside the images

@@ -3,7 +3,7 @@
     driver:  runs = RunTracker(uri, experiment)
              parent = runs.pipeline_run("nightly", params, tags)    # the same id on every rerun
              child = runs.stage_run(parent, "align", params)        # likewise, per stage
-    rank 0:  with StageLogger(uri, child) as log: log.metrics({...}, step); log.text(...)
+    rank 0:  with StageLogger(uri, child) as log: log.metrics({...}, step)
 
 Runs are found by tags (`hovle.run_name`, `hovle.stage`, `mlflow.parentRunId`), so a restarted stage (worker
 failure, or the whole job rerun with the same run name) logs into the run it started, and metrics at steps
@@ -35,7 +35,7 @@ def tracking_uri(configured: str | None = None) -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI")
         or configured
-        or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+        or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     )
 
 
@@ -79,45 +79,32 @@ class RunTracker:
         self.client = _client(uri)
         self.experiment_id = experiment_id(self.client, experiment)
 
-    def _find(self, query: str) -> str | None:
-        runs = self.client.search_runs(
+    def _run(self, query: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """The oldest run matching `query` (marked RUNNING again), else a new one with `tags` and `params`."""
+        found = self.client.search_runs(
             [self.experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time ASC"]
         )
-        return runs[0].info.run_id if runs else None
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            logger.info("MLflow: resuming run %s (%s)", run_name, found[0].info.run_id)
+            return found[0].info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        log_params(self.client, run_id, params)
+        logger.info("MLflow: run %s (%s) at %s", run_name, run_id, self.uri)
+        return run_id
 
     def pipeline_run(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
         """The parent run of pipeline `run_name`: the existing one, else a new one with `params`."""
-        run_id = self._find(f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{KIND_TAG}` = 'pipeline'")
-        if run_id is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=run_name,
-                tags={RUN_NAME_TAG: run_name, KIND_TAG: "pipeline", **(tags or {})},
-            )
-            run_id = run.info.run_id
-            log_params(self.client, run_id, params)
-            logger.info("MLflow: pipeline run %s (%s) at %s", run_name, run_id, self.uri)
-        else:
-            self.client.update_run(run_id, status="RUNNING")
-            logger.info("MLflow: resuming pipeline run %s (%s)", run_name, run_id)
-        return run_id
+        query = f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{KIND_TAG}` = 'pipeline'"
+        tags = {RUN_NAME_TAG: run_name, KIND_TAG: "pipeline", **(tags or {})}
+        return self._run(query, run_name, tags, params)
 
     def stage_run(self, parent_id: str, stage: str, params: dict[str, Any]) -> str:
         """The child run of `stage` under `parent_id`: the existing one, else a new one with `params`."""
-        run_id = self._find(f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'")
-        if run_id is None:
-            parent = self.client.get_run(parent_id)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{parent.data.tags.get(RUN_NAME_TAG, 'hovle')}-{stage}",
-                tags={PARENT_TAG: parent_id, STAGE_TAG: stage, KIND_TAG: "stage"},
-            )
-            run_id = run.info.run_id
-            log_params(self.client, run_id, params)
-        else:
-            self.client.update_run(run_id, status="RUNNING")
-            logger.info("MLflow: stage %s resumes run %s", stage, run_id)
-        return run_id
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'"
+        run_name = f"{self.client.get_run(parent_id).data.tags.get(RUN_NAME_TAG, 'hovle')}-{stage}"
+        tags = {PARENT_TAG: parent_id, STAGE_TAG: stage, KIND_TAG: "stage"}
+        return self._run(query, run_name, tags, params)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -134,9 +121,6 @@ class RunTracker:
     def log_dict(self, run_id: str, payload: dict[str, Any], name: str) -> None:
         self.client.log_dict(run_id, payload, name)
 
-    def log_file(self, run_id: str, path: str, folder: str | None = None) -> None:
-        self.client.log_artifact(run_id, path, folder)
-
 
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created when it does not exist yet."""
@@ -147,18 +131,24 @@ def experiment_id(client, name: str) -> str:
 def log_results(client, run_id: str, params: dict[str, Any], metrics: dict[str, float], files: list) -> None:
     """Params, metrics (step 0) and files as artifacts into the run `run_id`; a run that already holds
     other values for the params keeps them (a model evaluated again with other inputs)."""
-    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.time import get_current_time_millis
 
     try:
         log_params(client, run_id, params)
     except MlflowException as err:
         logger.warning("MLflow run %s already has other params; keeping them (%s)", run_id, err.message)
-    now = get_current_time_millis()
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    log_metrics(client, run_id, metrics, 0)
     for path in files:
         client.log_artifact(run_id, str(path))
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """`metrics` at `step`, one batch, all stamped now."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
@@ -192,13 +182,11 @@ class StageLogger:
         if self.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # resume_logging: a restarted stage continues the run's system-metric steps
             self._monitor = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=self.sampling_s,
-                samples_before_logging=1,
-                resume_logging=True,  # a restarted stage continues the run's system-metric steps
+                self.run_id, sampling_interval=self.sampling_s, samples_before_logging=1, resume_logging=True,
                 tracking_uri=self.uri,
-            )
+            )  # fmt: skip
             self._monitor.start()
         return self
 
@@ -211,18 +199,7 @@ class StageLogger:
         self.client.set_terminated(self.run_id, status="FINISHED")
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        from mlflow.utils.time import get_current_time_millis
-
-        now = get_current_time_millis()
-        batch = [Metric(key, float(value), now, step) for key, value in values.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
-
-    def directory(self, local_dir: str, folder: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, local_dir, folder)
+        log_metrics(self.client, self.run_id, values, step)
 
 
 @contextlib.contextmanager
