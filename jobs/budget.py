@@ -8,20 +8,15 @@
         clock.tick()                    # every rank: all-reduces the CPU-seconds when there is a budget
     clock.progress(step)                # what the LR schedule and De-focus's drop path follow
 
-Without a CPU budget (`cpu_seconds` None) a stage is `steps` optimizer steps and its progress is step /
-steps, as it always was. With one, the stage trains until its worker processes have spent `cpu_seconds`
-CPU-seconds, and `steps` is only an upper bound: progress is the CPU-seconds spent so far over the budget. A
-rank's CPU-seconds are `time.process_time()` deltas of its process since the loop started, so every torch
-thread counts, and so does reading and packing the data in the process (the `local` reader; Ray Data's read
-tasks run elsewhere and do not count). Building the model and the DeepSpeed engine is not counted (it is the
-same for any budget), nor is bookkeeping inside the loop (`paused`: metrics, MLflow logging, checkpoints,
-whose cost depends on how often they are asked for, not on training). After every step the ranks' totals are
-all-reduced with MAX, so every rank sees the same progress, takes the same LR and stops at the same step (no
-collective then waits for a rank that already left). Budgets let variants that differ in speed per step
-(another architecture, another stage mix) be compared at equal compute on a machine shared with other work.
-
-Tokens seen are counted per rank and summed over the ranks when synced. Both totals survive a resume: they
-go into the checkpoint's client state (`state_dict`) and come back with `resume`.
+Without a CPU budget (`cpu_seconds` None) a stage is `steps` optimizer steps, progress step / steps. With
+one, it trains until its workers have spent `cpu_seconds` (`steps` is an upper bound) and progress is the
+share spent: budgets compare variants that differ in speed per step at equal compute on a shared machine.
+A rank's CPU-seconds are `time.process_time()` deltas since the loop started (every torch thread, and the
+`local` reader's data work; Ray Data's read tasks run elsewhere). Not counted: building the model and
+engine (the same for any budget) and bookkeeping (`paused`: metrics, logging, checkpoints, whose cost
+depends on how often they are asked for). After every step the ranks' totals are all-reduced with MAX, so
+every rank takes the same LR and stops at the same step (no collective waits for a rank that left).
+Tokens are summed over the ranks. Both totals go into the checkpoint (`state_dict`) and back (`resume`).
 """
 
 from __future__ import annotations
@@ -107,9 +102,7 @@ class StageClock:
     # ---- progress ----------------------------------------------------------------------------------------
     def progress(self, step: int) -> float:
         """The share of the stage done, in [0, 1]: CPU-seconds over the budget, else step / steps."""
-        if self.budget is None:
-            return min(1.0, step / self.steps)
-        return min(1.0, self.spent / self.budget)
+        return min(1.0, step / self.steps) if self.budget is None else self.fraction()
 
     def fraction(self) -> float:
         """`progress` of the CPU budget as of the last sync (what the LR schedule reads), 0 without one."""

@@ -8,10 +8,8 @@ Resume is exact: the same batches and the same random draws as an uninterrupted 
 every file loads with `torch.load(weights_only=True)` (the engine's through `jobs.strategy`).
 
 A checkpoint counts only once every rank's files are in the run's storage at their size (`upload_checkpoint`):
-pyarrow's S3 upload, which Ray Train uses, can return success with files missing when the endpoint goes
-away mid-upload (the error is only logged when the stream is destroyed), and Ray Train would then commit,
-and later resume from, a half-written folder. Reading one back is checked the same way (`checkpoint_folder`):
-a download can also come back without error and without files.
+pyarrow's S3 upload can return success with files missing when the endpoint goes away mid-upload, and Ray
+Train would commit, and later resume from, a half-written folder. Reads are checked too (`checkpoint_folder`).
 """
 
 from __future__ import annotations
@@ -86,13 +84,9 @@ def worker_state_file(rank: int) -> str:
     return f"worker_{rank:04d}.pt"
 
 
-def checkpoint_name(stage: str, step: int) -> str:
-    """A checkpoint's folder in the run: `checkpoint_<stage>_<step>` (one Ray Train run holds every stage)."""
-    return f"checkpoint_{stage}_{step:07d}"
-
-
 def checkpoint_stage(checkpoint) -> str | None:
-    """The stage a Ray Train checkpoint (or None) was saved in, from its folder's name."""
+    """The stage a Ray Train checkpoint (or None) was saved in, from its folder's name
+    (`checkpoint_<stage>_<step>`, `save_checkpoint`'s: one Ray Train run holds every stage)."""
     if checkpoint is None:
         return None
     found = re.fullmatch(r"checkpoint_([a-z]+)_\d+", checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
@@ -102,12 +96,9 @@ def checkpoint_stage(checkpoint) -> str | None:
 def save_checkpoint(
     strategy: DeepSpeedStrategy, stream: TrainingStream, clock: StageClock, step: int, stage: str, rank: int
 ) -> None:
-    """Engine state + step, CPU-seconds and tokens so far, and per rank its data position and RNG; Ray
-    merges the ranks' folders. Every rank calls it (the clock syncs over the ranks).
-
-    The rank's own state goes into its own file: DeepSpeed keeps `client_state` in rank 0's model-states
-    file only (below ZeRO-3), and every rank reads the data at a different position.
-    """
+    """Engine state + step, CPU-seconds and tokens so far, and per rank its data position and RNG in its
+    own file (DeepSpeed keeps `client_state` in rank 0's file only below ZeRO-3, and every rank reads the
+    data at a different position). Every rank calls it (the clock syncs); Ray merges the ranks' folders."""
     import ray.train
 
     clock.sync()
@@ -120,7 +111,7 @@ def save_checkpoint(
         ray.train.report(
             {"step": step, "stage": stage},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=checkpoint_name(stage, step),
+            checkpoint_dir_name=f"checkpoint_{stage}_{step:07d}",
             checkpoint_upload_fn=upload_checkpoint,
         )
     # Wait until the controller has committed it: a report is registered when the controller next polls
@@ -180,10 +171,8 @@ def _missing_files(fs, root: str, expected: dict[str, int]) -> list[str]:
 @contextmanager
 def checkpoint_folder(checkpoint) -> Iterator[str]:
     """A local folder holding the whole checkpoint: its own path on a local filesystem, else a download
-    checked file by file against the store's listing and retried (`DOWNLOAD_ATTEMPTS`).
-
-    pyarrow's S3 download, like its upload, can come back without error and without files when the
-    endpoint resets connections; DeepSpeed would then find no checkpoint in the folder.
+    checked file by file against the store's listing and retried (`DOWNLOAD_ATTEMPTS`): pyarrow's S3
+    download, like its upload, can come back without error and without files.
 
     Raises:
         CheckpointDownloadError: the listing or the files still failed after the last attempt.
@@ -205,12 +194,7 @@ def checkpoint_folder(checkpoint) -> Iterator[str]:
                     if info.type == pyarrow.fs.FileType.File
                 }
                 checkpoint.to_directory(target)
-                missing = [
-                    name
-                    for name, size in expected.items()
-                    if not os.path.isfile(os.path.join(target, name))
-                    or os.path.getsize(os.path.join(target, name)) != size
-                ]
+                missing = _missing_files(pyarrow.fs.LocalFileSystem(), target, expected)
                 problem = "missing or short after the download" if expected else "no files listed"
             except OSError as err:  # pyarrow's S3 errors are OSErrors
                 missing, problem = ["(listing)"], f"{type(err).__name__}: {err}"

@@ -35,17 +35,15 @@ def flops_per_token(model: nn.Module, stage: str, context: float) -> float:
     table = getattr(front, "embed_tokens", None)
     if table is not None:
         embedding -= _count(table)  # the module's text table: a lookup, not a matmul
+    text = config.text_config
     llm = _count(model.language_model)
-    if not getattr(config.text_config, "tie_word_embeddings", False):
-        llm -= config.text_config.vocab_size * config.text_config.hidden_size  # a lookup, not a matmul
-    hidden = config.text_config.hidden_size
+    if not getattr(text, "tie_word_embeddings", False):
+        llm -= text.vocab_size * text.hidden_size  # the input table: a lookup, not a matmul
     emb_layers = config.embedding_num_layers if front is not None else 0
-    llm_layers = config.text_config.num_hidden_layers
-    attention = 4 * hidden * context  # per layer, forward
+    attention = 4 * text.hidden_size * context  # per layer, forward
     if stage == "distill":
         return 6 * embedding + 3 * attention * emb_layers
-    total = embedding + llm
-    forward = 2 * total + attention * (emb_layers + llm_layers)
+    forward = 2 * (embedding + llm) + attention * (emb_layers + text.num_hidden_layers)
     if stage == "align":
         return 2 * forward + 2 * embedding + attention * emb_layers
     return 3 * forward

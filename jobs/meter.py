@@ -40,12 +40,11 @@ class StageMeter:
         self.started = time.perf_counter()
         self.start_fraction = clock.fraction()  # of a budget, where this attempt (maybe resumed) began
         self._reset()
-        device = strategy.device
-        self.peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        cuda = strategy.device.type == "cuda"
+        self.peak = peak_flops(torch.cuda.get_device_name(strategy.device)) if cuda else None
 
     def _reset(self) -> None:
-        self.loss_sum = self.micro = self.samples = self.tokens = 0.0
-        self.wait = self.busy = 0.0
+        self.micro = self.samples = self.tokens = self.wait = self.busy = 0.0
         self.steps = 0
         self.parts: dict[str, float] = {}
 
@@ -60,7 +59,6 @@ class StageMeter:
 
     def add(self, batch: dict[str, Any], parts: dict[str, float]) -> None:
         self.micro += 1
-        self.loss_sum += parts["loss"]
         for key, value in parts.items():
             self.parts[key] = self.parts.get(key, 0.0) + value
         self.samples += int(batch["num_samples"])
@@ -81,7 +79,7 @@ class StageMeter:
         world = dist.get_world_size() if dist.is_initialized() else 1
         micro, samples, tokens, wait, busy = totals[:5].tolist()
         seconds = busy / world  # wall time of the steps, averaged over ranks
-        metrics = {f"{k}": v / micro for k, v in zip(keys, totals[5:].tolist())}
+        metrics = {k: v / micro for k, v in zip(keys, totals[5:].tolist())}
         metrics.update(
             {
                 "lr": self.strategy.lr(),
@@ -102,7 +100,7 @@ class StageMeter:
         embedding = getattr(self.model, "embedding", None)
         if embedding is not None and embedding.defocus:
             metrics["drop_path_rate"] = max(embedding.drop_path_rates)
-        self.seconds_per_step = seconds / self.steps
+        self.seconds_per_step = metrics["step_time_s"]
         done = metrics["progress"] - self.start_fraction
         self.wall_per_progress = (time.perf_counter() - self.started) / max(done, 1e-9)
         self._reset()
@@ -124,8 +122,6 @@ class StageMeter:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-        if seconds >= 3600
-        else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -23,18 +23,14 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from jobs.registry import GateSettings
-from jobs.train_config import TrainConfig
+from jobs.train_config import TrainConfig, _Strict
 from model.config_files import SCHEMA_VERSION, read_run_document
 from model.errors import ConfigError, config_problems
 from model.presets import ModelSpec
 from pipelines.settings import PrepareSettings
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class EvalSettings(_Strict):

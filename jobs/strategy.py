@@ -143,13 +143,9 @@ def deepspeed_config(config: TrainConfig, stage: StageSettings, world_size: int)
 
 def warmup_cosine(stage: StageSettings, progress: Callable[[], float] | None = None):
     """LR multiplier per optimizer step: linear warmup to 1 over `warmup_steps`, then cosine down to
-    `min_lr_ratio`.
-
-    After warmup the cosine runs over the stage's progress in [0, 1]: (step - warmup) / (steps - warmup),
-    or, with a CPU budget (`stage.cpu_seconds`), `progress()`: the share of the budget spent
-    (jobs.budget.StageClock.fraction, the same on every rank). The budget counts from the stage's start,
-    warmup included, so the cosine resumes after warmup where the CPU-seconds spent put it.
-    """
+    `min_lr_ratio` over (step - warmup) / (steps - warmup), or with a CPU budget over `progress()`, the
+    share spent (StageClock.fraction, the same on every rank; counted from the stage's start, warmup
+    included, so the cosine resumes after warmup where the CPU-seconds spent put it)."""
     if stage.cpu_seconds is not None and progress is None:
         raise ValueError("a CPU-seconds budget needs the progress it spent (jobs.budget.StageClock)")
 
@@ -184,9 +180,8 @@ class DeepSpeedStrategy:
         groups: Iterable[dict[str, Any]],
         progress: Callable[[], float] | None = None,
     ) -> None:
-        """deepspeed.initialize over `module`, optimizing only the parameters of `groups` (AdamW, warmup +
-        cosine): each group is `{"params": [...], "lr_ratio": r}` and trains at r x the stage's lr.
-        `progress`: the share of a CPU-seconds budget spent, which the cosine follows (`warmup_cosine`)."""
+        """deepspeed.initialize over `module`, AdamW (warmup + cosine, `progress`: see `warmup_cosine`) over
+        only `groups`' parameters; a group `{"params": [...], "lr_ratio": r}` trains at r x the stage's lr."""
         import deepspeed
 
         groups = [
@@ -195,12 +190,8 @@ class DeepSpeedStrategy:
             if g["params"]
         ]
         parameters = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.stage.lr,
-            betas=self.stage.betas,
-            weight_decay=self.stage.weight_decay,
-        )
+        stage = self.stage
+        optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.stage, progress))
         if self.config.precision == "bf16" and not self.config.scaling.use_gpu and not cpu_bf16_is_native():
             logger.warning(
@@ -286,6 +277,4 @@ class DeepSpeedStrategy:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.engine.module.state_dict() if dist.get_rank() == 0 else None
-        if state is None:
-            return None
-        return {name: tensor.detach().to("cpu").clone() for name, tensor in state.items()}
+        return None if state is None else {name: t.detach().to("cpu").clone() for name, t in state.items()}

@@ -26,6 +26,7 @@ worker starts (exit 2). A compositional distill teacher given as an MLflow model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -43,9 +44,7 @@ from model.config import ConfigError
 from model.stages import STAGE_NAMES
 from pipelines import storage
 
-# Ray Train's worker-group start timeout (ray.train.v2 constants) and its default
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-DEFAULT_START_TIMEOUT_S = 60.0
+DEFAULT_START_TIMEOUT_S = 60.0  # Ray Train's default worker-group start timeout (ray.train.v2 constants)
 logger = logging.getLogger("jobs.train")
 
 
@@ -58,17 +57,6 @@ def resolve_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def start_config(model: dict[str, Any], init: str | None) -> dict[str, Any]:
-    """The config (a dict: model_type, text_config, ...) of the model a run starts from: the `--init`
-    folder's (checked by `jobs.init_model.model_folder`: a stage export or an imported model folder), else
-    the one the run config's `model:` section describes."""
-    if init is None:
-        from model.presets import config_from_spec, parse_model_spec
-
-        return config_from_spec(parse_model_spec(model)).to_dict()
-    return json.loads(storage.read_text(storage.join(init, "config.json")))
-
-
 def stage_plan(
     config: TrainConfig,
     stage: str,
@@ -77,15 +65,12 @@ def stage_plan(
     output: str | None,
     model_type: str = "hovle",
 ):
-    """[(stage, data URI, export URI, manifest)] in order, and the first stage's init; checks the datasets.
-    Local paths come back absolute: the workers run elsewhere.
-
-    `all` is every stage of the model's architecture (`model.stages.stages_for(model_type)`); a
-    comma-separated list (`align,instruct`) names several, in training order.
+    """([(stage, data URI, export URI, manifest)] in order, the first stage's init), local paths made
+    absolute (the workers run elsewhere). `stage`: `all` (the stages of `model_type`) or a comma-separated
+    list in training order.
 
     Raises:
-        ConfigError: a stage the model does not have, a stage without data, or data that is not a prepared
-            dataset.
+        ConfigError: a stage the model does not have, a stage without data, data not a prepared dataset.
     """
     from model import stage_spec, stages_for
     from pipelines.manifest import DatasetNotFound, ManifestError, read_manifest
@@ -122,23 +107,24 @@ def stage_plan(
 
 
 def plan_run(run: RunConfig, stage: str, data: str | None, init: str | None, output: str | None):
-    """`stage_plan` for the run config `run`, with `--init` checked and made a stage export every worker
-    reads: (plan, the first stage's init URI, the config of the model the run starts from).
-
-    `--init` is a stage export, or a model folder (`hovle import`'s output) of the `model:` section's
-    model (its tokens and image tiling prepared the data), copied once to
-    `<storage_path>/<run_name>/init-<key>` with an export.json naming it as the base (jobs/init_model.py).
-    Everything is checked before anything is copied.
+    """`stage_plan` for `run`: (plan, the first stage's init URI, the config dict of the model the run
+    starts from). `--init` (a stage export, or an imported model folder of the `model:` section's model,
+    whose tokens and tiling prepared the data) is checked, then copied once to
+    `<storage_path>/<run_name>/init-<key>` as an export (jobs/init_model.py): nothing is copied before
+    everything is checked.
 
     Raises:
         ConfigError: a bad `--init` (named so), or what `stage_plan` refuses.
     """
     from jobs.init_model import init_export, model_folder
+    from model.presets import config_from_spec, parse_model_spec
 
     config = run.train
-    if init is not None:
+    if init is None:
+        start = config_from_spec(parse_model_spec(run.model.model_dump(mode="json"))).to_dict()
+    else:
         init = model_folder(init, run.model, "--init")
-    start = start_config(run.model.model_dump(mode="json"), init)
+        start = json.loads(storage.read_text(storage.join(init, "config.json")))
     plan, init = stage_plan(config, stage, data, init, output, start.get("model_type", "hovle"))
     if init is not None:
         init = init_export(init, storage.join(resolve_storage(config.storage_path), config.run_name))
@@ -147,12 +133,9 @@ def plan_run(run: RunConfig, stage: str, data: str | None, init: str | None, out
 
 def run_stages(jobs: list, config: TrainConfig) -> None:
     """The stages `jobs` (in order) as one Ray Train run, `<run_name>-train`: one worker group trains them
-    all (jobs.train_loop.train_stages), so a stage after the first costs no new controller, worker
-    processes or process group (a tiny three-stage run: ~100 s -> ~55 s on 2 cores). A rerun of that
-    name resumes: a stage with a complete export is skipped, the interrupted one continues from its last
-    checkpoint.
-    `max_failures` counts the worker-group restarts of the whole run; `wait_for_workers_s` bounds, in all,
-    its waits for the workers' resources (`start_limits`)."""
+    all (jobs.train_loop.train_stages), so a later stage costs no new controller, workers or process group
+    (a tiny three-stage run: ~100 s -> ~55 s on 2 cores). `max_failures` counts the whole run's restarts;
+    `wait_for_workers_s` bounds its waits for the workers' resources in all (`start_limits`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -165,7 +148,7 @@ def run_stages(jobs: list, config: TrainConfig) -> None:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_stages,
-        train_loop_config={"stages": [job.to_dict() for job in jobs]},
+        train_loop_config={"stages": [dataclasses.asdict(job) for job in jobs]},
         torch_config=TorchConfig(backend=config.backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
@@ -185,7 +168,7 @@ def run_stages(jobs: list, config: TrainConfig) -> None:
         ),
     )
     # Ray Train passes the driver's value of this variable to its controller, which times each start by it
-    with environ_set(START_TIMEOUT_ENV, str(start_timeout)):
+    with environ_set("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(start_timeout)):
         trainer.fit()
 
 
@@ -207,11 +190,9 @@ def train(
     output: str | None = None,
     source: str = "",
 ) -> dict[str, Any]:
-    """Run `stage` (or all) of the run config `run` and return {"run_name", "exports": {stage: URI},
-    "mlflow_run_id"}. `source` names the run config (tagged on the MLflow run).
-
-    Each stage logs into its own MLflow child run of the pipeline run, made here before training starts
-    (SCHEDULED; rank 0 marks it RUNNING when the stage starts and FINISHED once its export is written).
+    """Run `stage` (or all) of `run`; returns {"run_name", "exports": {stage: URI}, "mlflow_run_id"}.
+    `source` names the run config (tagged on the MLflow run). Each stage logs into its own MLflow child
+    run, made here SCHEDULED (rank 0 marks it RUNNING, then FINISHED once its export is written).
 
     Raises:
         StageFailed: Ray Train gave up; names the first stage without an export.
@@ -287,10 +268,9 @@ def train(
 
 
 def resolve_teacher(config: TrainConfig, student_hidden: int | None = None) -> TrainConfig:
-    """`config` with a `compositional:` distill teacher checked and readable by every worker.
-
-    A local folder or an s3:// export stays where it is; an MLflow model (`models:/...`, `runs:/...`) is
-    downloaded and copied to <storage_path>/<run_name>/teacher. Other teachers are returned unchanged.
+    """`config` with a `compositional:` distill teacher checked and readable by every worker: an MLflow
+    model (`models:/...`, `runs:/...`) is copied to <storage_path>/<run_name>/teacher; a local folder or
+    s3:// export stays; other teachers come back unchanged.
 
     Raises:
         ConfigError: the teacher cannot be downloaded, is not a compositional model, or its image tokens
@@ -326,8 +306,7 @@ def resolve_teacher(config: TrainConfig, student_hidden: int | None = None) -> T
             f"{field}: no model at {uri} (no config.json); expected {COMPOSITIONAL_PREFIX}<a compositional "
             "export, save_pretrained folder or MLflow model URI>"
         ) from None
-    if teacher.get("model_type") != MODEL_TYPE:
-        kind = teacher.get("model_type")
+    if (kind := teacher.get("model_type")) != MODEL_TYPE:
         raise ConfigError(f"{field}: {uri} holds a {kind!r} model, not a {MODEL_TYPE!r} one")
     width = (teacher.get("text_config") or {}).get("hidden_size")
     if None not in (width, student_hidden) and width != student_hidden:

@@ -1,7 +1,5 @@
-"""The Ray Train worker loop of a run's HoVLE stages (`TorchTrainer`'s `train_loop_per_worker`).
-
-`train_stages` trains the run's stages one after another in the same worker group; a stage whose export
-is complete (trained before a worker-group restart) is skipped. Per stage (`train_stage`):
+"""The Ray Train worker loop (`train_loop_per_worker`): `train_stages` trains the run's stages in turn in
+one worker group, skipping a stage whose export is complete. Per stage (`train_stage`):
 
     build   the model (the previous stage's export, or the preset), the stage's trainable split, the
             distill teacher, the DeepSpeed engine (jobs.strategy), this worker's batches (pipelines)
@@ -28,7 +26,7 @@ import logging
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,8 +51,6 @@ from pipelines.stream import TrainingStream, endless
 
 logger = logging.getLogger("jobs.train")
 
-# What the stream adds to a batch for bookkeeping; the model never sees these.
-_BOOKKEEPING = ("ids", "num_samples", "num_tokens")
 LLM_PREFIX = "language_model."
 
 
@@ -72,17 +68,12 @@ class StageJob:
     tracking_uri: str | None = None
     hooks: list[str] = field(default_factory=list)  # jobs/hooks.py specs, loaded on each worker
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class StageModule(nn.Module):
-    """What the engine trains: the model (HoVLE or compositional) (+ the distill teacher's head, if any);
-    forward = the stage's loss.
+    """What the engine trains: the model (+ the distill teacher's head, if any); forward = the stage's loss.
 
-    The teacher's frozen backbone is deliberately not a submodule: it stays outside the engine (no ZeRO
-    partitioning, no optimizer state), a plain module on each worker; so is the text KL term's frozen copy
-    of the LLM, made only when the stage trains the LLM (otherwise the model's own LLM is that base).
+    The teacher's frozen backbone and the text KL's frozen copy of the LLM (made only when the stage trains
+    the LLM) are deliberately not submodules: plain modules outside the engine (no ZeRO, no optimizer state).
     """
 
     def __init__(
@@ -204,16 +195,12 @@ def train_stage(job: StageJob, checkpoint=None) -> None:
             )  # fmt: skip
 
     # ---- loop -------------------------------------------------------------------------------------------
-    tracker = (
-        StageLogger(
-            job.tracking_uri,
-            job.run_id,
-            config.tracking.system_metrics,
-            config.tracking.system_metrics_interval_s,
+    tracking = config.tracking
+    tracker = nullcontext()
+    if rank == 0 and job.run_id:
+        tracker = StageLogger(
+            job.tracking_uri, job.run_id, tracking.system_metrics, tracking.system_metrics_interval_s
         )
-        if rank == 0 and job.run_id
-        else nullcontext()
-    )
     meter = StageMeter(model, job.stage, settings, strategy, clock)
     batches = endless(stream)
     accumulation = config.deepspeed.gradient_accumulation_steps
@@ -314,21 +301,21 @@ def _stage_spec(
     and text KL terms (the compositional model has no image anchor: its encoder is frozen);
     `llm_lr_ratio` 0 freezes the LLM, `frozen` any other parameters by name."""
     spec = stage_spec(model_type, stage)
-    if settings.text_preservation_weight is not None and spec.loss == "next_token":
-        spec = spec.with_options(text_preservation_weight=settings.text_preservation_weight)
-    if settings.image_anchor_weight and spec.loss == "next_token" and model_type == "hovle":
-        spec = spec.with_options(image_anchor_weight=settings.image_anchor_weight)
-    if settings.frozen:
-        spec = spec.with_options(frozen=tuple(settings.frozen))
-    if settings.text_kl_weight and spec.loss == "next_token":
-        spec = spec.with_options(text_kl_weight=settings.text_kl_weight)
+    options: dict[str, Any] = {"frozen": tuple(settings.frozen)} if settings.frozen else {}
+    if spec.loss == "next_token":
+        if settings.text_preservation_weight is not None:
+            options["text_preservation_weight"] = settings.text_preservation_weight
+        if settings.image_anchor_weight and model_type == "hovle":
+            options["image_anchor_weight"] = settings.image_anchor_weight
+        if settings.text_kl_weight:
+            options["text_kl_weight"] = settings.text_kl_weight
     if recipe == "paper":
-        spec = spec.with_options(
+        options.update(
             text_preservation_weight=0.0, norm_weight=0.0, image_anchor_weight=0.0, text_kl_weight=0.0
         )
     if settings.llm_lr_ratio == 0:
-        spec = spec.with_options(trainable=tuple(p for p in spec.trainable if p != LLM_PREFIX))
-    return spec
+        options["trainable"] = tuple(p for p in spec.trainable if p != LLM_PREFIX)
+    return spec.with_options(**options)
 
 
 def _add_lora(model: nn.Module, spec: StageSpec, config: TrainConfig) -> StageSpec:
@@ -370,12 +357,9 @@ def _teacher(model: nn.Module, settings: StageSettings):
 
 
 def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
-    """Under bf16, give a frozen vision encoder (the compositional model's MobileNetV2) its fp32 weights back.
-
-    DeepSpeed casts the module's parameters to bf16 but keeps its buffers in fp32, and BatchNorm cannot mix
-    bf16 weights with fp32 running statistics. The encoder never trains (no optimizer state, no gradients),
-    so fp32 costs only its 2M weights. Under ZeRO-3 its parameters are partitioned: left as they are.
-    """
+    """Under bf16, give a frozen vision encoder (the compositional model's MobileNetV2) its fp32 weights back:
+    DeepSpeed casts parameters to bf16 but keeps buffers in fp32, and BatchNorm cannot mix the two. It never
+    trains, so fp32 costs only its 2M weights. Under ZeRO-3 (partitioned parameters) it is left as it is."""
     encoder = getattr(model, "vision_encoder", None)
     if encoder is None or config.precision != "bf16" or config.deepspeed.zero_stage == 3:
         return
@@ -385,11 +369,11 @@ def _frozen_encoder_in_fp32(model: nn.Module, config: TrainConfig) -> None:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if key in _BOOKKEEPING:
-            continue
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
-        out[key] = value
-    return out
+    """`batch` for the model: tensors on `device` (floats in `dtype`), the stream's bookkeeping dropped."""
+    return {
+        key: value.to(device, dtype=dtype if value.is_floating_point() else None, non_blocking=True)
+        if isinstance(value, torch.Tensor)
+        else value
+        for key, value in batch.items()
+        if key not in ("ids", "num_samples", "num_tokens")
+    }
