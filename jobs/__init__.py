@@ -5,9 +5,8 @@ import os
 import sys
 from collections.abc import Iterator
 
-# tqdm reads TQDM_* once, when it is first imported (transformers and MLflow import it early, before a job
-# parses its arguments): a job is quiet unless asked to be verbose (jobs/logging_setup.py), so no
-# GGUF-conversion or artifact-download bars
+# tqdm reads TQDM_* once, on first import (transformers and MLflow import it before a job parses its
+# arguments): a job is quiet unless verbose (jobs/logging_setup.py), so no GGUF-conversion or download bars
 if os.environ.get("HOVLE_VERBOSE", "") in ("", "0") and "--verbose" not in sys.argv:
     os.environ.setdefault("TQDM_DISABLE", "1")
 

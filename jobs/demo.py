@@ -138,22 +138,6 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
-def add_real_images(raw: dict[str, list[str]], n: int, workdir: Path, image_size: int, seed: int = 0) -> int:
-    """Add `n` Fashion-MNIST records (real photos, captions and Q&A over their labels) to align and instruct
-    when Debian's dataset-fashion-mnist is installed; returns how many were added per stage."""
-    from pipelines.corpora.fashion_mnist import import_fashion_mnist
-    from pipelines.corpora.scenes import MissingPackageError
-
-    try:
-        for stage in ("align", "instruct"):
-            folder = workdir / "raw" / f"{stage}-fashion"
-            raw[stage].append(str(import_fashion_mnist(folder, n, seed, "train", stage, image_size)))
-    except MissingPackageError as err:
-        print(f"   (no real images: {err})")
-        return 0
-    return n
-
-
 @dataclass
 class Corpora:
     """The demo's raw inputs per stage, its held-out VQA set and domain text, and what they hold."""
@@ -167,9 +151,12 @@ class Corpora:
 
 
 def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0) -> Corpora:
-    """Synthetic corpora per stage (instruct asks the plan's skills, balanced), Fashion-MNIST photos where
-    installed, the general text-only conversations; and a held-out set on new images (another seed, the test
-    split) in phrasings training never uses, `plan["heldout"]` questions per skill."""
+    """Synthetic corpora per stage (instruct asks the plan's skills, balanced), `count // 8` Fashion-MNIST
+    photos (captions and Q&A over their labels) for align and instruct when Debian's dataset-fashion-mnist
+    is installed, the general text-only conversations; and a held-out set on new images (another seed, the
+    test split) in phrasings training never uses, `plan["heldout"]` questions per skill."""
+    from pipelines.corpora.fashion_mnist import import_fashion_mnist
+    from pipelines.corpora.scenes import MissingPackageError
     from pipelines.corpora.synthetic import generate
 
     size = plan["image_size"]
@@ -184,7 +171,14 @@ def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0)
         n = plan["align_questions"]
         questions = generate("instruct", n, seed + 500, folder, image_size=size, skills=plan.get("skills"))
         raw["align"].append(str(questions))
-    real = add_real_images(raw, count // 8, workdir, size, seed)
+    real = count // 8
+    try:
+        for stage in ("align", "instruct"):
+            folder = workdir / "raw" / f"{stage}-fashion"
+            raw[stage].append(str(import_fashion_mnist(folder, real, seed, "train", stage, size)))
+    except MissingPackageError as err:
+        print(f"   (no real images: {err})")
+        real = 0
     general = write_general_chat(workdir / "raw" / "general-text", plan["general_text"])
     for stage in ("align", "instruct"):
         raw[stage].append(str(general))
@@ -199,8 +193,6 @@ def make_corpora(plan: dict[str, Any], workdir: Path, count: int, seed: int = 0)
         )
     )  # fmt: skip
     if real:
-        from pipelines.corpora.fashion_mnist import import_fashion_mnist
-
         parts.append(
             import_fashion_mnist(held / "fashion", plan["heldout"], seed, "test", "instruct", size, "heldout")
         )
@@ -341,10 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hovle demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="smollm2-135m", help="smollm2-135m (default) or tiny")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"), help="where everything lands")
-    parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per stage (default: planned)"
-    )
-    parser.add_argument("--samples", type=int, default=None, help="samples per stage (default: planned)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per stage (default: planned)")
+    parser.add_argument("--samples", type=int, help="samples per stage (default: planned)")
     parser.add_argument("--seed", type=int, default=0, help="corpora and training seed (held out: +1000)")
     args = parser.parse_args(argv)
     setup_logging()

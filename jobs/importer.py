@@ -30,7 +30,7 @@ IMPORTERS: dict[str, tuple[str, str]] = {
 }
 _COMMON = ("source", "dest", "max_shard_size", "verbose", "format")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]?B)?", re.IGNORECASE)
-_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
 
 def shard_size(text: str) -> int:
@@ -38,8 +38,7 @@ def shard_size(text: str) -> int:
     match = _SIZE.fullmatch(text.strip())
     if match is None or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or a byte count, got {text!r}")
-    unit = match.group(2).upper() if match.group(2) else None
-    return int(float(match.group(1)) * _UNITS[unit])
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     module = importlib.import_module(IMPORTERS[args.format][0])
     extra = {key: value for key, value in vars(args).items() if key not in _COMMON}

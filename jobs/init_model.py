@@ -1,14 +1,8 @@
 """The model a training run starts from, given as a folder: `hovle train --init` and `retrain.init`.
 
-    model_folder(folder, model, field) -> URI   a stage export, or a model folder (`hovle import`'s output)
-                                                 of a type this platform trains whose tokens, chat template
-                                                 and image tiling are the run config's `model:` section's
-    init_export(uri, shared_root) -> URI        that folder as an export every worker reads: a stage export
-                                                 as it is, a model folder copied once to
-                                                 `<shared_root>/init-<key>` with an export.json naming it
-
-`field` names the setting the folder came from (`--init`, `<config>: retrain.init`), so each command's
-error says which of its own inputs is wrong.
+`model_folder` checks the folder against the run config's `model:` section; `init_export` turns it into an
+export every worker reads. `field` names the setting the folder came from (`--init`, `<config>:
+retrain.init`), so each command's error says which of its own inputs is wrong.
 """
 
 from __future__ import annotations
@@ -34,12 +28,9 @@ PREPARED_WITH = (
 
 def model_folder(folder: str, model: ModelSpec, field: str) -> str:
     """`folder`'s URI (a local path made absolute: the workers run elsewhere), checked to be a stage
-    export or a model folder of a model type this platform trains, whose tokens, chat template and image
-    tiling are those of `model` (the `model:` section, whose processor prepares the data).
-
-    Raises:
-        ConfigError: it is neither, or another model than the `model:` section's (named as `field`).
-    """
+    export, or a model folder (`hovle import`'s output) of a model type this platform trains whose tokens,
+    chat template and image tiling are those of `model` (whose processor prepares the data); else
+    ConfigError, naming `field`."""
     from jobs.export import is_export
     from model.stages import STAGES_BY_MODEL_TYPE
 
@@ -91,11 +82,9 @@ def init_export(uri: str, shared_root: str) -> str:
     if is_export(target):  # export.json lands last: the copy is complete
         return target
     with tempfile.TemporaryDirectory(prefix="hovle-init-") as scratch:
-        local = uri
         if storage.is_remote(uri):
             storage.get_directory(uri, scratch)
-            local = scratch
-        storage.put_directory(local, target)
+        storage.put_directory(scratch if storage.is_remote(uri) else uri, target)
     info = {"stage": "import", "base_model": uri, "steps": 0}
     storage.write_text_atomic(storage.join(target, EXPORT_INFO), json.dumps(info, indent=2, sort_keys=True))
     return target

@@ -1,16 +1,9 @@
-"""`python -m jobs.inspect CONFIG [--json] [--gpus N] [--gpus-per-node G] [--mfu F] ...`: size a HoVLE config
-before a run.
+"""`hovle inspect CONFIG [--json] [--gpus N] ...`: size a HoVLE config before a run, on the meta device.
 
-Builds the model on the meta device (no weights, no memory), counts parameters per part
-(holistic embedding module, LLM) and per training stage, and estimates the GPU memory
-the model states need under ZeRO-1/2/3 on the given cluster. Then sizes each stage at HoVLE's
-data sizes (`PAPER_DATA`: samples and the tokens one sample is assumed to hold): training FLOPs
-(jobs.flops), GPU-hours at a stated MFU of a stated peak, wall-clock time on N GPUs, the nodes they
-take, and the model states per GPU of that stage under the chosen ZeRO stage. Prints a table, or with
+Parameters per part (holistic embedding module, LLM) and per training stage, ZeRO-1/2/3 model-state
+memory per GPU, and each stage at HoVLE's data sizes (`PAPER_DATA`): FLOPs (jobs.flops), GPU-hours at a
+stated MFU of a stated peak, wall-clock on the cluster, and its model states per GPU. A table, or with
 `--json` one JSON object as the last line of stdout (libraries may print before it).
-
-`--gpus` counts all GPUs; `--nodes` is derived from `--gpus-per-node` unless given (then `--gpus`
-must split evenly over it).
 """
 
 from __future__ import annotations
@@ -103,15 +96,6 @@ def count_parameters(params: Iterable[nn.Parameter]) -> int:
     return sum({id(p): p.numel() for p in params}.values())
 
 
-def largest_layer_params(model: nn.Module) -> int:
-    """Parameters held directly by the largest single module (what ZeRO-3 gathers at once).
-
-    DeepSpeed's own `model_to_params` tells tied weights apart by `data_ptr()`, which is 0 for
-    every tensor on the meta device, so the count is done here.
-    """
-    return max((count_parameters(m.parameters(recurse=False)) for m in model.modules()), default=0)
-
-
 def zero_model_states_bytes(
     params: int, largest_layer: int, gpus_per_node: int, nodes: int
 ) -> dict[str, int]:
@@ -120,7 +104,6 @@ def zero_model_states_bytes(
 
     Activations, communication buckets and the allocator's fragmentation come on top.
     """
-    # DeepSpeed is slow to import (~3 s); only this function needs it.
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -145,60 +128,12 @@ def zero_model_states_bytes(
     return {"1": zero1, "2": int(zero2), "3": int(zero3)}
 
 
-def size_stages(
-    model: nn.Module,
-    trainable: dict[str, int],
-    largest_layer: int,
-    gpus_per_node: int,
-    nodes: int,
-    throughput: Throughput,
-    data: dict[str, StageData] = PAPER_DATA,
-) -> dict[str, StageSizing]:
-    """Each stage of `trainable` that `data` sizes: FLOPs (jobs.flops, at the sample's length as context),
-    GPU-hours at `throughput`, wall-clock hours on the cluster, and the model states per GPU: the stage's
-    trainable parameters under `throughput.zero_stage` plus its frozen weights in bf16 (partitioned only
-    under ZeRO-3)."""
-    from jobs.flops import flops_per_token
-
-    gpus = gpus_per_node * nodes
-    total = count_parameters(model.parameters())
-    rate = throughput.peak_tflops * 1e12 * throughput.mfu  # FLOP/s per GPU
-    sizing = {}
-    for stage, params in trainable.items():
-        if stage not in data:
-            continue
-        stage_data = data[stage]
-        tokens = stage_data.samples * stage_data.tokens_per_sample
-        per_token = flops_per_token(model, stage, stage_data.tokens_per_sample)
-        gpu_hours = tokens * per_token / rate / 3600
-        states = zero_model_states_bytes(params, largest_layer, gpus_per_node, nodes)[
-            str(throughput.zero_stage)
-        ]
-        frozen_weights = 2 * (total - params)
-        states += frozen_weights // gpus if throughput.zero_stage == 3 else frozen_weights
-        sizing[stage] = StageSizing(
-            samples=stage_data.samples,
-            tokens=tokens,
-            flops_per_token=per_token,
-            flops=tokens * per_token,
-            gpu_hours=gpu_hours,
-            wall_hours=gpu_hours / gpus,
-            nodes=nodes,
-            model_states_per_gpu=int(states),
-        )
-    return sizing
-
-
 def inspect_config(
-    config_path: str | Path,
-    gpus_per_node: int = 8,
-    nodes: int = 1,
-    throughput: Throughput | None = None,
+    config_path: str | Path, gpus_per_node: int = 8, nodes: int = 1, throughput: Throughput | None = None
 ) -> ModelReport:
     """Build the config's model on the meta device and report its size, ZeRO memory needs and each
     stage's size at HoVLE's data sizes (`throughput`: the MFU, peak and ZeRO stage they assume)."""
-    # The model package pulls in torch and transformers (seconds); importing it here keeps
-    # `--help` and argument errors instant.
+    from jobs.flops import flops_per_token
     from model import build_model, load_preset, stages_for
 
     throughput = throughput or Throughput()
@@ -215,10 +150,35 @@ def inspect_config(
         name: count_parameters(param for _, param in spec.trainable_parameters(model))
         for name, spec in stages_for(config.model_type).items()
     }
-    # The stage that trains the most parameters sets the memory a cluster must have
-    # (instruct trains the whole model).
+    # the stage that trains the most parameters (instruct: the whole model) sets the memory a cluster needs
     basis = max(trainable, key=trainable.__getitem__)
-    largest = largest_layer_params(model)
+    # the largest single module's own parameters: what ZeRO-3 gathers at once (counted here: DeepSpeed's
+    # `model_to_params` tells tied weights apart by `data_ptr()`, 0 for every tensor on the meta device)
+    largest = max((count_parameters(m.parameters(recurse=False)) for m in model.modules()), default=0)
+    gpus = gpus_per_node * nodes
+    rate = throughput.peak_tflops * 1e12 * throughput.mfu  # FLOP/s per GPU
+    sizing = {}
+    for stage in (stage for stage in trainable if stage in PAPER_DATA):
+        # FLOPs at the sample's length as context; model states: the stage's trainable parameters under the
+        # ZeRO stage + its frozen weights in bf16 (partitioned only under ZeRO-3)
+        data, params = PAPER_DATA[stage], trainable[stage]
+        tokens = data.samples * data.tokens_per_sample
+        per_token = flops_per_token(model, stage, data.tokens_per_sample)
+        gpu_hours = tokens * per_token / rate / 3600
+        zero = throughput.zero_stage
+        frozen_weights = 2 * (total - params)
+        states = zero_model_states_bytes(params, largest, gpus_per_node, nodes)[str(zero)]
+        states += frozen_weights // gpus if zero == 3 else frozen_weights
+        sizing[stage] = StageSizing(
+            samples=data.samples,
+            tokens=tokens,
+            flops_per_token=per_token,
+            flops=tokens * per_token,
+            gpu_hours=gpu_hours,
+            wall_hours=gpu_hours / gpus,
+            nodes=nodes,
+            model_states_per_gpu=int(states),
+        )
     return ModelReport(
         config=str(config_path),
         params_total=total,
@@ -229,11 +189,11 @@ def inspect_config(
         trainable=trainable,
         zero_basis_stage=basis,
         zero=zero_model_states_bytes(trainable[basis], largest, gpus_per_node, nodes),
-        gpus=gpus_per_node * nodes,
+        gpus=gpus,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         throughput=throughput,
-        sizing=size_stages(model, trainable, largest, gpus_per_node, nodes, throughput),
+        sizing=sizing,
     )
 
 
@@ -353,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nodes",
         type=int,
-        default=None,
         help="nodes to split --gpus over (default: as few nodes of --gpus-per-node as hold them)",
     )
     parser.add_argument(

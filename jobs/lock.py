@@ -76,32 +76,32 @@ class _LocalRecord:
         except FileNotFoundError:
             return None
 
-    def _write(self, data: bytes) -> None:
-        temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, self.path)
-
     def read(self) -> tuple[bytes, bytes] | None:
         """(record bytes, version: the same bytes), or None when there is no record."""
         data = self._read()
         return None if data is None else (data, data)
 
-    def put(self, data: bytes, expected: bytes | None) -> bytes | None:
-        """Write `data` if the record is still `expected` (None: if there is none): its new version, or
-        None when the record was something else."""
-        with self._mutex():
-            if self._read() != expected:
-                return None
-            self._write(data)
-            return data
-
-    def delete(self, expected: bytes) -> bool:
+    def _swap(self, expected: bytes | None, change) -> bool:
+        """`change()` under the flock if the record is still `expected` (None: there is none)."""
         with self._mutex():
             if self._read() != expected:
                 return False
-            os.remove(self.path)
+            change()
             return True
+
+    def put(self, data: bytes, expected: bytes | None) -> bytes | None:
+        """Write `data` if the record is still `expected`: its new version, or None when it was not."""
+
+        def write() -> None:
+            temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, self.path)
+
+        return data if self._swap(expected, write) else None
+
+    def delete(self, expected: bytes) -> bool:
+        return self._swap(expected, lambda: os.remove(self.path))
 
 
 class _S3Record:
@@ -114,9 +114,15 @@ class _S3Record:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint)
 
-    def _refused(self, err: Exception) -> bool:
-        code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-        return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    def _conditional(self, request, **kwargs) -> dict | None:
+        """S3's response to a conditional `request` on the record, or None when the condition failed."""
+        try:
+            return request(Bucket=self.bucket, Key=self.key, **kwargs)
+        except self.client.exceptions.ClientError as err:
+            code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                return None
+            raise
 
     def read(self) -> tuple[bytes, str] | None:
         try:
@@ -127,22 +133,11 @@ class _S3Record:
 
     def put(self, data: bytes, expected: str | None) -> str | None:
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-        try:
-            written = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=data, **condition)
-        except self.client.exceptions.ClientError as err:
-            if self._refused(err):
-                return None
-            raise
-        return written["ETag"]
+        written = self._conditional(self.client.put_object, Body=data, **condition)
+        return None if written is None else written["ETag"]
 
     def delete(self, expected: str) -> bool:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=expected)
-        except self.client.exceptions.ClientError as err:
-            if self._refused(err):
-                return False
-            raise
-        return True
+        return self._conditional(self.client.delete_object, IfMatch=expected) is not None
 
 
 class StorageLock:
@@ -207,9 +202,7 @@ class StorageLock:
                 raise self.lost
             self.version = written
 
-    def check(self) -> None:
-        """Fencing, before anything only the holder may do: renew, or raise LockLost."""
-        self.refresh()
+    check = refresh  # fencing, before anything only the holder may do: renew, or raise LockLost
 
     def release(self) -> None:
         self._stop.set()

@@ -10,9 +10,6 @@ import logging
 import os
 import sys
 
-_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-_DATE_FORMAT = "%H:%M:%S"
-
 # Libraries that log at INFO about their own plumbing; a job's reader wants the job's lines.
 _CHATTY_LOGGERS = ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "asyncio")
 # Libraries whose INFO lines are progress reports of their own: WARNING unless verbose.
@@ -41,8 +38,8 @@ def quiet_libraries(verbose: bool | None = None) -> None:
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:  # not every process imports the model
-        transformers_logging = None
-    if transformers_logging is not None:
+        pass
+    else:
         (transformers_logging.enable_progress_bar if verbose else transformers_logging.disable_progress_bar)()
     # Ray Train names one logger by its file's path, outside "ray.train": a line per reported checkpoint
     context = sys.modules.get("ray.train.v2._internal.execution.context")
@@ -58,9 +55,6 @@ def quiet_libraries(verbose: bool | None = None) -> None:
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at emit time (pytest and Ray swap it after set-up)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
     @property
     def stream(self):
         return sys.stderr
@@ -71,16 +65,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Send log records to stderr at INFO (DEBUG with `verbose`).
-
-    Safe to call more than once (a job's `main` called from the CLI, then from tests): the
-    handler is installed once and only the level changes. Handlers that others attached to
-    the root logger (pytest's log capture, Ray's) are left in place.
-    """
+    """Send log records to stderr at INFO (DEBUG with `verbose`). Safe to call again (the CLI, then tests):
+    the handler is installed once; others' handlers on the root logger (pytest's, Ray's) stay."""
     root = logging.getLogger()
     if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _CHATTY_LOGGERS:
