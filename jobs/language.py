@@ -62,8 +62,11 @@ def answer_words(text: str) -> list[str]:
 def answers_key(answer: str, keys: tuple[str, ...]) -> bool:
     """True when one of `keys` appears in `answer` as whole words: "It is Paris." matches ("paris",);
     "12" does not match ("2",)."""
-    words, wanted = answer_words(answer), [answer_words(key) for key in keys]
-    return any(w and any(words[i : i + len(w)] == w for i in range(len(words) - len(w) + 1)) for w in wanted)
+    words = answer_words(answer)
+    for key in map(answer_words, keys):
+        if key and any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1)):
+            return True
+    return False
 
 
 def ask(

@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", action="append", required=True, help="input URI (repeatable)")
     parser.add_argument("--output", required=True, help="dataset URI (local folder or s3://...)")
     add_config_arguments(parser)
-    actors = "preprocessing actors (default: one per CPU of the cluster)"
-    parser.add_argument("--num-actors", type=positive_int, default=None, help=actors)
+    parser.add_argument(
+        "--num-actors",
+        type=positive_int,
+        default=None,
+        help="preprocessing actors (default: one per CPU of the cluster)",
+    )
     args = parse_job_args(parser, argv)
     overrides = parse_overrides(parser, args.set)
 
